@@ -1,0 +1,150 @@
+"""Typed errors of the core. Each carries the data a front end needs to say what went wrong.
+
+Front ends (CLI, GUI) catch :class:`PivotMergeError` and show ``str(err)``: a one-line,
+actionable message that names the file/expert/tensor involved. Anything else is a bug.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+class PivotMergeError(Exception):
+    """Base of every user-facing error."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class CheckpointError(PivotMergeError):
+    """A checkpoint (file, folder, shard set or Hub id) cannot be read."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = str(path)
+        self.problem = problem
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle checkpoint needs arbitrary code execution to load; it is refused."""
+
+
+class UnknownLayoutError(CheckpointError):
+    """No known projector family matches the tensors of a checkpoint."""
+
+    def __init__(self, path: str, tensors: Sequence[str], patterns: Sequence[str]) -> None:
+        shown = ", ".join(list(tensors)[:12]) + (" ..." if len(tensors) > 12 else "")
+        super().__init__(
+            path,
+            f"no known projector layout found among {len(tensors)} tensors [{shown}]; "
+            f"patterns tried: {', '.join(patterns)}",
+        )
+        self.tensors = list(tensors)
+        self.patterns = list(patterns)
+
+
+class HubError(CheckpointError):
+    """A Hub id cannot be resolved (offline without cache, missing repo/revision/file)."""
+
+
+class IncompatibleExperts(PivotMergeError):
+    """Experts (or base) do not share one architecture."""
+
+    def __init__(
+        self,
+        expert: str,
+        tensor: str,
+        shape: Any,
+        reference: str,
+        reference_shape: Any,
+        detail: str = "",
+    ) -> None:
+        msg = (
+            f"expert '{expert}' is incompatible with '{reference}': tensor '{tensor}' "
+            f"has shape {_fmt(shape)} but {_fmt(reference_shape)} was expected"
+        )
+        if detail:
+            msg += f" ({detail})"
+        super().__init__(msg)
+        self.expert = expert
+        self.tensor = tensor
+        self.shape = shape
+        self.reference = reference
+        self.reference_shape = reference_shape
+
+
+class RecipeError(PivotMergeError):
+    """A recipe document is malformed (unknown key, wrong type, bad value)."""
+
+    def __init__(self, message: str, source: str | None = None) -> None:
+        super().__init__(f"{source}: {message}" if source else message)
+        self.source = source
+
+
+class MethodError(PivotMergeError):
+    """A merge method cannot run with the given setup."""
+
+
+class UnknownMethodError(MethodError):
+    def __init__(self, name: str, known: Sequence[str]) -> None:
+        super().__init__(f"unknown merge method '{name}'; known methods: {', '.join(known)}")
+        self.name = name
+
+
+class ParameterError(MethodError):
+    """A method parameter has a wrong type, is out of range or is unknown."""
+
+    def __init__(self, method: str, parameter: str, problem: str) -> None:
+        super().__init__(f"method '{method}', parameter '{parameter}': {problem}")
+        self.method = method
+        self.parameter = parameter
+
+
+class NeedsBaseError(MethodError):
+    def __init__(self, method: str) -> None:
+        super().__init__(
+            f"method '{method}' computes task vectors and needs the shared init checkpoint: "
+            "set base_model in the recipe (or the Base slot in the app), or pick a base-free "
+            "method (linear, regmean, pivotmerge)"
+        )
+        self.method = method
+
+
+class NeedsCalibrationError(MethodError):
+    def __init__(self, method: str) -> None:
+        super().__init__(
+            f"method '{method}' needs calibration features (visual features per expert "
+            "domain); provide calibration data or pick another method"
+        )
+        self.method = method
+
+
+class DeviceError(PivotMergeError):
+    """The requested device does not exist or has too little memory."""
+
+
+class OutputError(PivotMergeError):
+    """An output cannot be written (would overwrite an input or an earlier output)."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = str(path)
+
+
+class Cancelled(PivotMergeError):
+    """Work was cancelled through a :class:`~pivotmerge_gui.core.progress.CancelToken`."""
+
+    def __init__(self, message: str = "cancelled by the user") -> None:
+        super().__init__(message)
+
+
+def _fmt(shape: Any) -> str:
+    try:
+        return "[" + ", ".join(str(int(s)) for s in shape) + "]"
+    except TypeError:
+        return str(shape)
