@@ -1,0 +1,3 @@
+from pivotmerge_gui.cli.main import main
+
+raise SystemExit(main())

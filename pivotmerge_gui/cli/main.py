@@ -1,0 +1,231 @@
+"""``pivotmerge`` command line: thin argparse over :mod:`pivotmerge_gui.core`.
+
+Typed core errors become one clear line on stderr and exit status 2; progress goes to
+stderr, results to stdout (``--json`` for machines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_USER_ERROR = 2
+EXIT_CANCELLED = 130
+
+
+def _progress_printer(quiet: bool):
+    last = [0.0]
+    tty = sys.stderr.isatty()
+
+    def show(ev) -> None:
+        if quiet:
+            return
+        now = time.monotonic()
+        if ev.stage != "done" and now - last[0] < (0.1 if tty else 1.0):
+            return
+        last[0] = now
+        line = f"[{ev.fraction * 100:5.1f}%] {ev.stage}: {ev.message}"
+        if tty:
+            sys.stderr.write("\r\033[K" + line[:150])
+            if ev.stage == "done":
+                sys.stderr.write("\n")
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    return show
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from ..core.io import inspect_checkpoint
+
+    infos = [inspect_checkpoint(spec) for spec in args.paths]
+    if args.json:
+        print(json.dumps([i.to_dict() for i in infos], indent=2))
+        return 0
+    for info in infos:
+        d = info.to_dict()
+        print(f"{d['spec']}")
+        print(f"  family : {d.get('family_pretty') or d['family']} ({d['family']})")
+        print(f"  files  : {', '.join(d['files'])}")
+        print(f"  dtype  : {d['dtype']}   params: {d['num_params']:,}   bytes: {_size(d['nbytes'])}")
+        print(f"  sha256 : {d.get('sha256', '')}")
+        for layer in d["layers"]:
+            shapes = ", ".join(f"{role} {list(t['shape'])} {t['dtype']}" for role, t in layer["tensors"].items())
+            print(f"    {layer['name']:<28} {layer['kind']:<9} {shapes}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from ..core.methods import list_methods
+
+    methods = [m.describe() for m in list_methods()]
+    if args.json:
+        print(json.dumps(methods, indent=2, default=str))
+        return 0
+    for m in methods:
+        needs = []
+        if m["needs_base"]:
+            needs.append("needs base")
+        if m["needs_calibration"]:
+            needs.append("needs calibration")
+        print(f"{m['name']:<16} {m['pretty_name']}{'  [' + ', '.join(needs) + ']' if needs else ''}")
+        print(f"{'':<16} {m['reference_url']}")
+        for p in m["parameters"]:
+            rng = ""
+            if p["choices"]:
+                rng = f" one of {p['choices']}"
+            elif p["min"] is not None or p["max"] is not None:
+                rng = f" in [{p['min']}, {p['max']}]"
+            print(f"{'':<18}{p['name']} ({p['type']}, default {p['default']!r}{rng}): {p['help']}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from ..core import pipeline
+    from ..core.progress import CancelToken
+    from ..core.recipe import Recipe
+
+    recipe_path = Path(args.recipe)
+    recipe = Recipe.load(recipe_path)
+    overrides: dict[str, Any] = {}
+    if args.format:
+        overrides["output_format"] = args.format
+    if args.out_dtype:
+        overrides["out_dtype"] = args.out_dtype
+    if overrides:
+        recipe = Recipe.model_validate({**recipe.model_dump(), **overrides})
+    plan = pipeline.plan(recipe, base_dir=recipe_path.resolve().parent, device=args.device)
+    show = _progress_printer(args.quiet)
+    cancel = CancelToken()
+    gen = pipeline.execute(plan, cancel)
+    try:
+        while True:
+            try:
+                show(next(gen))
+            except StopIteration as stop:
+                result = stop.value
+                break
+    except KeyboardInterrupt:
+        cancel.cancel()
+        print("\ncancelled; nothing was written", file=sys.stderr)
+        return EXIT_CANCELLED
+    paths = pipeline.save_result(result, args.out_dir, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps({"outputs": [str(p) for p in paths], "report": result.report}, indent=2, default=str))
+    else:
+        rep = result.report
+        print(f"merged {len(plan.experts)} experts with {rep['method_pretty']} in {result.elapsed_s:.2f} s on {rep['device']}")
+        for w in rep["warnings"]:
+            print(f"warning: {w}")
+        for p in paths:
+            print(f"wrote {p}")
+        summary = rep.get("method_report") or {}
+        if summary:
+            print("report:")
+            print(json.dumps(summary, indent=1, default=str)[:4000])
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from ..core.analysis import analyze
+    from ..core.io import load_projector
+    from ..core.recipe import display_name
+
+    experts = [load_projector(p) for p in args.paths]
+    base = load_projector(args.base) if args.base else None
+    result = analyze(experts, base=base, names=[display_name(p) for p in args.paths])
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+        return 0
+    rows = result.layer_table()
+    if not rows:
+        print("no layers to analyse")
+        return 0
+    cols = list(rows[0].keys())
+    widths = {c: max(len(c), *(len(_cell(r[c])) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(_cell(r[c]).ljust(widths[c]) for c in cols))
+    return 0
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_cell(x) for x in v) + "]"
+    return str(v)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    p = argparse.ArgumentParser(
+        prog="pivotmerge",
+        description="Merge the cross-modal projectors of multimodal LLMs (PivotMerge and baselines).",
+    )
+    p.add_argument("--version", action="version", version=f"pivotmerge {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("inspect", help="family, layers, shapes, dtypes and sizes of checkpoints")
+    s.add_argument("paths", nargs="+", metavar="PATH_OR_HUB_ID")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("methods", help="the merge methods with their parameters")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_methods)
+
+    s = sub.add_parser("merge", help="run a merge recipe and write the merged projector")
+    s.add_argument("recipe", metavar="RECIPE.yml")
+    s.add_argument("out_dir", metavar="OUT_DIR")
+    s.add_argument("--device", help="auto (default: the recipe's), cpu, cuda, cuda:N")
+    s.add_argument("--format", choices=["auto", "llava-bin", "safetensors", "hf-llava"], help="override output_format")
+    s.add_argument("--out-dtype", choices=["auto", "float32", "float16", "bfloat16"], help="override out_dtype")
+    s.add_argument("--overwrite", action="store_true", help="replace an earlier output in OUT_DIR (inputs are never overwritten)")
+    s.add_argument("--json", action="store_true", help="machine-readable report on stdout")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    s.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("analyze", help="per-layer analysis table (spectra, ranks, similarity, conflicts)")
+    s.add_argument("paths", nargs="+", metavar="PATH_OR_HUB_ID")
+    s.add_argument("--base", help="shared init checkpoint (task vectors are taken against it)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_analyze)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ..core.errors import Cancelled, PivotMergeError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except Cancelled as e:
+        print(f"pivotmerge: {e}", file=sys.stderr)
+        return EXIT_CANCELLED
+    except PivotMergeError as e:
+        print(f"pivotmerge: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("\npivotmerge: interrupted", file=sys.stderr)
+        return EXIT_CANCELLED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,433 @@
+"""Plan, then execute: the one merge pipeline behind the GUI, the CLI and the benchmarks.
+
+``plan(recipe)`` loads and validates everything (files, families, shapes, method, parameters,
+device, layer names) and raises typed errors before any work starts, so a front end can
+disable its Merge button with the reason. ``execute(plan, cancel)`` is a generator of
+:class:`ProgressEvent`; the GUI worker and the CLI progress line consume the same generator.
+A cancelled merge raises :class:`Cancelled` and has written nothing (writing is a separate,
+explicit ``save_result`` step).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Generator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .devices import dtype_name, parse_dtype, resolve_device
+from .errors import MethodError, OutputError, RecipeError
+from .methods.base import Calibration, MergeJob, MergeMethod, get_method
+from .progress import CancelToken, ProgressEvent
+from .projector import Projector, check_compatible, mean_projector
+from .recipe import Recipe, display_name
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    method: type[MergeMethod]
+    params: dict[str, Any]
+    experts: list[Projector]
+    names: list[str]
+    base: Projector | None
+    weights: list[float]
+    device: torch.device
+    dtype: torch.dtype
+    out_dtype: torch.dtype
+    calibration: Calibration | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MergeResult:
+    projector: Projector  # merged, output dtype, on CPU
+    report: dict[str, Any]
+    recipe: Recipe
+    input_hashes: dict[str, str]
+    elapsed_s: float
+    names: list[str] = field(default_factory=list)
+    protected: list[Path] = field(default_factory=list)  # input files, never overwritten
+
+
+# --------------------------------------------------------------------------- plan
+def resolve_spec(spec: str, base_dir: Path | None) -> str:
+    """Relative local paths are relative to the recipe's folder; Hub ids pass unchanged."""
+    p = Path(spec).expanduser()
+    if not p.is_absolute() and base_dir is not None and (base_dir / p).exists():
+        return str((base_dir / p).resolve())
+    if p.exists():
+        return str(p.resolve())
+    return spec
+
+
+def plan(
+    recipe: Recipe,
+    *,
+    base_dir: Path | None = None,
+    loaded: Mapping[str, Projector] | None = None,
+    calibration: Calibration | None = None,
+    device: str | None = None,
+    cancel: CancelToken | None = None,
+) -> Plan:
+    """Validate a recipe completely and load its inputs. Raises typed errors only."""
+    from .io import load_projector
+
+    loaded = dict(loaded or {})
+    method = get_method(recipe.merge_method)
+    params = method.validate_params(recipe.parameters)
+    dev = resolve_device(device or recipe.device)
+    dtype = parse_dtype(recipe.dtype)
+
+    def load(spec: str) -> Projector:
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        if spec in loaded:
+            return loaded[spec]
+        return load_projector(resolve_spec(spec, base_dir), cancel=cancel)
+
+    experts = [load(m.model) for m in recipe.models]
+    names = recipe.display_names()
+    if len(set(names)) != len(names):  # keep names unique for reports and errors
+        names = [f"{n} ({i + 1})" for i, n in enumerate(names)]
+    check_compatible(experts, names)
+    base = None
+    if recipe.base_model is not None:
+        base = load(recipe.base_model)
+        check_compatible([experts[0], base], [names[0], f"base {display_name(recipe.base_model)}"])
+    method.check_job(base is not None, calibration is not None or recipe.calibration is not None)
+
+    if calibration is None and recipe.calibration is not None:
+        from .calibration import load_calibration
+
+        calibration = load_calibration(
+            Path(resolve_spec(recipe.calibration, base_dir)), len(experts), experts[0].in_features
+        )
+    if calibration is not None and len(calibration.features) != len(experts):
+        raise RecipeError(
+            f"calibration has features for {len(calibration.features)} domains but the recipe "
+            f"lists {len(experts)} experts"
+        )
+
+    layer_names = experts[0].layer_names
+    for name, value in (recipe.layer_coefficients or {}).items():
+        if name not in layer_names:
+            raise RecipeError(
+                f"layer_coefficients: unknown layer '{name}'; layers are {', '.join(layer_names)}"
+            )
+        if not (value == value) or abs(value) > 100:
+            raise RecipeError(f"layer_coefficients: '{name}' = {value} is not a sane coefficient")
+
+    warnings = []
+    for proj, name in zip([*experts, *([base] if base else [])], [*names, "base"]):
+        bad = [k for k, t in proj.state().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise MethodError(
+                f"{name} ({proj.source}): tensor(s) {', '.join(bad)} contain NaN or Inf; "
+                "merging them would spread the damage to every output weight"
+            )
+        warnings.extend(f"{name}: {w}" for w in proj.metadata.get("warnings", "").split("\n") if w)
+
+    if recipe.out_dtype == "auto":
+        out_dtype = experts[0].dtype
+    else:
+        out_dtype = parse_dtype(recipe.out_dtype)
+    return Plan(
+        recipe=recipe,
+        method=method,
+        params=params,
+        experts=experts,
+        names=names,
+        base=base,
+        weights=recipe.weights,
+        device=dev,
+        dtype=dtype,
+        out_dtype=out_dtype,
+        calibration=calibration,
+        warnings=warnings,
+    )
+
+
+# --------------------------------------------------------------------------- execute
+def execute(
+    plan: Plan, cancel: CancelToken | None = None
+) -> Generator[ProgressEvent, None, MergeResult]:
+    """Run a planned merge; yields progress and returns (and emits as payload) the result."""
+    cancel = cancel or CancelToken()
+    t0 = time.perf_counter()
+    yield ProgressEvent("prepare", 0.0, f"moving {len(plan.experts)} experts to {plan.device}")
+    experts = [e.to(plan.device, plan.dtype) for e in plan.experts]
+    base = plan.base.to(plan.device, plan.dtype) if plan.base is not None else None
+    calibration = None
+    if plan.calibration is not None:
+        from .calibration import calibration_device
+
+        calibration = calibration_device(plan.calibration, plan.device, plan.dtype)
+    cancel.raise_if_cancelled()
+    job = MergeJob(
+        experts=experts,
+        base=base,
+        weights=list(plan.weights),
+        params=dict(plan.params),
+        layer_coefficients=dict(plan.recipe.layer_coefficients or {}) or None,
+        seed=plan.recipe.random_seed,
+        device=plan.device,
+        dtype=plan.dtype,
+        calibration=calibration,
+        cancel=cancel,
+        expert_names=list(plan.names),
+    )
+    method = plan.method()
+    gen = method.merge(job)
+    while True:
+        try:
+            ev = next(gen)
+        except StopIteration as stop:
+            output = stop.value
+            break
+        cancel.raise_if_cancelled()
+        yield ProgressEvent(ev.stage, 0.05 + 0.85 * min(max(ev.fraction, 0.0), 1.0), ev.message, ev.payload)
+    cancel.raise_if_cancelled()
+
+    state = dict(output.state)
+    applied: dict[str, float] = {}
+    if job.layer_coefficients and not plan.method.handles_layer_coefficients:
+        ref = base if base is not None else mean_projector(experts)
+        ref_state = ref.state()
+        for layer in experts[0].layers:
+            c = job.layer_coefficients.get(layer.name)
+            if c is None:
+                continue
+            applied[layer.name] = c
+            for role in layer.tensors:
+                key = f"{layer.name}.{role}"
+                r = ref_state[key].to(state[key].dtype)
+                state[key] = r + c * (state[key] - r)
+    yield ProgressEvent("finalize", 0.93, "checking and converting the merged tensors")
+    missing = [k for k in experts[0].state() if k not in state]
+    if missing:  # a method bug, not a user error: fail loudly
+        raise RuntimeError(f"method {plan.method.name} returned no tensor for {missing}")
+    bad = [k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise MethodError(
+            f"the {plan.method.pretty_name} merge produced NaN/Inf in {', '.join(bad)}; "
+            "try a smaller scale or the float64 compute dtype"
+        )
+    template = plan.experts[0]
+    out_state = {k: state[k].detach().to("cpu", plan.out_dtype).contiguous() for k in template.state()}
+    input_hashes = {n: e.sha256 for n, e in zip(plan.names, plan.experts)}
+    if plan.base is not None:
+        input_hashes["base"] = plan.base.sha256
+    merged = template.with_state(
+        out_state,
+        source=f"merged ({plan.method.name})",
+        sha256="",
+        files=(),
+        metadata={"merge_method": plan.method.name},
+    )
+    elapsed = time.perf_counter() - t0
+    report = {
+        "method": plan.method.name,
+        "method_pretty": plan.method.pretty_name,
+        "reference_url": plan.method.reference_url,
+        "parameters": dict(plan.params),
+        "experts": list(plan.names),
+        "weights": list(plan.weights),
+        "base": plan.recipe.base_model,
+        "device": str(plan.device),
+        "compute_dtype": dtype_name(plan.dtype),
+        "out_dtype": dtype_name(plan.out_dtype),
+        "seed": plan.recipe.random_seed,
+        "layer_coefficients_applied": applied or None,
+        "warnings": list(plan.warnings),
+        "method_report": _jsonable(output.report),
+        "elapsed_s": round(elapsed, 4),
+    }
+    protected = [Path(f) for p in [*plan.experts, *([plan.base] if plan.base else [])] for f in p.files]
+    result = MergeResult(merged, report, plan.recipe, input_hashes, elapsed, list(plan.names), protected)
+    yield ProgressEvent("done", 1.0, f"merged in {elapsed:.2f} s", result)
+    return result
+
+
+def run(plan_: Plan, cancel: CancelToken | None = None) -> MergeResult:
+    """Drain :func:`execute` (for callers that need no progress)."""
+    gen = execute(plan_, cancel)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+def merge_projectors(
+    experts: Sequence[Projector],
+    method: str,
+    params: Mapping[str, Any] | None = None,
+    *,
+    base: Projector | None = None,
+    weights: Sequence[float] | None = None,
+    layer_coefficients: Mapping[str, float] | None = None,
+    calibration: Calibration | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,
+    names: Sequence[str] | None = None,
+    cancel: CancelToken | None = None,
+) -> MergeResult:
+    """Merge in-memory projectors with the same validation and semantics as a recipe."""
+    names = list(names) if names is not None else [e.source or f"expert_{i}" for i, e in enumerate(experts)]
+    keys = [f"mem:{i}:{n}" for i, n in enumerate(names)]
+    loaded: dict[str, Projector] = dict(zip(keys, experts))
+    if base is not None:
+        loaded["mem:base"] = base
+    recipe = Recipe(
+        merge_method=method,
+        base_model="mem:base" if base is not None else None,
+        models=[
+            {"model": k, "name": n, "parameters": {"weight": w}}
+            for k, n, w in zip(keys, names, weights if weights is not None else [1.0] * len(keys))
+        ],
+        parameters=dict(params or {}),
+        layer_coefficients=dict(layer_coefficients) if layer_coefficients else None,
+        dtype=dtype_name(dtype),
+        out_dtype=dtype_name(out_dtype) if out_dtype is not None else "auto",
+        device=device,
+        random_seed=seed,
+    )
+    p = plan(recipe, loaded=loaded, calibration=calibration, cancel=cancel)
+    return run(p, cancel)
+
+
+# --------------------------------------------------------------------------- save
+OUTPUT_FILES = ("recipe.yml", "README.md")
+
+
+def save_result(
+    result: MergeResult,
+    out_dir: str | Path,
+    *,
+    fmt: str | None = None,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write the merged projector, the recipe YAML and a model card into ``out_dir``.
+
+    Every file is written atomically; nothing is written over an input checkpoint, and an
+    earlier output is only replaced with ``overwrite=True`` (checked before anything is
+    written, so a refusal leaves the folder untouched).
+    """
+    from .io import write_projector
+    from .io.atomic import atomic_write_text, check_writable
+
+    out_dir = Path(out_dir)
+    fmt = fmt or result.recipe.output_format
+    projector = result.projector
+    if dtype is not None:
+        projector = projector.to(dtype=dtype)
+    recipe = _portable_recipe(result.recipe, fmt)
+    for name in OUTPUT_FILES:
+        check_writable(out_dir / name, protected=result.protected, overwrite=overwrite)
+    recipe_yaml = recipe.to_yaml()
+    metadata = {
+        "pivotmerge_recipe": recipe_yaml,
+        "pivotmerge_inputs_sha256": json.dumps(result.input_hashes),
+        "pivotmerge_method": result.report["method"],
+    }
+    proj_path = write_projector(
+        projector, out_dir, fmt=fmt, metadata=metadata, protected=result.protected, overwrite=overwrite
+    )
+    recipe_path = atomic_write_text(out_dir / "recipe.yml", recipe_yaml, protected=result.protected, overwrite=overwrite)
+    card = model_card(result, recipe, proj_path.name)
+    card_path = atomic_write_text(out_dir / "README.md", card, protected=result.protected, overwrite=overwrite)
+    return [proj_path, recipe_path, card_path]
+
+
+def _portable_recipe(recipe: Recipe, fmt: str) -> Recipe:
+    """The recipe as written beside an output: absolute local paths, so it runs from anywhere."""
+    data = recipe.model_dump()
+    for m in data["models"]:
+        m["model"] = resolve_spec(m["model"], None)
+    if data.get("base_model"):
+        data["base_model"] = resolve_spec(data["base_model"], None)
+    if data.get("calibration"):
+        data["calibration"] = resolve_spec(data["calibration"], None)
+    data["output_format"] = fmt
+    return Recipe.model_validate(data)
+
+
+def model_card(result: MergeResult, recipe: Recipe, filename: str) -> str:
+    """A README with YAML front matter: method with reference, experts, parameters, report."""
+    import yaml
+
+    rep = result.report
+    front = {
+        "library_name": "pivotmerge-studio",
+        "tags": ["merge", "projector", "multimodal", rep["method"]],
+        "merge_method": rep["method"],
+        "base_model": recipe.base_model,
+        "experts": [m.model for m in recipe.models],
+        "projector_family": result.projector.family,
+        "projector_file": filename,
+    }
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", ""]
+    lines.append(f"# Merged projector ({rep['method_pretty']})")
+    lines.append("")
+    lines.append(
+        f"Merged with **{rep['method_pretty']}** ([reference]({rep['reference_url']})) by "
+        "PivotMerge Studio. The projector file is a drop-in replacement for the experts' own."
+    )
+    lines.append("")
+    lines.append("## Experts")
+    lines.append("")
+    lines.append("| expert | weight | sha256 |")
+    lines.append("|---|---|---|")
+    for name, m in zip(result.names, recipe.models):
+        lines.append(f"| {name} (`{m.model}`) | {m.parameters.weight:g} | `{result.input_hashes.get(name, '')}` |")
+    if recipe.base_model:
+        lines.append(f"| base (`{recipe.base_model}`) | - | `{result.input_hashes.get('base', '')}` |")
+    lines.append("")
+    lines.append("## Parameters")
+    lines.append("")
+    for k, v in rep["parameters"].items():
+        lines.append(f"- `{k}`: {v}")
+    lines.append(
+        f"- compute dtype {rep['compute_dtype']}, output dtype {rep['out_dtype']}, "
+        f"device {rep['device']}, seed {rep['seed']}"
+    )
+    if rep.get("layer_coefficients_applied"):
+        lines.append(f"- per-layer coefficients: {rep['layer_coefficients_applied']}")
+    lines.append("")
+    lines.append("## Merge report")
+    lines.append("")
+    lines.append("```json")
+    lines.append(json.dumps(rep["method_report"], indent=1, default=str)[:20000])
+    lines.append("```")
+    lines.append("")
+    lines.append("## Reproduce")
+    lines.append("")
+    lines.append("```bash")
+    lines.append("pivotmerge merge recipe.yml OUT_DIR")
+    lines.append("```")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().tolist()
+    if isinstance(obj, float):
+        return round(obj, 6) if obj == obj else None
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    if hasattr(obj, "item"):
+        return _jsonable(obj.item())
+    return str(obj)

@@ -1,0 +1,146 @@
+"""The merge recipe: one YAML document for the GUI, the CLI and provenance.
+
+Keys follow mergekit's conventions (``merge_method``, ``base_model``, ``models`` with
+per-model ``parameters``, ``parameters``, ``dtype``) so its users feel at home. Unknown keys
+and wrong types are errors (:class:`~pivotmerge_gui.core.errors.RecipeError`) that name the
+key. ``schema_version`` lets later releases migrate old documents.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import RecipeError
+
+SCHEMA_VERSION = 1
+OUTPUT_FORMATS = ("auto", "llava-bin", "safetensors", "hf-llava")
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+
+
+class ModelParameters(_Strict):
+    weight: float = Field(1.0, ge=0.0, description="per-expert weight")
+
+
+class ModelEntry(_Strict):
+    model: str = Field(min_length=1, description="path or Hub id (org/name[@revision][:file])")
+    name: str | None = Field(None, description="display name (defaults to the path's folder)")
+    parameters: ModelParameters = Field(default_factory=ModelParameters)
+
+
+class Recipe(_Strict):
+    schema_version: int = SCHEMA_VERSION
+    merge_method: str = Field(min_length=1)
+    base_model: str | None = None
+    models: list[ModelEntry] = Field(min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    layer_coefficients: dict[str, float] | None = None
+    calibration: str | None = Field(
+        None, description="safetensors file of calibration features (expert_0, expert_1, ...)"
+    )
+    dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
+    out_dtype: Literal["auto", "float32", "float16", "bfloat16", "float64"] = "auto"
+    output_format: Literal["auto", "llava-bin", "safetensors", "hf-llava"] = "auto"
+    device: str = "auto"
+    random_seed: int = 0
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v != SCHEMA_VERSION:
+            raise ValueError(f"unsupported schema_version {v}; this release reads {SCHEMA_VERSION}")
+        return v
+
+    @field_validator("parameters")
+    @classmethod
+    def _plain_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for k in v:
+            if not isinstance(k, str):
+                raise ValueError(f"parameter names must be strings, got {k!r}")
+        return v
+
+    # ------------------------------------------------------------------ YAML
+    @classmethod
+    def from_dict(cls, data: Any, source: str | None = None) -> Recipe:
+        if not isinstance(data, dict):
+            raise RecipeError("a recipe must be a mapping of keys to values", source)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise RecipeError(_format_validation(e), source) from None
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str | None = None) -> Recipe:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise RecipeError(f"not valid YAML: {e}".replace("\n", " "), source) from None
+        return cls.from_dict(data, source)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Recipe:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise RecipeError("not a UTF-8 text file", str(p)) from None
+        except OSError as e:
+            raise RecipeError(f"cannot read recipe: {e.strerror or e}", str(p)) from None
+        return cls.from_yaml(text, str(p))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.model_dump(mode="json")
+        # drop defaults that only add noise, keep the document mergekit-like
+        for e in d["models"]:
+            if e.get("name") is None:
+                e.pop("name", None)
+        for key in ("layer_coefficients", "calibration", "base_model"):
+            if d.get(key) is None:
+                d.pop(key)
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = True) -> Path:
+        from .io.atomic import atomic_write_text
+
+        return atomic_write_text(Path(path), self.to_yaml(), overwrite=overwrite)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def weights(self) -> list[float]:
+        return [m.parameters.weight for m in self.models]
+
+    def display_names(self) -> list[str]:
+        return [m.name or display_name(m.model) for m in self.models]
+
+
+def display_name(spec: str) -> str:
+    """A short human name for a model spec: the file's folder (or file) or the Hub repo."""
+    p = Path(spec)
+    if p.name in ("mm_projector.bin", "model.safetensors", "pytorch_model.bin") and p.parent.name:
+        return p.parent.name
+    return p.name or spec
+
+
+def _format_validation(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(document)"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{loc}'")
+        elif err["type"] == "missing":
+            parts.append(f"missing key '{loc}'")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            parts.append(f"'{loc}': {msg} (got {err.get('input')!r})")
+    return "; ".join(parts)

@@ -1,0 +1,26 @@
+"""Dependency direction is enforced, not hoped for: core is Qt-free, cli never imports gui."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_contracts_hold():
+    exe = shutil.which("lint-imports") or str(Path(sys.executable).parent / "lint-imports")
+    proc = subprocess.run([exe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Contracts: 2 kept, 0 broken" in proc.stdout
+
+
+def test_core_imports_without_qt():
+    code = (
+        "import sys; import pivotmerge_gui.core.pipeline, pivotmerge_gui.core.methods as m; "
+        "m.list_methods(); "
+        "bad=[k for k in sys.modules if k.startswith(('PySide6','pyqtgraph'))]; "
+        "assert not bad, bad"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
