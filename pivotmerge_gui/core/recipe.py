@@ -8,6 +8,7 @@ key. ``schema_version`` lets later releases migrate old documents.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -62,9 +63,11 @@ class Recipe(_Strict):
     @field_validator("parameters")
     @classmethod
     def _plain_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
-        for k in v:
+        for k, val in v.items():
             if not isinstance(k, str):
                 raise ValueError(f"parameter names must be strings, got {k!r}")
+            if isinstance(val, float) and not math.isfinite(val):
+                raise ValueError(f"parameter '{k}' is {val}; only finite numbers are allowed")
         return v
 
     # ------------------------------------------------------------------ YAML
