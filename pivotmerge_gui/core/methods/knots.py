@@ -1,0 +1,66 @@
+"""KnOTS (Stoica et al., ICLR 2025, "Model merging with SVD to tie the KnOTS").
+
+Per linear weight: the task updates are concatenated along the input dimension,
+[Delta_1 ... Delta_K] = U S [V_1 ... V_K], which puts all of them in one shared output
+basis U; the aligned per-task coefficients S V_k (``s_on_V`` in the reference) are merged
+with TIES (or summed), and the update is rebuilt as U * merged.
+
+U comes from ``eigh(sum_k Delta_k Delta_k^T)`` (an m x m problem) instead of an SVD of the
+m x (K n) concatenation, and S V_k = U^T Delta_k needs no division by S. For a 1-D tensor
+the same construction on a 1-row matrix gives U = +-1 and S V_k = Delta_k, i.e. TIES on the
+raw task vectors, which is what this module does there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import MergeJob, Param, register
+from .common import _rank_tol, is_matrix
+from .task_arithmetic import TaskVectorMethod
+from .ties import ties_merge
+
+
+def knots_align(taus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U [m, r], coefficients [K, r, n]) with Delta_k = U @ coefficients[k] exactly."""
+    gram = torch.einsum("kij,klj->il", taus, taus)
+    evals, evecs = torch.linalg.eigh(gram)
+    keep = evals > _rank_tol(evals, max(taus.shape[1], taus.shape[0] * taus.shape[2]))
+    u = evecs[:, keep].flip(1)
+    return u, torch.einsum("ir,kin->krn", u, taus)
+
+
+@register
+class KnOTS(TaskVectorMethod):
+    name = "knots"
+    pretty_name = "KnOTS"
+    reference_url = "https://arxiv.org/abs/2410.19735"
+    description = (
+        "Aligns the task updates in the shared basis of the SVD of their concatenation, merges "
+        "the aligned coefficients S V_k with TIES and rebuilds the update; 1-D tensors get TIES "
+        "directly. Reference defaults (KnOTS-TIES, ViT-B/32 config): top-k 20% (density 0.2), "
+        "disjoint mean, scaling 0.6."
+    )
+    params = (
+        Param("density", float, 0.2, "TIES top-k fraction kept in each aligned coefficient matrix",
+              min=0.0, max=1.0),
+        Param("scaling", float, 0.6, "lambda: scale of the merged update", min=0.0, max=5.0,
+              is_scale=True),
+        Param("merge", str, "ties", "how aligned coefficients are merged: 'ties' or 'linear' (sum)",
+              choices=("ties", "linear")),
+    )
+
+    def _merge_coeffs(self, coeffs: torch.Tensor, job: MergeJob, facts: dict) -> torch.Tensor:
+        if self.param(job, "merge") == "linear":
+            return coeffs.sum(0)
+        return ties_merge(coeffs, self.param(job, "density"), "sum", "mean", facts)
+
+    def merge_update(self, name, kind, role, taus, job: MergeJob, gen, facts):
+        scale = self.param(job, "scaling")
+        if not is_matrix(kind, role, taus[0]):
+            return scale * self._merge_coeffs(taus, job, facts)
+        u, coeffs = knots_align(taus)
+        facts["shared_rank"] = int(u.shape[1])
+        if u.shape[1] == 0:
+            return torch.zeros_like(taus[0])
+        return scale * (u @ self._merge_coeffs(coeffs, job, facts))

@@ -1,0 +1,122 @@
+"""RegMean (Jin et al., ICLR 2023, "Dataless Knowledge Fusion by Merging Weights of
+Language Models").
+
+For every linear layer the merged weight minimises sum_k ||X_k W^T - X_k W_k^T||^2 where
+X_k are the layer's INPUTS when expert k runs on its own domain's calibration features:
+  W^T = (sum_k G_k)^-1 sum_k G_k W_k^T,   G_k = X_k^T X_k.
+As in the reference, the off-diagonal entries of every G_k are multiplied by alpha < 1
+(a shrink towards the diagonal that keeps the solve well conditioned); alpha = 1 is the
+plain least-squares solution. Biases, norms and every other tensor are averaged.
+Per-expert weights scale G_k (and the averages). Base-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+import torch
+
+from ..errors import MethodError, NeedsCalibrationError
+from ..progress import ProgressEvent
+from .base import MergeJob, MergeMethod, MergeOutput, Param, register
+
+
+def shrink_gram(gram: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha * G + (1 - alpha) * diag(G)."""
+    if alpha >= 1.0:
+        return gram
+    return alpha * gram + (1.0 - alpha) * torch.diag(torch.diagonal(gram))
+
+
+def regmean_solve(weights: list[torch.Tensor], grams: list[torch.Tensor]) -> torch.Tensor:
+    """W with W^T = (sum G_k)^-1 sum G_k W_k^T (least squares; pseudo-inverse if singular)."""
+    lhs = sum(grams)
+    rhs = sum(g @ w.T for g, w in zip(grams, weights))
+    try:
+        sol = torch.linalg.solve(lhs, rhs)
+    except RuntimeError:  # singular Gram (e.g. alpha = 1 with fewer samples than inputs)
+        sol = torch.linalg.lstsq(lhs, rhs).solution
+    if not torch.isfinite(sol).all():
+        sol = torch.linalg.pinv(lhs) @ rhs
+    return sol.T
+
+
+@register
+class RegMean(MergeMethod):
+    name = "regmean"
+    pretty_name = "RegMean"
+    reference_url = "https://arxiv.org/abs/2212.09849"
+    description = (
+        "Closed-form least-squares merge per linear layer from the Gram matrices of each "
+        "expert's layer inputs on its own calibration features; other tensors are averaged. "
+        "Base-free, needs calibration. Reference default: off-diagonal scaling alpha = 0.6 "
+        "(FusionBench reduce_non_diagonal_ratio)."
+    )
+    needs_calibration = True
+    uses_calibration = True
+    params = (
+        Param("alpha", float, 0.6,
+              "scale of the Gram matrices' off-diagonal entries (1 = plain least squares)",
+              min=0.0, max=1.0),
+    )
+
+    def merge(self, job: MergeJob) -> Generator[ProgressEvent, None, MergeOutput]:
+        cal = job.calibration
+        if cal is None or not cal.features:
+            raise NeedsCalibrationError(self.name)
+        k_count = len(job.experts)
+        if len(cal.features) != k_count:
+            raise MethodError(
+                f"method 'regmean': got calibration features for {len(cal.features)} domains but "
+                f"there are {k_count} experts; give one feature set per expert, in expert order"
+            )
+        alpha = float(job.params.get("alpha", 0.6))
+        w = job.expert_weights
+        total_w = sum(w)
+        names = job.expert_names or [e.source or f"expert {i}" for i, e in enumerate(job.experts)]
+        grams: list[dict[str, torch.Tensor]] = []
+        samples: list[int] = []
+        for k, (expert, feats) in enumerate(zip(job.experts, cal.features)):
+            job.cancel.raise_if_cancelled()
+            yield ProgressEvent("calibrate", 0.5 * k / k_count, f"RegMean: inputs of {names[k]}")
+            x = feats.to(device=job.device, dtype=job.dtype)
+            if x.shape[-1] != expert.in_features:
+                raise MethodError(
+                    f"method 'regmean': calibration features for '{names[k]}' have width "
+                    f"{x.shape[-1]} but the projector takes {expert.in_features}"
+                )
+            with torch.no_grad():
+                _, inputs = expert.forward_with_inputs(x, capture=True)
+            g: dict[str, torch.Tensor] = {}
+            for layer in expert.linear_layers():
+                if layer.name in inputs:
+                    xi = inputs[layer.name].reshape(-1, inputs[layer.name].shape[-1])
+                    g[layer.name] = w[k] * shrink_gram(xi.T @ xi, alpha)
+            grams.append(g)
+            samples.append(int(x.reshape(-1, x.shape[-1]).shape[0]))
+        ref = job.experts[0]
+        states = [e.state() for e in job.experts]
+        out: dict[str, torch.Tensor] = {}
+        solved: list[str] = []
+        n_tensors = len(states[0])
+        i = 0
+        for layer in ref.layers:
+            for role in layer.tensors:
+                key = f"{layer.name}.{role}"
+                job.cancel.raise_if_cancelled()
+                yield ProgressEvent("merge", 0.5 + 0.5 * i / n_tensors, f"RegMean: {key}")
+                if layer.kind == "linear" and role == "weight" and layer.name in grams[0]:
+                    out[key] = regmean_solve([s[key] for s in states], [g[layer.name] for g in grams])
+                    solved.append(key)
+                else:
+                    out[key] = sum(wk * s[key] for wk, s in zip(w, states)) / total_w
+                i += 1
+        yield ProgressEvent("merge", 1.0, "RegMean: done")
+        report: dict[str, Any] = {
+            "method": self.name,
+            "params": {"alpha": alpha},
+            "calibration_samples": samples,
+            "solved_tensors": solved,
+        }
+        return MergeOutput(out, report)

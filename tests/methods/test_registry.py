@@ -1,0 +1,99 @@
+"""Every registered baseline: complete metadata, valid defaults, JSON reports, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pivotmerge_gui.core.errors import Cancelled, NeedsBaseError, NeedsCalibrationError, ParameterError
+from pivotmerge_gui.core.methods import list_methods
+from pivotmerge_gui.core.progress import CancelToken, ProgressEvent
+
+from .helpers import calibration_for, family, job_for, run
+
+BASELINES = [m for m in list_methods() if m.name != "pivotmerge"]
+EXPECTED = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "tsv_m",
+            "iso_c", "iso_cts", "knots", "cart", "regmean", "ssam"}
+
+
+def test_all_baselines_registered():
+    assert EXPECTED <= {m.name for m in BASELINES}
+
+
+@pytest.mark.parametrize("cls", BASELINES, ids=lambda c: c.name)
+def test_metadata_complete_and_defaults_validate(cls):
+    assert cls.name and cls.pretty_name and len(cls.description) > 40
+    assert cls.reference_url.startswith("https://") and ("arxiv.org" in cls.reference_url or "github.com" in cls.reference_url)
+    names = [p.name for p in cls.params]
+    assert len(names) == len(set(names))
+    for p in cls.params:
+        assert p.help and p.type in (float, int, bool, str)
+        assert p.validate(cls.name, p.default) == p.default
+        if p.choices is not None:
+            assert p.default in p.choices
+    assert cls.validate_params({}) == cls.defaults()
+    assert sum(p.is_scale for p in cls.params) <= 1
+    json.dumps(cls.describe())
+    with pytest.raises(ParameterError):
+        cls.validate_params({"no_such_parameter": 1})
+
+
+def test_flags():
+    by = {m.name: m for m in BASELINES}
+    assert not by["linear"].needs_base and not by["regmean"].needs_base and not by["cart"].needs_base
+    assert by["regmean"].needs_calibration
+    for n in EXPECTED - {"linear", "regmean", "cart"}:
+        assert by[n].needs_base, n
+    assert by["dare_linear"].randomized and by["dare_ties"].randomized
+    assert not by["ties"].randomized
+
+
+@pytest.mark.parametrize("cls", [m for m in BASELINES if m.needs_base], ids=lambda c: c.name)
+def test_task_vector_methods_need_base(cls):
+    _, experts = family(2)
+    with pytest.raises(NeedsBaseError):
+        cls.check_job(has_base=False, has_calibration=False)
+    with pytest.raises(NeedsBaseError):
+        run(cls.name, job_for(cls.name, experts))
+
+
+def test_regmean_needs_calibration():
+    _, experts = family(2)
+    with pytest.raises(NeedsCalibrationError):
+        run("regmean", job_for("regmean", experts))
+
+
+@pytest.mark.parametrize("cls", BASELINES, ids=lambda c: c.name)
+def test_runs_reports_json_progress_and_determinism(cls):
+    base, experts = family(3)
+    kw = {"calibration": calibration_for(experts)} if cls.needs_calibration else {}
+    events = []
+    method = cls()
+    gen = method.merge(job_for(cls.name, experts, base, seed=7, **kw))
+    try:
+        while True:
+            events.append(next(gen))
+    except StopIteration as stop:
+        out = stop.value
+    assert events and all(isinstance(e, ProgressEvent) for e in events)
+    assert events[-1].fraction == 1.0
+    json.dumps(out.report)
+    assert set(out.state) == set(experts[0].state())
+    for k, v in out.state.items():
+        assert v.shape == experts[0].state()[k].shape and v.dtype == torch.float32
+        assert torch.isfinite(v).all()
+    again = run(cls.name, job_for(cls.name, experts, base, seed=7, **kw))
+    for k in out.state:
+        assert torch.equal(out.state[k], again.state[k]), k
+
+
+@pytest.mark.parametrize("cls", BASELINES, ids=lambda c: c.name)
+def test_cancel_raises(cls):
+    base, experts = family(2)
+    kw = {"calibration": calibration_for(experts)} if cls.needs_calibration else {}
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Cancelled):
+        run(cls.name, job_for(cls.name, experts, base, cancel=token, **kw))
