@@ -1,0 +1,138 @@
+"""``pivotmerge-gui``: start the desktop app.
+
+``pivotmerge-gui [PATHS...] [--demo] [--screenshot PNG]``. The window is shown before torch
+or the merge engine is imported (they load on a worker thread right after), so the app
+starts fast. ``--screenshot`` waits until loading, analysis and validation have settled
+(optionally after a merge with ``--merge``), saves a PNG of the main window and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+T0 = time.perf_counter()
+
+log = logging.getLogger("pivotmerge_gui.gui")
+
+VIEWS = ("layers", "spectra", "similarity", "report")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pivotmerge-gui", description="PivotMerge Studio desktop app")
+    p.add_argument("paths", nargs="*", help="expert checkpoints (files, folders or Hub ids) to open")
+    p.add_argument("--demo", action="store_true", help="open with the built-in demo experts")
+    p.add_argument("--scenario", default="shared", help="demo scenario (with --demo): shared or different")
+    p.add_argument("--base", help="base (shared init) checkpoint")
+    p.add_argument("--recipe", help="open a recipe YAML")
+    p.add_argument("--screenshot", metavar="PNG", help="save a PNG of the window once idle, then exit")
+    p.add_argument("--view", choices=VIEWS, default="layers", help="view shown (for --screenshot)")
+    p.add_argument("--merge", action="store_true", help="run the merge before the screenshot")
+    p.add_argument("--method", help="select this merge method at start")
+    p.add_argument("--size", default="1680x960", help="window size WxH (for --screenshot)")
+    p.add_argument("--timeout", type=float, default=180.0, help="--screenshot gives up after this many seconds")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    from PySide6.QtWidgets import QApplication
+
+    from .errors import ExceptionHookBridge, install_excepthooks
+    from .main_window import MainWindow
+    from .settings import setup_logging
+
+    log_path = setup_logging()
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    app.setApplicationName("PivotMerge Studio")
+    app.setOrganizationName("PivotMerge")
+    window = MainWindow()
+    if args.method:
+        window.initial_method = args.method
+    bridge = ExceptionHookBridge(window)
+    bridge.exception_raised.connect(lambda short, details: window.show_message("Unexpected error", short, details))
+    install_excepthooks(bridge)
+    if args.screenshot:
+        w, _, h = args.size.partition("x")
+        window.resize(int(w), int(h))
+        window.quiet_errors = True  # a modal box would block the unattended run
+    window.show()
+    log.info("window shown after %.3f s (torch imported: %s); log file %s",
+             time.perf_counter() - T0, "torch" in sys.modules, log_path)
+
+    def open_inputs() -> None:
+        if args.demo:
+            try:
+                from pivotmerge_gui.demo.kit import base_path, expert_paths
+
+                window.add_paths([str(p) for p in expert_paths(args.scenario)])
+                if args.base is None and args.scenario == "shared":
+                    base = base_path(args.scenario)
+                    if base is not None:
+                        window.set_base(str(base))
+            except Exception as exc:  # noqa: BLE001 - shown to the user, the app keeps running
+                window.show_error("Cannot open the demo kit", exc)
+        if args.paths:
+            window.add_paths(args.paths)
+        if args.base:
+            window.set_base(args.base)
+        if args.recipe:
+            window.open_recipe(args.recipe)
+
+    from PySide6.QtCore import QTimer
+
+    QTimer.singleShot(0, open_inputs)
+    if args.screenshot:
+        _arm_screenshot(app, window, Path(args.screenshot), args.view, args.merge, args.timeout)
+    return app.exec()
+
+
+def _arm_screenshot(app, window, path: Path, view: str, merge: bool, timeout: float) -> None:  # type: ignore[no-untyped-def]
+    """Poll until the window is idle (and merged if asked), then grab it and quit."""
+    from PySide6.QtCore import QTimer
+
+    started = time.perf_counter()
+    state = {"merged": not merge, "settle": 0, "merge_started": False}
+
+    def tick() -> None:
+        elapsed = time.perf_counter() - started
+        idle = window.is_idle() and bool(window.experts.entries or not window.core_ready)
+        if idle and not state["merged"]:
+            if not state["merge_started"] and window.merge_panel.merge_button.isEnabled():
+                state["merge_started"] = True
+                window.start_merge()
+            elif state["merge_started"] and window.merge_result is not None:
+                state["merged"] = True
+            elif state["merge_started"] and window.merge_worker is None and window.merge_result is None:
+                state["merged"] = True  # failed; capture the error state
+            elif not window.merge_panel.merge_button.isEnabled() and window.is_idle() and elapsed > 20:
+                state["merged"] = True  # cannot merge; capture the reason
+        if idle and state["merged"]:
+            state["settle"] += 1
+        else:
+            state["settle"] = 0
+        if state["settle"] >= 3 or elapsed > timeout:
+            window.tabs.setCurrentIndex(VIEWS.index(view))
+            app.processEvents()
+            QTimer.singleShot(300, lambda: _grab(app, window, path, timed_out=elapsed > timeout))
+            return
+        QTimer.singleShot(200, tick)
+
+    QTimer.singleShot(500, tick)
+
+
+def _grab(app, window, path: Path, timed_out: bool) -> None:  # type: ignore[no-untyped-def]
+    app.processEvents()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok = window.grab().save(str(path))
+    print(f"screenshot {'saved' if ok else 'FAILED'}: {path}" + (" (timed out before idle)" if timed_out else ""))
+    app.exit(0 if ok and not timed_out else 1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,790 @@
+"""The main window: expert list, inspect views, merge panel, and the workers behind them.
+
+Everything here runs on the GUI thread. Loading, analysis, validation (``pipeline.plan``),
+merging (``pipeline.execute``) and saving run in :class:`GeneratorWorker` threads; this
+class only starts them, shows their progress and routes their results. torch and the core
+engine are imported by the first worker, after the window is up.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QByteArray, Qt, QTimer, Signal
+from PySide6.QtGui import QAction, QCloseEvent, QDesktopServices, QDragEnterEvent, QDropEvent, QKeySequence
+from PySide6.QtCore import QUrl
+from PySide6.QtWidgets import (
+    QFileDialog,
+    QMainWindow,
+    QMessageBox,
+    QSplitter,
+    QTabWidget,
+    QWidget,
+)
+
+from pivotmerge_gui import __version__
+from pivotmerge_gui.core.errors import PivotMergeError
+from pivotmerge_gui.core.progress import ProgressEvent
+
+from .dialogs import HubDialog, SaveDialog
+from .errors import ErrorDialog, describe_exception
+from .models import ExpertEntry, ExpertListModel, expand_paths, paths_from_mime
+from .panels.inspect import LayersPanel, SimilarityPanel, SpectraPanel
+from .panels.merge import MergePanel
+from .panels.model_list import ModelListPanel
+from .panels.report import ReportPanel
+from .settings import AppSettings, log_dir
+from .workers import GeneratorWorker, WorkContext, stop_all
+
+log = logging.getLogger("pivotmerge_gui.gui")
+MAX_PARALLEL_LOADS = 2
+
+
+def _display_name(spec: str) -> str:
+    p = Path(spec)
+    if p.name in ("mm_projector.bin", "model.safetensors", "pytorch_model.bin") and p.parent.name:
+        return p.parent.name
+    if p.suffix in (".bin", ".safetensors", ".pt", ".pth", ".ckpt"):
+        return p.stem
+    return p.name or spec
+
+
+# --------------------------------------------------------------------------- worker jobs
+# These functions run on worker threads; they are the only place the GUI touches the core
+# engine's heavy modules (which import torch).
+def _core_job(ctx: WorkContext) -> tuple[list[Any], list[Any]]:
+    from pivotmerge_gui.core import pipeline  # noqa: F401 - warm the import off the GUI thread
+    from pivotmerge_gui.core.devices import available_devices
+    from pivotmerge_gui.core.methods.base import list_methods
+
+    return list_methods(), available_devices()
+
+
+def _load_job(spec: str) -> Callable[[WorkContext], Any]:
+    def job(ctx: WorkContext) -> tuple[Any, dict[str, Any]]:
+        from pivotmerge_gui.core.io import load_projector, pretty_family
+
+        from .models import describe_projector
+
+        projector = load_projector(spec, progress=ctx.emit, cancel=ctx.cancel)
+        desc = describe_projector(projector)
+        desc["family"] = pretty_family(projector)
+        return projector, desc
+
+    return job
+
+
+class MainWindow(QMainWindow):
+    """PivotMerge Studio's main window (GUI thread)."""
+
+    idle_reached = Signal()  # loading, analysis and validation have all settled
+    merge_finished = Signal(object)
+
+    def __init__(self, settings: AppSettings | None = None, *, start_core: bool = True) -> None:
+        super().__init__()
+        self.setWindowTitle(f"PivotMerge Studio {__version__}")
+        self.setAcceptDrops(True)
+        self.settings = settings or AppSettings()
+
+        self.experts = ExpertListModel(self)
+        self.list_panel = ModelListPanel(self.experts, self.settings)
+        self.layers_panel = LayersPanel()
+        self.spectra_panel = SpectraPanel(self.settings)
+        self.similarity_panel = SimilarityPanel()
+        self.report_panel = ReportPanel()
+        self.tabs = QTabWidget()
+        self.tabs.addTab(self.layers_panel, "Layers")
+        self.tabs.addTab(self.spectra_panel, "Spectra")
+        self.tabs.addTab(self.similarity_panel, "Similarity")
+        self.tabs.addTab(self.report_panel, "Merge report")
+        self.merge_panel = MergePanel()
+
+        self.splitter = QSplitter(Qt.Orientation.Horizontal)
+        self.splitter.addWidget(self.list_panel)
+        self.splitter.addWidget(self.tabs)
+        self.splitter.addWidget(self.merge_panel)
+        self.splitter.setStretchFactor(0, 3)
+        self.splitter.setStretchFactor(1, 4)
+        self.splitter.setStretchFactor(2, 2)
+        self.splitter.setSizes([560, 720, 380])
+        self.setCentralWidget(self.splitter)
+        self._build_menus()
+
+        # state
+        self.base_entry: ExpertEntry | None = None
+        self.core_ready = False
+        self.methods: list[Any] = []
+        self.analysis: Any = None
+        self.merge_result: Any = None
+        self.plan: Any = None
+        self._plan_key: str | None = None
+        self._validation_key: str | None = None
+        self._pending_recipe: tuple[Any, Path | None] | None = None
+        self._load_queue: deque[tuple[int, str, str]] = deque()
+        self._loads: dict[int, GeneratorWorker] = {}
+        self._analysis_worker: GeneratorWorker | None = None
+        self._analysis_generation = 0
+        self._analysis_dirty = False
+        self._validation_worker: GeneratorWorker | None = None
+        self.merge_worker: GeneratorWorker | None = None
+        self._save_worker: GeneratorWorker | None = None
+        self._core_worker: GeneratorWorker | None = None
+        self._errors_shown: list[str] = []
+
+        self._analysis_timer = QTimer(self, singleShot=True, interval=250)
+        self._analysis_timer.timeout.connect(self._start_analysis)
+        self._validate_timer = QTimer(self, singleShot=True, interval=150)
+        self._validate_timer.timeout.connect(self.validate_now)
+
+        self.list_panel.paths_added.connect(self.add_paths)
+        self.list_panel.hub_requested.connect(self.add_from_hub)
+        self.list_panel.base_chosen.connect(self.set_base)
+        self.list_panel.base_cleared.connect(lambda: self.set_base(None))
+        self.experts.experts_changed.connect(self._experts_changed)
+        self.merge_panel.changed.connect(self._schedule_validation)
+        self.merge_panel.merge_requested.connect(self.start_merge)
+        self.merge_panel.cancel_requested.connect(self.cancel_merge)
+        self.merge_panel.save_requested.connect(self.save_merged)
+
+        self.resize(1680, 960)
+        geo = self.settings.geometry()
+        if geo is not None:
+            self.restoreGeometry(geo)
+        split = self.settings.value("window/splitter")
+        if isinstance(split, QByteArray):
+            self.splitter.restoreState(split)
+        self.statusBar().showMessage("Drop projector checkpoints (files or folders) onto the window to start.")
+        self._validate_ui_only()
+        if start_core:
+            QTimer.singleShot(0, self.start_core)
+
+    # ------------------------------------------------------------------ menus
+    def _build_menus(self) -> None:
+        m = self.menuBar().addMenu("&File")
+        self.action_add = m.addAction("&Add experts…", self.list_panel._add_files)
+        self.action_add.setShortcut(QKeySequence.StandardKey.Open)
+        m.addAction("Add &folder…", self.list_panel._add_folder)
+        m.addAction("Add from &Hub…", self.add_from_hub)
+        m.addSeparator()
+        m.addAction("Open &recipe…", self.open_recipe_dialog)
+        self.action_save_recipe = m.addAction("Save re&cipe…", self.save_recipe_dialog)
+        self.action_save_merged = m.addAction("&Save merged…", self.save_merged)
+        self.action_save_merged.setShortcut(QKeySequence.StandardKey.Save)
+        self.action_save_merged.setEnabled(False)
+        m.addSeparator()
+        quit_action = m.addAction("&Quit", self.close)
+        quit_action.setShortcut(QKeySequence.StandardKey.Quit)
+        v = self.menuBar().addMenu("&View")
+        for i, name in enumerate(("Layers", "Spectra", "Similarity", "Merge report")):
+            a = QAction(name, self)
+            a.setShortcut(QKeySequence(f"Ctrl+{i + 1}"))
+            a.triggered.connect(lambda _=False, i=i: self.tabs.setCurrentIndex(i))
+            v.addAction(a)
+        h = self.menuBar().addMenu("&Help")
+        h.addAction("Open &log folder", lambda: QDesktopServices.openUrl(QUrl.fromLocalFile(str(log_dir()))))
+        h.addAction("&About", self._about)
+
+    def _about(self) -> None:
+        QMessageBox.about(self, "PivotMerge Studio",
+                          f"PivotMerge Studio {__version__}<br>Merge the cross-modal projectors of "
+                          "multimodal LLMs: PivotMerge and baselines.<br>Log folder: "
+                          f"{log_dir()}")
+
+    # ------------------------------------------------------------------ drops on the window
+    def dragEnterEvent(self, event: QDragEnterEvent) -> None:
+        if paths_from_mime(event.mimeData()):
+            event.acceptProposedAction()
+
+    def dragMoveEvent(self, event) -> None:  # type: ignore[no-untyped-def]
+        if paths_from_mime(event.mimeData()):
+            event.acceptProposedAction()
+
+    def dropEvent(self, event: QDropEvent) -> None:
+        paths = paths_from_mime(event.mimeData())
+        if paths:
+            event.acceptProposedAction()
+            self.add_paths(paths)
+
+    # ------------------------------------------------------------------ core start-up
+    def start_core(self) -> None:
+        """Import the engine (torch, methods, devices) on a worker thread."""
+        if self._core_worker is not None or self.core_ready:
+            return
+        self.statusBar().showMessage("Loading the merge engine…")
+        w = GeneratorWorker(_core_job, name="core-loader")
+        w.finished.connect(self._core_loaded)
+        w.failed.connect(lambda exc, tb: self.show_error("The merge engine failed to load", exc, tb))
+        self._core_worker = w.start()
+
+    def _core_loaded(self, result: tuple[list[Any], list[Any]]) -> None:
+        methods, devices = result
+        self.methods = methods
+        self.core_ready = True
+        self._core_worker = None
+        default = self.initial_method or str(self.settings.value("merge/method", "pivotmerge"))
+        self.merge_panel.set_methods(methods, default=default)
+        self.merge_panel.set_devices(devices)
+        self.statusBar().showMessage(f"Merge engine ready: {len(methods)} methods.", 5000)
+        if self._pending_recipe is not None:
+            recipe, base_dir = self._pending_recipe
+            self._pending_recipe = None
+            self.apply_recipe(recipe, base_dir)
+        self._schedule_validation()
+        self._check_idle()
+
+    # ------------------------------------------------------------------ adding experts
+    def add_paths(self, paths: list[str] | tuple[str, ...]) -> list[ExpertEntry]:
+        """Add experts from files, folders or Hub ids; each loads in the background."""
+        added = []
+        known = {e.spec for e in self.experts.entries}
+        for spec in expand_paths(paths) if paths else []:
+            p = Path(spec)
+            if p.exists():
+                spec = str(p.resolve())
+            if spec in known:
+                self.statusBar().showMessage(f"{spec} is already in the list", 5000)
+                continue
+            known.add(spec)
+            added.append(self.add_spec(spec))
+        return added
+
+    def add_spec(self, spec: str, name: str | None = None, weight: float = 1.0) -> ExpertEntry:
+        entry = ExpertEntry(spec=spec, name=name or _display_name(spec), weight=weight)
+        self.experts.add(entry)
+        self.settings.add_recent(spec)
+        self._queue_load(entry.uid, spec, "expert")
+        return entry
+
+    def add_loaded(self, spec: str, projector: Any) -> ExpertEntry:
+        """Add an expert that is already loaded (Add from Hub)."""
+        from .models import describe_projector
+
+        entry = ExpertEntry(spec=spec, name=_display_name(spec.split(":")[0].split("@")[0]),
+                            status="ready", projector=projector, **describe_projector(projector))
+        self.experts.add(entry)
+        self.settings.add_recent(spec)
+        return entry
+
+    def add_from_hub(self) -> None:
+        dlg = HubDialog(self)
+        if dlg.exec() == HubDialog.DialogCode.Accepted and dlg.projector is not None:
+            self.add_loaded(dlg.spec, dlg.projector)
+
+    def set_base(self, spec: str | None) -> None:
+        if spec is None:
+            self.base_entry = None
+            self.list_panel.set_base(None)
+        else:
+            p = Path(spec)
+            spec = str(p.resolve()) if p.exists() else spec
+            self.base_entry = ExpertEntry(spec=spec, name=_display_name(spec))
+            self.list_panel.set_base(self.base_entry)
+            self._queue_load(self.base_entry.uid, spec, "base")
+        self._experts_changed()
+
+    def _queue_load(self, uid: int, spec: str, target: str) -> None:
+        self._load_queue.append((uid, spec, target))
+        self._pump_loads()
+
+    def _pump_loads(self) -> None:
+        while self._load_queue and len(self._loads) < MAX_PARALLEL_LOADS:
+            uid, spec, target = self._load_queue.popleft()
+            w = GeneratorWorker(_load_job(spec), name=f"load-{uid}")
+            w.progressed.connect(lambda ev, uid=uid, t=target: self._load_progressed(uid, t, ev))
+            w.finished.connect(lambda res, uid=uid, t=target: self._load_finished(uid, t, res))
+            w.failed.connect(lambda exc, tb, uid=uid, t=target: self._load_failed(uid, t, exc, tb))
+            w.stopped.connect(lambda uid=uid: self._load_stopped(uid))
+            self._loads[uid] = w.start()
+
+    def _target_entry(self, uid: int, target: str) -> ExpertEntry | None:
+        if target == "base":
+            return self.base_entry if self.base_entry is not None and self.base_entry.uid == uid else None
+        return self.experts.find(uid)
+
+    def _load_progressed(self, uid: int, target: str, ev: ProgressEvent) -> None:
+        entry = self._target_entry(uid, target)
+        if entry is None:
+            return
+        msg = f"{ev.message or ev.stage} ({ev.fraction:.0%})"
+        if target == "base":
+            entry.message = msg
+        else:
+            self.experts.update_entry(uid, message=msg)
+
+    def _load_finished(self, uid: int, target: str, result: tuple[Any, dict[str, Any]]) -> None:
+        entry = self._target_entry(uid, target)
+        if entry is None:
+            return
+        projector, desc = result
+        warn = projector.metadata.get("warnings", "") if hasattr(projector, "metadata") else ""
+        changes = dict(status="ready", projector=projector, message=warn, details="", **desc)
+        if target == "base":
+            for k, v in changes.items():
+                setattr(entry, k, v)
+            self.list_panel.set_base(entry)
+            self._experts_changed()
+        else:
+            self.experts.update_entry(uid, **changes)
+        log.info("loaded %s (%s, %s)", entry.spec, desc.get("family"), desc.get("shapes"))
+
+    def _load_failed(self, uid: int, target: str, exc: BaseException, tb: str) -> None:
+        entry = self._target_entry(uid, target)
+        if entry is None:
+            return
+        short, details = describe_exception(exc, tb)
+        log.warning("cannot load %s: %s", entry.spec, short)
+        changes = dict(status="error", projector=None, message=short,
+                       details="" if isinstance(exc, PivotMergeError) else details)
+        if target == "base":
+            for k, v in changes.items():
+                setattr(entry, k, v)
+            self.list_panel.set_base(entry)
+            self._experts_changed()
+        else:
+            self.experts.update_entry(uid, **changes)
+
+    def _load_stopped(self, uid: int) -> None:
+        self._loads.pop(uid, None)
+        self._pump_loads()
+        self._check_idle()
+
+    # ------------------------------------------------------------------ reactions
+    def _experts_changed(self) -> None:
+        # the merged result belongs to the list it was made from
+        if self.merge_result is not None and self._result_inputs != self._current_inputs():
+            self.set_merge_result(None)
+        ready = self.experts.ready_entries()
+        if ready:
+            self.merge_panel.coefficients.set_layers(list(ready[0].projector.layer_names))
+        self._analysis_dirty = True
+        self._analysis_timer.start()
+        self._schedule_validation()
+        n = len(self.experts.entries)
+        bad = sum(e.status == "error" for e in self.experts.entries)
+        loading = sum(e.status == "loading" for e in self.experts.entries)
+        self.statusBar().showMessage(f"{n} expert(s): {n - bad - loading} ready, {loading} loading, {bad} flagged")
+
+    def _current_inputs(self) -> tuple[Any, ...]:
+        base = self.base_entry.spec if self.base_entry is not None else None
+        return (tuple(e.spec for e in self.experts.ready_entries()), base)
+
+    _result_inputs: tuple[Any, ...] = ()
+
+    # ------------------------------------------------------------------ analysis
+    def _start_analysis(self) -> None:
+        if self._analysis_worker is not None:
+            self._analysis_worker.cancel()
+        ready = self.experts.ready_entries()
+        self._analysis_generation += 1
+        gen = self._analysis_generation
+        self._analysis_dirty = False
+        if not ready:
+            self._set_analysis(None)
+            self._check_idle()
+            return
+        experts = [e.projector for e in ready]
+        names = [e.name for e in ready]
+        base = self.base_entry.projector if self.base_entry is not None and self.base_entry.ready else None
+        merged = self.merge_result.projector if self.merge_result is not None else None
+
+        def job(ctx: WorkContext) -> Any:
+            from pivotmerge_gui.core.analysis import iter_analysis
+
+            return iter_analysis(experts, base=base, names=names, merged=merged, cancel=ctx.cancel)
+
+        w = GeneratorWorker(job, name="analysis")
+        w.progressed.connect(lambda ev: self.statusBar().showMessage(f"Analysing: {ev.message or ev.stage}", 3000)
+                             if gen == self._analysis_generation else None)
+        w.finished.connect(lambda a, gen=gen: self._analysis_finished(gen, a))
+        w.failed.connect(lambda exc, tb, gen=gen: self._analysis_failed(gen, exc, tb))
+        w.stopped.connect(lambda gen=gen: self._analysis_stopped(gen))
+        self._analysis_worker = w.start()
+
+    def _analysis_finished(self, gen: int, analysis: Any) -> None:
+        if gen != self._analysis_generation:
+            return
+        self._set_analysis(analysis)
+        self.statusBar().showMessage("Analysis updated.", 3000)
+
+    def _analysis_failed(self, gen: int, exc: BaseException, tb: str) -> None:
+        if gen != self._analysis_generation:
+            return
+        short, details = describe_exception(exc, tb)
+        log.warning("analysis failed: %s", details)
+        self.statusBar().showMessage(f"Analysis failed: {short}")
+        self._set_analysis(None, problem=short)
+
+    def _analysis_stopped(self, gen: int) -> None:
+        if gen == self._analysis_generation:
+            self._analysis_worker = None
+        self._check_idle()
+
+    def _set_analysis(self, analysis: Any, problem: str = "") -> None:
+        self.analysis = analysis
+        for panel in (self.layers_panel, self.spectra_panel, self.similarity_panel):
+            panel.set_analysis(analysis, problem)
+
+    # ------------------------------------------------------------------ recipe
+    def current_recipe(self) -> Any:
+        """The recipe the GUI describes right now (raises RecipeError on a bad setup)."""
+        from pivotmerge_gui.core.recipe import Recipe
+
+        method = self.merge_panel.method
+        if method is None:
+            raise PivotMergeError("the merge engine is still loading")
+        params = self.merge_panel.form.values()
+        pivot = self.experts.pivot_index()
+        if "pivot" in {p.name for p in method.params} and pivot is not None:
+            params["pivot"] = pivot_param_value(method, pivot)
+        data = {
+            "merge_method": method.name,
+            "base_model": self.base_entry.spec if self.base_entry is not None else None,
+            "models": [{"model": e.spec, "name": e.name, "parameters": {"weight": e.weight}}
+                       for e in self.experts.entries],
+            "parameters": params,
+            "layer_coefficients": self.merge_panel.coefficients.overrides() or None,
+            **self.merge_panel.settings(),
+        }
+        return Recipe.from_dict(data, "current setup")
+
+    def apply_recipe(self, recipe: Any, base_dir: Path | None = None) -> None:
+        """Replace the setup with a recipe's (experts load in the background)."""
+        if not self.core_ready:
+            self._pending_recipe = (recipe, base_dir)
+            return
+        from pivotmerge_gui.core.pipeline import resolve_spec
+
+        self.experts.clear()
+        self.set_merge_result(None)
+        for m in recipe.models:
+            self.add_spec(resolve_spec(m.model, base_dir), name=m.name, weight=m.parameters.weight)
+        self.set_base(resolve_spec(recipe.base_model, base_dir) if recipe.base_model else None)
+        if not self.merge_panel.set_method_name(recipe.merge_method):
+            self.show_message("Unknown method", f"The recipe's method '{recipe.merge_method}' is not available.")
+        params = dict(recipe.parameters)
+        method = self.merge_panel.method
+        if method is not None and "pivot" in params and isinstance(params["pivot"], int) and params["pivot"] >= 0:
+            entries = self.experts.entries
+            if params["pivot"] < len(entries):
+                self.experts.set_pivot(entries[params["pivot"]].uid)
+        self.merge_panel.form.set_values(params)
+        self.merge_panel.apply_settings(recipe.dtype, recipe.out_dtype, recipe.device, recipe.random_seed)
+        self._pending_overrides = dict(recipe.layer_coefficients or {})
+        self.merge_panel.coefficients.set_overrides(self._pending_overrides)
+        self._schedule_validation()
+
+    _pending_overrides: dict[str, float] = {}
+    initial_method: str | None = None
+
+    def open_recipe(self, path: str | Path) -> None:
+        from pivotmerge_gui.core.recipe import Recipe
+
+        try:
+            recipe = Recipe.load(path)
+        except PivotMergeError as exc:
+            self.show_error("Cannot open the recipe", exc)
+            return
+        self.apply_recipe(recipe, Path(path).resolve().parent)
+        self.statusBar().showMessage(f"Opened recipe {path}", 5000)
+
+    def open_recipe_dialog(self) -> None:
+        f, _ = QFileDialog.getOpenFileName(self, "Open recipe", self.settings.last_dir(),
+                                           "Recipes (*.yml *.yaml);;All files (*)")
+        if f:
+            self.settings.set_last_dir(f)
+            self.open_recipe(f)
+
+    def save_recipe(self, path: str | Path) -> Path | None:
+        try:
+            recipe = self.current_recipe()
+            return recipe.save(path)
+        except PivotMergeError as exc:
+            self.show_error("Cannot save the recipe", exc)
+            return None
+
+    def save_recipe_dialog(self) -> None:
+        f, _ = QFileDialog.getSaveFileName(self, "Save recipe", str(Path(self.settings.last_dir()) / "recipe.yml"),
+                                           "Recipes (*.yml *.yaml)")
+        if f:
+            self.settings.set_last_dir(f)
+            if self.save_recipe(f) is not None:
+                self.statusBar().showMessage(f"Recipe saved to {f}", 5000)
+
+    # ------------------------------------------------------------------ validation
+    def _schedule_validation(self) -> None:
+        if self._validate_ui_only():
+            self._validate_timer.start()
+
+    def _validate_ui_only(self) -> bool:
+        """Checks that need no engine. Returns True when a full plan() check should follow."""
+        entries = self.experts.entries
+        mp = self.merge_panel
+        if self.merge_worker is not None:
+            return False
+        if not entries:
+            mp.set_validation(False, "Add at least two experts: drop projector files or folders on the list.")
+            return False
+        loading = [e for e in entries if e.status == "loading"]
+        if loading:
+            mp.set_pending(f"Waiting for {len(loading)} expert(s) to load…")
+            return False
+        bad = [e for e in entries if e.status == "error"]
+        if bad:
+            mp.set_validation(False, f"Remove or replace the flagged expert '{bad[0].name}': {bad[0].message}")
+            return False
+        if len(entries) < 2:
+            mp.set_validation(False, "Add at least one more expert: a merge needs two or more.")
+            return False
+        if self.base_entry is not None and self.base_entry.status == "loading":
+            mp.set_pending("Waiting for the base checkpoint to load…")
+            return False
+        if self.base_entry is not None and self.base_entry.status == "error":
+            mp.set_validation(False, f"The base checkpoint cannot be used: {self.base_entry.message}")
+            return False
+        if not self.core_ready:
+            mp.set_pending("Loading the merge engine…")
+            return False
+        mp.set_pending("Checking the setup…")
+        return True
+
+    def validate_now(self) -> None:
+        """Run ``pipeline.plan`` on the current recipe in a worker; the result enables Merge."""
+        if not self._validate_ui_only():
+            self._check_idle()
+            return
+        try:
+            recipe = self.current_recipe()
+        except PivotMergeError as exc:
+            self.plan, self._plan_key = None, None
+            self.merge_panel.set_validation(False, str(exc))
+            return
+        key = recipe.to_yaml()
+        if key == self._plan_key and self.plan is not None:
+            self._show_plan_ok(self.plan)
+            return
+        if key == self._validation_key and self._validation_worker is not None:
+            return
+        if self._validation_worker is not None:
+            self._validation_worker.cancel()
+        loaded = {e.spec: e.projector for e in self.experts.entries if e.ready}
+        if self.base_entry is not None and self.base_entry.ready:
+            loaded[self.base_entry.spec] = self.base_entry.projector
+        self._validation_key = key
+
+        def job(ctx: WorkContext) -> Any:
+            from pivotmerge_gui.core.pipeline import plan
+
+            return plan(recipe, loaded=loaded, cancel=ctx.cancel)
+
+        w = GeneratorWorker(job, name="validate")
+        w.finished.connect(lambda p, key=key: self._validated(key, p, None, ""))
+        w.failed.connect(lambda exc, tb, key=key: self._validated(key, None, exc, tb))
+        w.stopped.connect(lambda w=w: self._validation_stopped(w))
+        self._validation_worker = w.start()
+
+    def _validated(self, key: str, plan: Any, exc: BaseException | None, tb: str) -> None:
+        if key != self._validation_key:
+            return  # the setup changed meanwhile; a newer check is on its way
+        if plan is not None:
+            self.plan, self._plan_key = plan, key
+            self._show_plan_ok(plan)
+        else:
+            self.plan, self._plan_key = None, None
+            assert exc is not None
+            short, details = describe_exception(exc, tb)
+            if not isinstance(exc, PivotMergeError):
+                log.error("validation crashed: %s", details)
+            self.merge_panel.set_validation(False, short)
+
+    def _validation_stopped(self, w: GeneratorWorker) -> None:
+        if self._validation_worker is w:
+            self._validation_worker = None
+        self._check_idle()
+
+    def _show_plan_ok(self, plan: Any) -> None:
+        text = f"Ready: {plan.method.pretty_name} of {len(plan.experts)} experts on {plan.device}."
+        if plan.warnings:
+            text += " Warnings: " + "; ".join(plan.warnings)
+        self.merge_panel.set_validation(True, text)
+
+    @property
+    def merge_reason(self) -> str:
+        """The validation text shown under the form (for tests and screenshots)."""
+        return self.merge_panel.validation_label.toolTip() or self.merge_panel.merge_button.toolTip()
+
+    # ------------------------------------------------------------------ merge
+    def start_merge(self) -> None:
+        if self.merge_worker is not None or self.plan is None:
+            return
+        try:
+            key = self.current_recipe().to_yaml()
+        except PivotMergeError as exc:
+            self.merge_panel.set_validation(False, str(exc))
+            return
+        if key != self._plan_key:
+            self.validate_now()
+            return
+        plan = self.plan
+        self.settings.set_value("merge/method", plan.method.name)
+
+        def job(ctx: WorkContext) -> Any:
+            from pivotmerge_gui.core.pipeline import execute
+
+            return execute(plan, ctx.cancel)
+
+        self.merge_panel.set_running(True)
+        self.merge_panel.show_progress(0.0, "Starting…")
+        w = GeneratorWorker(job, name="merge")
+        w.progressed.connect(lambda ev: self.merge_panel.show_progress(ev.fraction, f"{ev.stage}: {ev.message}"))
+        w.finished.connect(self._merge_done)
+        w.failed.connect(self._merge_failed)
+        w.cancelled.connect(self._merge_cancelled)
+        w.stopped.connect(self._merge_stopped)
+        self._merge_inputs = self._current_inputs()
+        self.merge_worker = w.start()
+        log.info("merge started: %s", plan.method.name)
+
+    _merge_inputs: tuple[Any, ...] = ()
+
+    def cancel_merge(self) -> None:
+        if self.merge_worker is not None:
+            self.merge_worker.cancel()
+            self.merge_panel.stage_label.setText("Cancelling…")
+
+    def _merge_done(self, result: Any) -> None:
+        self._result_inputs = self._merge_inputs
+        self.merge_panel.show_progress(1.0, f"Done in {result.elapsed_s:.2f} s. Save it, or inspect the "
+                                            "'Merged' curves in the views.")
+        self.set_merge_result(result)
+        self.tabs.setCurrentWidget(self.report_panel)
+        self.merge_finished.emit(result)
+
+    def _merge_failed(self, exc: BaseException, tb: str) -> None:
+        self.merge_panel.show_progress(0.0, "Merge failed.")
+        self.show_error("The merge failed", exc, tb)
+
+    def _merge_cancelled(self) -> None:
+        self.merge_panel.show_progress(0.0, "Merge cancelled; nothing was written.")
+
+    def _merge_stopped(self) -> None:
+        self.merge_worker = None
+        self.merge_panel.set_running(False)
+        self.merge_panel.save_button.setEnabled(self.merge_result is not None)
+        self._schedule_validation()
+        self._check_idle()
+
+    def set_merge_result(self, result: Any) -> None:
+        self.merge_result = result
+        self.report_panel.set_report(result.report if result is not None else None)
+        self.merge_panel.save_button.setEnabled(result is not None and self.merge_worker is None)
+        self.action_save_merged.setEnabled(result is not None)
+        if result is not None:
+            self.merge_panel.coefficients.set_used(layer_lambdas(result.report))
+        else:
+            self.merge_panel.coefficients.set_used({})
+        self._analysis_timer.start()
+
+    # ------------------------------------------------------------------ save
+    def save_merged(self) -> None:
+        if self.merge_result is None:
+            return
+        start = str(Path(self.settings.last_dir()) / "merged-projector")
+        dlg = SaveDialog(str(self.settings.value("save/folder", start)), self.merge_result.projector.family, self)
+        if dlg.exec() != SaveDialog.DialogCode.Accepted:
+            return
+        folder, fmt, dtype, overwrite = dlg.values()
+        self.settings.set_value("save/folder", str(folder))
+        self.save_to(folder, fmt, dtype, overwrite)
+
+    def save_to(self, folder: Path, fmt: str = "auto", dtype: str = "auto", overwrite: bool = False) -> GeneratorWorker | None:
+        """Write projector + recipe.yml + README.md through ``pipeline.save_result`` (worker)."""
+        result = self.merge_result
+        if result is None or self._save_worker is not None:
+            return None
+
+        def job(ctx: WorkContext) -> list[Path]:
+            from pivotmerge_gui.core.devices import parse_dtype
+            from pivotmerge_gui.core.pipeline import save_result
+
+            return save_result(result, folder, fmt=None if fmt == "auto" else fmt,
+                               dtype=None if dtype == "auto" else parse_dtype(dtype), overwrite=overwrite)
+
+        w = GeneratorWorker(job, name="save")
+        w.finished.connect(self._saved)
+        w.failed.connect(lambda exc, tb: self.show_error("Cannot save the merged projector", exc, tb))
+        w.stopped.connect(lambda: setattr(self, "_save_worker", None))
+        self.statusBar().showMessage(f"Saving to {folder}…")
+        self._save_worker = w.start()
+        return w
+
+    def _saved(self, paths: list[Path]) -> None:
+        self.last_saved = list(paths)
+        self.statusBar().showMessage("Saved: " + ", ".join(str(p) for p in paths), 15000)
+        log.info("saved %s", paths)
+
+    last_saved: list[Path] = []
+
+    # ------------------------------------------------------------------ errors
+    def show_error(self, title: str, exc: BaseException, tb: str | None = None) -> None:
+        short, details = describe_exception(exc, tb)
+        log.warning("%s: %s", title, details if not isinstance(exc, PivotMergeError) else short)
+        self.show_message(title, short, details if not isinstance(exc, PivotMergeError) else "")
+
+    def show_message(self, title: str, short: str, details: str = "") -> None:
+        self._errors_shown.append(short)
+        self.statusBar().showMessage(f"{title}: {short}", 15000)
+        if getattr(self, "quiet_errors", False):
+            return
+        ErrorDialog(title, short, details, self).open()
+
+    # ------------------------------------------------------------------ idle / shutdown
+    def is_idle(self) -> bool:
+        """True when no load, analysis, validation or merge is pending or running."""
+        return (self.core_ready and not self._loads and not self._load_queue
+                and self._analysis_worker is None and not self._analysis_dirty
+                and not self._analysis_timer.isActive() and self._validation_worker is None
+                and not self._validate_timer.isActive() and self.merge_worker is None
+                and self._save_worker is None)
+
+    def _check_idle(self) -> None:
+        if self.is_idle():
+            self.idle_reached.emit()
+
+    def closeEvent(self, event: QCloseEvent) -> None:
+        self.settings.save_window(self.saveGeometry(), self.saveState())
+        self.settings.set_value("window/splitter", self.splitter.saveState())
+        self.settings.sync()
+        stop_all(5000)
+        super().closeEvent(event)
+
+
+def pivot_param_value(method: Any, index: int) -> Any:
+    """The value of a method's ``pivot`` parameter for the expert at ``index``."""
+    p = next(p for p in method.params if p.name == "pivot")
+    if p.type is str:
+        return str(index)
+    return int(index)
+
+
+def layer_lambdas(report: dict[str, Any]) -> dict[str, float]:
+    """Per-layer coefficients a merge used (method report, or those the pipeline applied)."""
+    out: dict[str, float] = {}
+    mrep = report.get("method_report") or {}
+    layers = mrep.get("layers") if isinstance(mrep, dict) else None
+    if isinstance(layers, dict):
+        for name, row in layers.items():
+            if isinstance(row, dict):
+                for key in ("lambda", "coefficient", "lam"):
+                    if isinstance(row.get(key), (int, float)):
+                        out[str(name)] = float(row[key])
+                        break
+    lam = mrep.get("lambda") if isinstance(mrep, dict) else None
+    if isinstance(lam, dict):
+        out.update({str(k): float(v) for k, v in lam.items() if isinstance(v, (int, float))})
+    applied = report.get("layer_coefficients_applied") or {}
+    out.update({str(k): float(v) for k, v in applied.items()})
+    return out

@@ -1,0 +1,459 @@
+"""Item models: thin Qt adapters over plain Python data (napari ``_BaseEventedItemModel`` style).
+
+The data (:class:`ExpertEntry`, analysis rows) are plain dataclasses/dicts that tests and
+the rest of the app use without Qt; the models only translate them to roles. No tensor math
+happens here: every number shown was computed by the core on a worker thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import (
+    QAbstractTableModel,
+    QMimeData,
+    QModelIndex,
+    QPersistentModelIndex,
+    Qt,
+    Signal,
+)
+from PySide6.QtGui import QBrush, QColor
+
+CHECKPOINT_SUFFIXES = (".bin", ".safetensors", ".pt", ".pth", ".ckpt")
+_uids = itertools.count(1)
+
+Index = QModelIndex | QPersistentModelIndex
+
+
+# ----------------------------------------------------------------------------- plain data
+@dataclass
+class ExpertEntry:
+    """One input of the merge, as the user sees it (plain data, no Qt)."""
+
+    spec: str  # path or Hub id, exactly as it goes into the recipe
+    name: str
+    weight: float = 1.0
+    status: str = "loading"  # loading | ready | error
+    message: str = ""  # short status / error reason (tooltip)
+    details: str = ""  # long text for the details pane (traceback for bugs)
+    family: str = ""
+    shapes: str = ""
+    dtype: str = ""
+    size_bytes: int | None = None
+    short_hash: str = ""
+    projector: Any = None  # core Projector once loaded
+    uid: int = field(default_factory=lambda: next(_uids))
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ready" and self.projector is not None
+
+
+def human_size(n: int | None) -> str:
+    if n is None:
+        return ""
+    units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    x = float(n)
+    for u in units:
+        if x < 1024 or u == units[-1]:
+            return f"{x:.0f} {u}" if u == "B" else f"{x:.1f} {u}"
+        x /= 1024
+    return str(n)
+
+
+def describe_projector(projector: Any) -> dict[str, Any]:
+    """Row fields of a loaded projector (reads attributes only; no math)."""
+    linear = [l for l in projector.layers if l.kind == "linear"]
+    if linear:
+        dims = [int(linear[0].weight.shape[1])] + [int(l.weight.shape[0]) for l in linear]
+        shapes = " → ".join(str(d) for d in dims)
+    else:
+        shapes = ", ".join(f"{k}{list(s)}" for k, s in projector.signature())
+    return {
+        "family": projector.family,
+        "shapes": shapes,
+        "dtype": str(projector.dtype).removeprefix("torch."),
+        "size_bytes": int(projector.nbytes),
+        "short_hash": (projector.sha256 or "")[:10],
+    }
+
+
+def expand_paths(paths: Iterable[str | Path]) -> list[str]:
+    """Turn dropped files/folders into checkpoint specs.
+
+    A folder that is itself a checkpoint (HF layout, ``mm_projector.bin`` or a single weights
+    file) stays one spec. A folder of experts expands into its checkpoint files and
+    checkpoint sub-folders. Anything else is passed on unchanged, so the loader can flag it
+    with the reason instead of the app silently ignoring it.
+    """
+    out: list[str] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir() and not _is_checkpoint_dir(p):
+            found = [c for c in sorted(p.iterdir())
+                     if (c.is_file() and c.suffix in CHECKPOINT_SUFFIXES)
+                     or (c.is_dir() and _is_checkpoint_dir(c))]
+            out.extend(str(c) for c in found) if found else out.append(str(p))
+        else:
+            out.append(str(p))
+    seen: set[str] = set()
+    return [s for s in out if not (s in seen or seen.add(s))]
+
+
+def _is_checkpoint_dir(p: Path) -> bool:
+    names = {c.name for c in p.iterdir()} if p.is_dir() else set()
+    if names & {"config.json", "mm_projector.bin", "model.safetensors", "pytorch_model.bin",
+                "model.safetensors.index.json", "pytorch_model.bin.index.json"}:
+        return True
+    weights = [n for n in names if n.endswith(CHECKPOINT_SUFFIXES)]
+    return len(weights) == 1 and not any((p / n).is_dir() for n in names)
+
+
+def paths_from_mime(mime: QMimeData) -> list[str]:
+    """Local file paths carried by a drag (``text/uri-list``)."""
+    if not mime.hasUrls():
+        return []
+    return [u.toLocalFile() for u in mime.urls() if u.isLocalFile() and u.toLocalFile()]
+
+
+# ----------------------------------------------------------------------------- expert list
+class ExpertListModel(QAbstractTableModel):
+    """Table adapter over ``list[ExpertEntry]``. Lives on and is used from the GUI thread.
+
+    Columns: pivot (check), name (editable), weight (editable), family, shapes, dtype,
+    size, hash, status. Accepts ``text/uri-list`` drops and re-emits them as
+    ``paths_dropped``; any change to the list emits ``experts_changed``.
+    """
+
+    COLUMNS = ("Pivot", "Name", "Weight", "Family", "Shapes", "Dtype", "Size", "Hash", "Status")
+    PIVOT, NAME, WEIGHT, FAMILY, SHAPES, DTYPE, SIZE, HASH, STATUS = range(9)
+
+    paths_dropped = Signal(list)
+    experts_changed = Signal()
+
+    def __init__(self, parent: Any = None) -> None:
+        super().__init__(parent)
+        self._entries: list[ExpertEntry] = []
+        self.pivot_uid: int | None = None
+
+    # ------------------------------------------------------------------ plain-data API
+    @property
+    def entries(self) -> list[ExpertEntry]:
+        return list(self._entries)
+
+    def entry(self, row: int) -> ExpertEntry:
+        return self._entries[row]
+
+    def row_of(self, uid: int) -> int:
+        for i, e in enumerate(self._entries):
+            if e.uid == uid:
+                return i
+        return -1
+
+    def find(self, uid: int) -> ExpertEntry | None:
+        r = self.row_of(uid)
+        return self._entries[r] if r >= 0 else None
+
+    def add(self, entry: ExpertEntry) -> int:
+        row = len(self._entries)
+        self.beginInsertRows(QModelIndex(), row, row)
+        self._entries.append(entry)
+        self.endInsertRows()
+        self.experts_changed.emit()
+        return row
+
+    def remove_rows(self, rows: Sequence[int]) -> list[ExpertEntry]:
+        removed = []
+        for r in sorted(set(rows), reverse=True):
+            if 0 <= r < len(self._entries):
+                self.beginRemoveRows(QModelIndex(), r, r)
+                removed.append(self._entries.pop(r))
+                self.endRemoveRows()
+        if any(e.uid == self.pivot_uid for e in removed):
+            self.pivot_uid = None
+        if removed:
+            self.experts_changed.emit()
+        return removed
+
+    def clear(self) -> None:
+        self.beginResetModel()
+        self._entries.clear()
+        self.pivot_uid = None
+        self.endResetModel()
+        self.experts_changed.emit()
+
+    def move(self, row: int, delta: int) -> int:
+        """Move one row up (-1) or down (+1); returns its new row."""
+        new = row + delta
+        if not (0 <= row < len(self._entries) and 0 <= new < len(self._entries)) or delta == 0:
+            return row
+        dest = new + 1 if delta > 0 else new  # Qt's destination is "insert before"
+        if not self.beginMoveRows(QModelIndex(), row, row, QModelIndex(), dest):
+            return row
+        self._entries.insert(new, self._entries.pop(row))
+        self.endMoveRows()
+        self.experts_changed.emit()
+        return new
+
+    def set_pivot(self, uid: int | None) -> None:
+        self.pivot_uid = uid
+        if self._entries:
+            self.dataChanged.emit(self.index(0, self.PIVOT), self.index(len(self._entries) - 1, self.PIVOT))
+        self.experts_changed.emit()
+
+    def update_entry(self, uid: int, **changes: Any) -> None:
+        r = self.row_of(uid)
+        if r < 0:
+            return
+        e = self._entries[r]
+        for k, v in changes.items():
+            setattr(e, k, v)
+        self.dataChanged.emit(self.index(r, 0), self.index(r, len(self.COLUMNS) - 1))
+        if "status" in changes or "projector" in changes:
+            self.experts_changed.emit()
+
+    def ready_entries(self) -> list[ExpertEntry]:
+        return [e for e in self._entries if e.ready]
+
+    def pivot_index(self) -> int | None:
+        """Index of the pivot among the ready experts (None = automatic)."""
+        ready = self.ready_entries()
+        for i, e in enumerate(ready):
+            if e.uid == self.pivot_uid:
+                return i
+        return None
+
+    # ------------------------------------------------------------------ Qt model API
+    def rowCount(self, parent: Index = QModelIndex()) -> int:  # noqa: B008
+        return 0 if parent.isValid() else len(self._entries)
+
+    def columnCount(self, parent: Index = QModelIndex()) -> int:  # noqa: B008
+        return 0 if parent.isValid() else len(self.COLUMNS)
+
+    def headerData(self, section: int, orientation: Qt.Orientation,
+                   role: int = Qt.ItemDataRole.DisplayRole) -> Any:
+        if role == Qt.ItemDataRole.DisplayRole:
+            if orientation == Qt.Orientation.Horizontal and 0 <= section < len(self.COLUMNS):
+                return self.COLUMNS[section]
+            if orientation == Qt.Orientation.Vertical:
+                return str(section + 1)
+        if role == Qt.ItemDataRole.ToolTipRole and orientation == Qt.Orientation.Horizontal:
+            tips = {self.PIVOT: "The pivot expert: the frame of reference PivotMerge aligns to "
+                                "(unchecked everywhere = chosen automatically)",
+                    self.WEIGHT: "Per-expert weight used by the merge"}
+            return tips.get(section)
+        return None
+
+    def flags(self, index: Index) -> Qt.ItemFlag:
+        base = Qt.ItemFlag.ItemIsDropEnabled
+        if not index.isValid():
+            return base
+        f = base | Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsSelectable
+        col = index.column()
+        if col in (self.NAME, self.WEIGHT):
+            f |= Qt.ItemFlag.ItemIsEditable
+        if col == self.PIVOT:
+            f |= Qt.ItemFlag.ItemIsUserCheckable
+        return f
+
+    def data(self, index: Index, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
+        if not index.isValid() or not (0 <= index.row() < len(self._entries)):
+            return None
+        e = self._entries[index.row()]
+        col = index.column()
+        if role in (Qt.ItemDataRole.DisplayRole, Qt.ItemDataRole.EditRole):
+            if col == self.NAME:
+                return e.name
+            if col == self.WEIGHT:
+                return e.weight if role == Qt.ItemDataRole.EditRole else f"{e.weight:g}"
+            if col == self.FAMILY:
+                return e.family
+            if col == self.SHAPES:
+                return e.shapes
+            if col == self.DTYPE:
+                return e.dtype
+            if col == self.SIZE:
+                return human_size(e.size_bytes)
+            if col == self.HASH:
+                return e.short_hash
+            if col == self.STATUS:
+                return {"loading": "loading…", "ready": "ready", "error": "⚠ error"}.get(e.status, e.status)
+            return None
+        if role == Qt.ItemDataRole.CheckStateRole and col == self.PIVOT:
+            return Qt.CheckState.Checked if e.uid == self.pivot_uid else Qt.CheckState.Unchecked
+        if role == Qt.ItemDataRole.ToolTipRole:
+            if e.status == "error":
+                return e.message
+            if col == self.NAME:
+                return e.spec
+            return e.message or None
+        if role == Qt.ItemDataRole.ForegroundRole and e.status == "error":
+            return QBrush(QColor(178, 34, 34))
+        if role == Qt.ItemDataRole.TextAlignmentRole and col in (self.WEIGHT, self.SIZE):
+            return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        return None
+
+    def setData(self, index: Index, value: Any, role: int = Qt.ItemDataRole.EditRole) -> bool:
+        if not index.isValid() or not (0 <= index.row() < len(self._entries)):
+            return False
+        e = self._entries[index.row()]
+        col = index.column()
+        if col == self.PIVOT and role == Qt.ItemDataRole.CheckStateRole:
+            checked = Qt.CheckState(value) == Qt.CheckState.Checked if not isinstance(value, bool) else value
+            self.set_pivot(e.uid if checked else None)
+            return True
+        if role != Qt.ItemDataRole.EditRole:
+            return False
+        if col == self.NAME:
+            name = str(value).strip()
+            if not name:
+                return False
+            e.name = name
+        elif col == self.WEIGHT:
+            try:
+                w = float(value)
+            except (TypeError, ValueError):
+                return False
+            if not math.isfinite(w) or w < 0:
+                return False
+            e.weight = w
+        else:
+            return False
+        self.dataChanged.emit(index, index)
+        self.experts_changed.emit()
+        return True
+
+    # ------------------------------------------------------------------ drops
+    def supportedDropActions(self) -> Qt.DropAction:
+        return Qt.DropAction.CopyAction
+
+    def mimeTypes(self) -> list[str]:
+        return ["text/uri-list"]
+
+    def canDropMimeData(self, data: QMimeData, action: Qt.DropAction, row: int, column: int,
+                        parent: Index) -> bool:
+        return bool(paths_from_mime(data))
+
+    def dropMimeData(self, data: QMimeData, action: Qt.DropAction, row: int, column: int,
+                     parent: Index) -> bool:
+        paths = paths_from_mime(data)
+        if not paths:
+            return False
+        self.paths_dropped.emit(paths)
+        return True
+
+
+# ----------------------------------------------------------------------------- layer table
+class LayerTableModel(QAbstractTableModel):
+    """Read-only table adapter over ``list[dict]`` rows (``Analysis.layer_table()``).
+
+    Lives on the GUI thread. Numeric cells also expose ``BAR_ROLE``: the value scaled to
+    [0, 1] within its column, which the colour-bar delegate draws so uneven layers stand out.
+    """
+
+    BAR_ROLE = int(Qt.ItemDataRole.UserRole) + 1
+
+    def __init__(self, parent: Any = None) -> None:
+        super().__init__(parent)
+        self._rows: list[dict[str, Any]] = []
+        self._columns: list[str] = []
+        self._ranges: dict[str, tuple[float, float]] = {}
+        self.tooltips: dict[str, str] = {}
+
+    def set_rows(self, rows: Sequence[dict[str, Any]], tooltips: dict[str, str] | None = None) -> None:
+        self.beginResetModel()
+        self._rows = [dict(r) for r in rows]
+        cols: list[str] = []
+        for r in self._rows:
+            cols += [k for k in r if k not in cols]
+        self._columns = cols
+        self.tooltips = dict(tooltips or {})
+        self._ranges = {}
+        for c in cols:
+            vals = [float(r[c]) for r in self._rows if _is_number(r.get(c))]
+            vals = [v for v in vals if math.isfinite(v)]
+            if vals and len(vals) == sum(1 for r in self._rows if c in r):
+                self._ranges[c] = (min(vals), max(vals))
+        self.endResetModel()
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self._columns)
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._rows]
+
+    def rowCount(self, parent: Index = QModelIndex()) -> int:  # noqa: B008
+        return 0 if parent.isValid() else len(self._rows)
+
+    def columnCount(self, parent: Index = QModelIndex()) -> int:  # noqa: B008
+        return 0 if parent.isValid() else len(self._columns)
+
+    def headerData(self, section: int, orientation: Qt.Orientation,
+                   role: int = Qt.ItemDataRole.DisplayRole) -> Any:
+        if orientation == Qt.Orientation.Horizontal and 0 <= section < len(self._columns):
+            name = self._columns[section]
+            if role == Qt.ItemDataRole.DisplayRole:
+                return name.replace("_", " ")
+            if role == Qt.ItemDataRole.ToolTipRole:
+                return self.tooltips.get(name)
+        if orientation == Qt.Orientation.Vertical and role == Qt.ItemDataRole.DisplayRole:
+            return str(section + 1)
+        return None
+
+    def flags(self, index: Index) -> Qt.ItemFlag:
+        if not index.isValid():
+            return Qt.ItemFlag.NoItemFlags
+        return Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsSelectable
+
+    def data(self, index: Index, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
+        if not index.isValid() or not (0 <= index.row() < len(self._rows)) \
+                or not (0 <= index.column() < len(self._columns)):
+            return None
+        col = self._columns[index.column()]
+        value = self._rows[index.row()].get(col)
+        if role == Qt.ItemDataRole.DisplayRole:
+            return format_value(value)
+        if role == Qt.ItemDataRole.ToolTipRole:
+            return f"{col}: {value}"
+        if role == Qt.ItemDataRole.TextAlignmentRole and _is_number(value):
+            return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        if role == self.BAR_ROLE and col in self._ranges and _is_number(value):
+            lo, hi = self._ranges[col]
+            v = float(value)
+            if not math.isfinite(v):
+                return None
+            lo = min(lo, 0.0)
+            return 0.0 if hi <= lo else (v - lo) / (hi - lo)
+        return None
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def format_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        a = abs(value)
+        if a == 0:
+            return "0"
+        if a >= 1e4 or a < 1e-3:
+            return f"{value:.3e}"
+        return f"{value:.4g}"
+    if isinstance(value, (tuple, list)):
+        return "×".join(str(v) for v in value) if all(isinstance(v, int) for v in value) else ", ".join(format_value(v) for v in value)
+    return str(value)

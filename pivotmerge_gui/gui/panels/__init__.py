@@ -1,0 +1,1 @@
+"""Panels of the main window (widgets only; they show data computed elsewhere)."""
