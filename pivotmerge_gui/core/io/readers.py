@@ -183,7 +183,11 @@ def _plan_local(path: Path, spec: str) -> _Plan:
             ) from None
         return _plan_choice(path, choice, spec)
     if not path.exists():
+        if path.is_symlink():
+            raise CheckpointError(str(path), "broken or looping symbolic link (its target cannot be reached)")
         raise CheckpointError(str(path), "no such file or folder")
+    if not path.is_file():
+        raise CheckpointError(str(path), "not a regular file")
     name = path.name.lower()
     if name.endswith(".index.json"):
         return _plan_choice(path.parent, Choice("index", (path.name,)), spec)
@@ -254,6 +258,10 @@ def _torch_load(path: Path) -> Any:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            if not _utf8_path(p):
+                # torch's C++ reader needs a UTF-8 path; a file object works (no mmap)
+                with open(path, "rb") as fh:
+                    return torch.load(fh, map_location="cpu", weights_only=True)
             # zip checkpoints are memory-mapped: tensors we do not touch are never read.
             # Old (pre-1.6) non-zip files cannot be mapped and are read whole.
             return torch.load(p, map_location="cpu", weights_only=True, mmap=zipped)
@@ -359,6 +367,16 @@ def _read_safetensors(plan: _Plan, progress: ProgressFn | None, cancel: CancelTo
     for name, fkeys in by_file.items():
         fp = plan.base / name
         try:
+            if not _utf8_path(str(fp)):
+                # safetensors (Rust) needs a UTF-8 path: read the validated ranges ourselves
+                with open(fp, "rb") as raw:
+                    for key in fkeys:
+                        if cancel is not None:
+                            cancel.raise_if_cancelled()
+                        tensors[key] = _read_range(raw, space[key][1])
+                        done += space[key][1].nbytes
+                        _report(progress, done / total, f"read {key}")
+                continue
             with safe_open(str(fp), framework="pt", device="cpu") as fh:
                 for key in fkeys:
                     if cancel is not None:
@@ -421,6 +439,25 @@ def _read_pickle(plan: _Plan, progress: ProgressFn | None, cancel: CancelToken |
     all_keys = [f"{c}.{k}" if c else k for c, flat in candidates for k in flat]
     assert last is not None
     raise UnknownLayoutError(str(fp), all_keys, last.patterns)
+
+
+def _utf8_path(p: str) -> bool:
+    try:
+        p.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _read_range(fh: Any, entry: Any) -> torch.Tensor:
+    """One tensor from its validated byte range (little-endian, C order)."""
+    fh.seek(entry.start)
+    data = fh.read(entry.nbytes)
+    if len(data) != entry.nbytes:
+        raise CheckpointError(getattr(fh, "name", "?"), f"truncated inside tensor '{entry.name}'")
+    if not data:
+        return torch.empty(entry.shape, dtype=entry.torch_dtype)
+    return torch.frombuffer(bytearray(data), dtype=entry.torch_dtype).reshape(entry.shape)
 
 
 def _finite_warnings(projector: Projector) -> list[str]:
