@@ -223,3 +223,62 @@ def test_built_wheel_contains_resources_and_demo_kit(tmp_path: Path) -> None:
         assert rel in names, f"{rel} is missing from the wheel"
     assert "pivotmerge_gui/assets.py" in names
     assert not any(n.startswith(("tests/", "packaging/", "resources/")) for n in names)
+
+
+def _load_entry_module():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location(
+        "pivotmerge_studio_entry", REPO / "packaging" / "pivotmerge_studio_entry.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bundle_entry_runs_the_cli_under_the_pivotmerge_name(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    entry = _load_entry_module()
+    monkeypatch.setattr(sys, "argv", ["/opt/pivotmerge-studio/pivotmerge", "methods"])
+    assert entry.main() == 0
+    out = capsys.readouterr().out
+    assert "task_arithmetic" in out and "ties" in out
+
+
+def test_packaging_scripts_are_executable_and_parse() -> None:
+    for script in ("build.sh", "check_wheel.sh", "linux/install-desktop-entry.sh"):
+        path = REPO / "packaging" / script
+        assert path.stat().st_mode & 0o111, f"{script} is not executable"
+        result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+        assert result.returncode == 0, f"{script}: {result.stderr}"
+    spec_source = (REPO / "packaging" / "pivotmerge-studio.spec").read_text(encoding="utf-8")
+    compile(spec_source, "pivotmerge-studio.spec", "exec")
+    assert '"pivotmerge_gui/resources"' in spec_source
+    assert '"pivotmerge_gui/demo/artifacts"' in spec_source
+
+
+def test_install_desktop_entry_script_installs_and_removes(tmp_path: Path) -> None:
+    bundle = tmp_path / "my bundle"
+    bundle.mkdir()
+    exe = bundle / "pivotmerge-studio"
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "share")}
+    script = str(REPO / "packaging" / "linux" / "install-desktop-entry.sh")
+    subprocess.run(["bash", script, "--bundle", str(bundle)], env=env, check=True,
+                   capture_output=True)
+    share = tmp_path / "share"
+    installed = share / "applications" / "pivotmerge-studio.desktop"
+    text = installed.read_text(encoding="utf-8")
+    assert f'Exec="{exe}"' in text.splitlines()
+    assert f"TryExec={exe}" in text.splitlines()
+    for size in assets.ICON_SIZES:
+        png = share / "icons" / "hicolor" / f"{size}x{size}" / "apps" / "pivotmerge-studio.png"
+        assert _png_size(png) == (size, size)
+    assert (share / "icons/hicolor/scalable/apps/pivotmerge-studio.svg").is_file()
+    subprocess.run(["bash", script, "--uninstall"], env=env, check=True, capture_output=True)
+    assert not installed.exists()
+    assert not list((share / "icons").rglob("pivotmerge-studio.*"))
+    bad = subprocess.run(["bash", script, "--bundle", str(tmp_path)], env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "not an executable" in bad.stderr
