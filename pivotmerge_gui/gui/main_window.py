@@ -674,7 +674,7 @@ class MainWindow(QMainWindow):
         self.merge_worker = None
         self.merge_panel.set_running(False)
         self.merge_panel.save_button.setEnabled(self.merge_result is not None)
-        self._schedule_validation()
+        self.validate_now()  # the cached plan re-enables Merge at once
         self._check_idle()
 
     def set_merge_result(self, result: Any) -> None:

@@ -111,19 +111,19 @@ class ParamFormPanel(QWidget):
             for c in p.choices:
                 w.addItem(str(c), c)
             w.setCurrentIndex(list(p.choices).index(p.default) if p.default in p.choices else 0)
-            w.currentIndexChanged.connect(self.changed.emit)
+            w.currentIndexChanged.connect(self._emit)
             return w
         if p.type is bool:
             w = QCheckBox()
             w.setChecked(bool(p.default))
-            w.toggled.connect(self.changed.emit)
+            w.toggled.connect(self._emit)
             return w
         if p.type is int:
             w = QSpinBox()
             w.setRange(int(p.min) if p.min is not None else -1_000_000,
                        int(p.max) if p.max is not None else 1_000_000)
             w.setValue(int(p.default))
-            w.valueChanged.connect(self.changed.emit)
+            w.valueChanged.connect(self._emit)
             return w
         if p.type is float:
             w = QDoubleSpinBox()
@@ -134,11 +134,14 @@ class ParamFormPanel(QWidget):
             w.setDecimals(4 if span <= 10 else 3)
             w.setSingleStep(0.01 if span <= 2 else 0.1 if span <= 20 else 1.0)
             w.setValue(float(p.default))
-            w.valueChanged.connect(self.changed.emit)
+            w.valueChanged.connect(self._emit)
             return w
         w = QLineEdit(str(p.default))
-        w.textChanged.connect(self.changed.emit)
+        w.textChanged.connect(self._emit)
         return w
+
+    def _emit(self, *args: object) -> None:
+        self.changed.emit()
 
     def widget(self, name: str) -> QWidget | None:
         return self._widgets.get(name)
