@@ -265,3 +265,26 @@ def test_compute_dtype_is_respected():
     e64 = [e.to(dtype=torch.float64) for e in experts]
     out = run("tsv_m", job_for("tsv_m", e64, base.to(dtype=torch.float64), dtype=torch.float64))
     assert all(v.dtype == torch.float64 for v in out.state.values())
+
+
+def test_kth_largest_exact_with_ties():
+    from pivotmerge_gui.core.methods.common import kth_largest
+
+    g = torch.Generator().manual_seed(0)
+    for vals in (torch.rand(200_000, generator=g), torch.randn(300_000, generator=g).round(decimals=1).abs()):
+        for k in (1, 17, 40_000, vals.numel()):
+            assert kth_largest(vals, k) == vals.kthvalue(vals.numel() - k + 1).values
+
+
+def test_fused_ties_equals_reference_composition():
+    from pivotmerge_gui.core.methods.common import disjoint_mean, elect_sign, trim_top_k
+    from pivotmerge_gui.core.methods.ties import ties_merge
+
+    g = torch.Generator().manual_seed(3)
+    taus = torch.randn(4, 300, 256, generator=g).round(decimals=1)  # many exact ties and zeros
+    for method in ("sum", "count"):
+        trimmed = trim_top_k(taus, 0.3)
+        want, _ = disjoint_mean(trimmed, elect_sign(trimmed, method))
+        facts: dict = {}
+        torch.testing.assert_close(ties_merge(taus, 0.3, method, "mean", facts), want)
+        assert 0.0 < facts["sign_conflict_fraction"] < 1.0

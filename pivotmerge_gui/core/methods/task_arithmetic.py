@@ -63,7 +63,9 @@ class TaskVectorMethod(TensorMergeMethod):
         facts: dict[str, Any],
     ) -> torch.Tensor:
         ref = self.reference(tensors, base, job)
-        taus = weighted(task_vectors(tensors, ref), job.expert_weights)
+        taus = task_vectors(tensors, ref)
+        if any(w != 1.0 for w in job.expert_weights):
+            taus = weighted(taus, job.expert_weights)
         return ref + self.merge_update(name, kind, role, taus, job, gen, facts)
 
     def merge_tensor(self, name, kind, role, tensors, base, job, gen):  # type: ignore[override]

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from .base import MergeJob, Param, register
-from .common import disjoint_mean, elect_sign, sign_conflict_fraction, trim_top_k
+from .common import kth_largest
 from .task_arithmetic import TaskVectorMethod
 
 
@@ -15,19 +15,47 @@ def ties_merge(
     taus: torch.Tensor, density: float, sign_method: str, merge: str, facts: dict[str, Any] | None = None
 ) -> torch.Tensor:
     """TIES on a stack [K, ...]: keep each expert's top-``density`` magnitudes, elect a sign
-    per entry, then average ('mean', the paper's disjoint mean) or add ('sum') the entries
-    that agree with it."""
-    trimmed = trim_top_k(taus, density)
-    sign = elect_sign(trimmed, sign_method)
-    merged, agree = disjoint_mean(trimmed, sign)
-    if merge == "sum":
-        merged = (trimmed * agree).sum(0)
-    if facts is not None:
-        n = trimmed[0].numel()
-        facts["trimmed_fraction"] = round(float((trimmed == 0).sum() - (taus == 0).sum()) / (n * len(taus)), 6)
-        facts["sign_conflict_fraction"] = round(sign_conflict_fraction(trimmed), 6)
-        facts["kept_fraction"] = round(float(agree.any(0).float().mean()), 6)
-    return merged
+    per entry (sign of the total mass, or of the count of signs; 0 -> +), then average
+    ('mean', the paper's disjoint mean) or add ('sum') the entries that agree with it.
+
+    Same result as ``trim_top_k`` + ``elect_sign`` + ``disjoint_mean`` from :mod:`.common`,
+    computed one expert at a time with fused ``where`` passes: on 4 x 4096x4096 updates
+    on 2 CPU cores that is several times faster than the stacked version.
+    """
+    k_count = taus.shape[0]
+    flat = taus.reshape(k_count, -1)
+    n = flat.shape[1]
+    keep = n if density >= 1.0 else max(1, min(n, int(round(density * n))))
+    zero = flat.new_zeros(())
+    trimmed = []
+    for row in flat:
+        if keep < n:
+            mags = row.abs()
+            row = torch.where(mags >= kth_largest(mags, keep), row, zero)
+        trimmed.append(row)
+    if sign_method == "count":
+        mass = sum(torch.sign(t) for t in trimmed)
+    else:
+        mass = sum(trimmed)
+    sign = torch.where(mass >= 0, 1.0, -1.0).to(flat.dtype)
+    acc = torch.zeros_like(flat[0])
+    agreeing = torch.zeros_like(flat[0])
+    nonzero = torch.zeros_like(flat[0]) if facts is not None else None
+    for t in trimmed:
+        agree = (t * sign) > 0
+        acc += torch.where(agree, t, zero)
+        agreeing += agree
+        if nonzero is not None:
+            nonzero += t != 0
+    merged = acc / agreeing.clamp(min=1) if merge == "mean" else acc
+    if facts is not None and nonzero is not None:
+        before = int(sum(int(torch.count_nonzero(r)) for r in flat))
+        after = int(nonzero.sum())
+        facts["trimmed_fraction"] = round((before - after) / (n * k_count), 6)
+        # an entry has a sign conflict iff some kept non-zero value disagrees with the elected sign
+        facts["sign_conflict_fraction"] = round(float((agreeing < nonzero).float().mean()), 6)
+        facts["kept_fraction"] = round(float((agreeing > 0).float().mean()), 6)
+    return merged.reshape(taus.shape[1:])
 
 
 TIES_PARAMS = (
