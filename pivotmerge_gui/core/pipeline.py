@@ -78,6 +78,7 @@ def plan(
     from .io import load_projector
 
     loaded = dict(loaded or {})
+    recipe = _absolute_paths(recipe, base_dir, loaded)
     method = get_method(recipe.merge_method)
     params = method.validate_params(recipe.parameters)
     dev = resolve_device(device or recipe.device)
@@ -88,7 +89,7 @@ def plan(
             cancel.raise_if_cancelled()
         if spec in loaded:
             return loaded[spec]
-        return load_projector(resolve_spec(spec, base_dir), cancel=cancel)
+        return load_projector(spec, cancel=cancel)
 
     experts = [load(m.model) for m in recipe.models]
     names = recipe.display_names()
@@ -105,7 +106,7 @@ def plan(
         from .calibration import load_calibration
 
         calibration = load_calibration(
-            Path(resolve_spec(recipe.calibration, base_dir)), len(experts), experts[0].in_features
+            Path(recipe.calibration), len(experts), experts[0].in_features
         )
     if calibration is not None and len(calibration.features) != len(experts):
         raise RecipeError(
@@ -347,17 +348,22 @@ def save_result(
     return [proj_path, recipe_path, card_path]
 
 
-def _portable_recipe(recipe: Recipe, fmt: str) -> Recipe:
-    """The recipe as written beside an output: absolute local paths, so it runs from anywhere."""
+def _absolute_paths(recipe: Recipe, base_dir: Path | None, loaded: Mapping[str, Projector]) -> Recipe:
+    """The recipe with local paths made absolute (relative ones are relative to the recipe's
+    folder), so the copy written beside an output runs from anywhere."""
     data = recipe.model_dump()
     for m in data["models"]:
-        m["model"] = resolve_spec(m["model"], None)
-    if data.get("base_model"):
-        data["base_model"] = resolve_spec(data["base_model"], None)
+        if m["model"] not in loaded:
+            m["model"] = resolve_spec(m["model"], base_dir)
+    if data.get("base_model") and data["base_model"] not in loaded:
+        data["base_model"] = resolve_spec(data["base_model"], base_dir)
     if data.get("calibration"):
-        data["calibration"] = resolve_spec(data["calibration"], None)
-    data["output_format"] = fmt
+        data["calibration"] = resolve_spec(data["calibration"], base_dir)
     return Recipe.model_validate(data)
+
+
+def _portable_recipe(recipe: Recipe, fmt: str) -> Recipe:
+    return recipe.model_copy(update={"output_format": fmt})
 
 
 def model_card(result: MergeResult, recipe: Recipe, filename: str) -> str:
