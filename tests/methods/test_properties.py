@@ -288,3 +288,15 @@ def test_fused_ties_equals_reference_composition():
         facts: dict = {}
         torch.testing.assert_close(ties_merge(taus, 0.3, method, "mean", facts), want)
         assert 0.0 < facts["sign_conflict_fraction"] < 1.0
+
+
+def test_regmean_few_samples_path_matches_gram_formula():
+    from pivotmerge_gui.core.methods import Calibration
+
+    g = torch.Generator().manual_seed(4)
+    ws = [torch.randn(5, 9, generator=g) for _ in range(2)]
+    xs = [torch.randn(4, 9, generator=g) for _ in range(2)]  # fewer samples than inputs
+    out = run("regmean", job_for("regmean", [matrix_projector(w) for w in ws], params={"alpha": 0.6},
+                                 calibration=Calibration(xs), weights=[1.0, 2.0]))
+    grams = [c * shrink_gram(x.T @ x, 0.6) for c, x in zip((1.0, 2.0), xs)]
+    torch.testing.assert_close(out.state["0.weight"], regmean_solve(ws, grams), atol=1e-4, rtol=1e-4)

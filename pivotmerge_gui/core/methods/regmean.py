@@ -29,17 +29,42 @@ def shrink_gram(gram: torch.Tensor, alpha: float) -> torch.Tensor:
     return alpha * gram + (1.0 - alpha) * torch.diag(torch.diagonal(gram))
 
 
+def solve_normal_equations(lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """lhs^-1 rhs for a symmetric PSD ``lhs``: Cholesky when it is positive definite (the
+    usual case, ~5x cheaper than LU), least squares / pseudo-inverse when it is singular."""
+    chol, info = torch.linalg.cholesky_ex(lhs)
+    if int(info) == 0:
+        sol = torch.cholesky_solve(rhs, chol)
+        if torch.isfinite(sol).all():
+            return sol
+    sol = torch.linalg.lstsq(lhs, rhs).solution
+    if not torch.isfinite(sol).all():
+        sol = torch.linalg.pinv(lhs) @ rhs
+    return sol
+
+
 def regmean_solve(weights: list[torch.Tensor], grams: list[torch.Tensor]) -> torch.Tensor:
     """W with W^T = (sum G_k)^-1 sum G_k W_k^T (least squares; pseudo-inverse if singular)."""
     lhs = sum(grams)
     rhs = sum(g @ w.T for g, w in zip(grams, weights))
-    try:
-        sol = torch.linalg.solve(lhs, rhs)
-    except RuntimeError:  # singular Gram (e.g. alpha = 1 with fewer samples than inputs)
-        sol = torch.linalg.lstsq(lhs, rhs).solution
-    if not torch.isfinite(sol).all():
-        sol = torch.linalg.pinv(lhs) @ rhs
-    return sol.T
+    return solve_normal_equations(lhs, rhs).T
+
+
+def add_expert_terms(
+    lhs: torch.Tensor, rhs: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, alpha: float, scale: float
+) -> None:
+    """Add scale * G' and scale * G' W^T of one expert to the normal equations, in place,
+    with G' = alpha G + (1 - alpha) diag(G) and G = X^T X. When X has fewer rows than
+    columns, G' W^T is formed as alpha X^T (X W^T) + (1 - alpha) diag(G) W^T, which never
+    multiplies two d x d matrices."""
+    gram = x.T @ x
+    diag = torch.diagonal(gram).clone()
+    if x.shape[0] < x.shape[1]:
+        gw = alpha * (x.T @ (x @ weight.T)) + (1.0 - alpha) * diag.unsqueeze(1) * weight.T
+    else:
+        gw = shrink_gram(gram, alpha) @ weight.T
+    lhs += scale * shrink_gram(gram, alpha)
+    rhs += scale * gw
 
 
 @register
@@ -75,11 +100,15 @@ class RegMean(MergeMethod):
         w = job.expert_weights
         total_w = sum(w)
         names = job.expert_names or [e.source or f"expert {i}" for i, e in enumerate(job.experts)]
-        grams: list[dict[str, torch.Tensor]] = []
+        ref = job.experts[0]
+        states = [e.state() for e in job.experts]
+        # normal equations per linear layer, accumulated one expert at a time so that only
+        # one expert's layer inputs are held in memory
+        normal: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         samples: list[int] = []
         for k, (expert, feats) in enumerate(zip(job.experts, cal.features)):
             job.cancel.raise_if_cancelled()
-            yield ProgressEvent("calibrate", 0.5 * k / k_count, f"RegMean: inputs of {names[k]}")
+            yield ProgressEvent("calibrate", 0.8 * k / k_count, f"RegMean: inputs of {names[k]}")
             x = feats.to(device=job.device, dtype=job.dtype)
             if x.shape[-1] != expert.in_features:
                 raise MethodError(
@@ -88,15 +117,16 @@ class RegMean(MergeMethod):
                 )
             with torch.no_grad():
                 _, inputs = expert.forward_with_inputs(x, capture=True)
-            g: dict[str, torch.Tensor] = {}
             for layer in expert.linear_layers():
-                if layer.name in inputs:
-                    xi = inputs[layer.name].reshape(-1, inputs[layer.name].shape[-1])
-                    g[layer.name] = w[k] * shrink_gram(xi.T @ xi, alpha)
-            grams.append(g)
+                if layer.name not in inputs or layer.weight.dim() != 2:
+                    continue
+                xi = inputs[layer.name].reshape(-1, inputs[layer.name].shape[-1])
+                wk = layer.weight
+                if layer.name not in normal:
+                    normal[layer.name] = (xi.new_zeros(wk.shape[1], wk.shape[1]), xi.new_zeros(wk.shape[1], wk.shape[0]))
+                lhs, rhs = normal[layer.name]
+                add_expert_terms(lhs, rhs, xi, wk, alpha, w[k])
             samples.append(int(x.reshape(-1, x.shape[-1]).shape[0]))
-        ref = job.experts[0]
-        states = [e.state() for e in job.experts]
         out: dict[str, torch.Tensor] = {}
         solved: list[str] = []
         n_tensors = len(states[0])
@@ -105,9 +135,10 @@ class RegMean(MergeMethod):
             for role in layer.tensors:
                 key = f"{layer.name}.{role}"
                 job.cancel.raise_if_cancelled()
-                yield ProgressEvent("merge", 0.5 + 0.5 * i / n_tensors, f"RegMean: {key}")
-                if layer.kind == "linear" and role == "weight" and layer.name in grams[0]:
-                    out[key] = regmean_solve([s[key] for s in states], [g[layer.name] for g in grams])
+                yield ProgressEvent("merge", 0.8 + 0.2 * i / n_tensors, f"RegMean: {key}")
+                if layer.kind == "linear" and role == "weight" and layer.name in normal:
+                    lhs, rhs = normal[layer.name]
+                    out[key] = solve_normal_equations(lhs, rhs).T.contiguous()
                     solved.append(key)
                 else:
                     out[key] = sum(wk * s[key] for wk, s in zip(w, states)) / total_w
