@@ -374,3 +374,14 @@ def test_permission_denied_is_a_checkpoint_error(tmp_path, monkeypatch, case_id)
     with pytest.raises(CheckpointError, match="cannot read file: Permission denied") as err:
         load_projector(path)
     assert str(path) in str(err.value)
+
+
+def test_overlap_hidden_behind_an_empty_tensor(tmp_path):
+    header = {
+        "multi_modal_projector.linear_1.weight": {"dtype": "F32", "shape": [5, 5], "data_offsets": [0, 100]},
+        "multi_modal_projector.linear_1.bias": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]},
+        "multi_modal_projector.linear_2.bias": {"dtype": "F32", "shape": [5], "data_offsets": [50, 70]},
+    }
+    path = _raw_safetensors(tmp_path / "model.safetensors", header, b"\0" * 100)
+    with pytest.raises(CheckpointError, match="linear_1.weight' and '.*linear_2.bias' overlap"):
+        read_header(path)

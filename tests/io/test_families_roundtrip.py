@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pivotmerge_gui.core.io import detect_family, inspect_checkpoint, load_projector, write_projector
+from pivotmerge_gui.core.io import (
+    detect_family,
+    inspect_checkpoint,
+    load_projector,
+    write_projector,
+)
 from pivotmerge_gui.core.io.families import FAMILIES
 
 from .cases import CASES, Case
@@ -77,7 +82,7 @@ def test_detect_family_from_keys_and_inspect(case: Case, tmp_path):
 
 def test_llava_bf16_dtype_kept_and_llava_loader_accepts(tmp_path):
     case = next(c for c in CASES if c.id == "llava-mlp2x")
-    module, state, path = case.save(tmp_path / "in", dtype=torch.bfloat16)
+    _, state, path = case.save(tmp_path / "in", dtype=torch.bfloat16)
     p = load_projector(path)
     assert p.dtype == torch.bfloat16
     out = write_projector(p, tmp_path / "out")

@@ -20,7 +20,12 @@ transformers = pytest.importorskip("transformers")
 def tiny_llava():
     """Random LlavaForConditionalGeneration from configs (no download): text hidden 32,
     vision hidden 16 (so a transposed projector cannot load), image 8x8, patch 2."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     vc = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                           image_size=8, patch_size=2, projection_dim=16)

@@ -12,9 +12,26 @@ Public API (used by the pipeline, the CLI and the GUI)::
 """
 
 from .atomic import atomic_path, atomic_write, atomic_write_bytes, atomic_write_text, check_writable
-from .families import FAMILIES, FAMILY_BY_NAME, FamilySpec, ModuleSpec, PartSpec, build_projector, detect_family, family_of, pretty_family
+from .families import (
+    FAMILIES,
+    FAMILY_BY_NAME,
+    FamilySpec,
+    ModuleSpec,
+    PartSpec,
+    build_projector,
+    detect_family,
+    family_of,
+    pretty_family,
+)
 from .hub import resolve_hub
-from .readers import CheckpointInfo, inspect_checkpoint, load_projector, parse_hub_id, sha256_file, tensor_digest
+from .readers import (
+    CheckpointInfo,
+    inspect_checkpoint,
+    load_projector,
+    parse_hub_id,
+    sha256_file,
+    tensor_digest,
+)
 from .writers import FORMATS, hf_llava_state, output_filename, write_projector
 
 __all__ = [

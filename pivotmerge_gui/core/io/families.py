@@ -341,9 +341,8 @@ def _complete(match: _Match) -> bool:
         present.add(module.label)
     if any(m.required and m.label not in present for m in spec.modules):
         return False
-    if spec.requires_any and not present.intersection(spec.requires_any):
-        return False
-    return True
+    # e.g. LLaVA-NeXT needs a res block or an image_newline to differ from plain LLaVA
+    return not spec.requires_any or bool(present.intersection(spec.requires_any))
 
 
 def detect_family(keys: Iterable[str], path: str = "<keys>") -> tuple[FamilySpec, str]:
@@ -375,7 +374,7 @@ def _detect(keys: list[str], path: str) -> _Match:
             unique.append(w)
     if len(unique) > 1:
         described = "; ".join(
-            f"{u.family.pretty} under prefix '{u.prefix}' ({len(u.keys)} tensors, e.g. {sorted(u.keys)[0]})"
+            f"{u.family.pretty} under prefix '{u.prefix}' ({len(u.keys)} tensors, e.g. {min(u.keys)})"
             for u in unique
         )
         raise CheckpointError(

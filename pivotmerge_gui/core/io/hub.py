@@ -89,7 +89,7 @@ def _hub_error(spec: str, repo: str, revision: str | None, filename: str | None,
 
     what = f"'{filename}' of {repo}" if filename else repo
     rev = f" at revision '{revision}'" if revision else ""
-    if isinstance(exc, e.LocalEntryNotFoundError) or isinstance(exc, e.OfflineModeIsEnabled):
+    if isinstance(exc, (e.LocalEntryNotFoundError, e.OfflineModeIsEnabled)):
         if hub_offline():
             return HubError(
                 spec,

@@ -19,6 +19,7 @@ nothing else (``mm_projector.bin``, a projector-only ``model.safetensors``); oth
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -68,7 +69,7 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def _digest_update(h: Any, key: str, dtype: str, shape: Iterable[int], data: bytes | memoryview) -> None:
+def _digest_update(h: Any, key: str, dtype: str, shape: Iterable[int], data: Any) -> None:
     h.update(key.encode("utf-8") + b"\0" + dtype.encode() + b"\0" + ",".join(map(str, shape)).encode() + b"\0")
     h.update(data)
 
@@ -81,7 +82,8 @@ def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     for key in sorted(tensors):
         t = tensors[key].detach().cpu().contiguous()
         name = TORCH_TO_ST.get(t.dtype, str(t.dtype))
-        _digest_update(h, key, name, t.shape, t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        # a uint8 numpy view exposes the tensor's bytes to hashlib without a copy
+        _digest_update(h, key, name, t.shape, t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
@@ -381,7 +383,9 @@ def _read_safetensors(plan: _Plan, progress: ProgressFn | None, cancel: CancelTo
                 for key in fkeys:
                     if cancel is not None:
                         cancel.raise_if_cancelled()
-                    tensors[key] = fh.get_tensor(key)
+                    # get_tensor returns a view of the file's memory map: copy it, so the
+                    # projector does not change (or pin the file) if the file is rewritten
+                    tensors[key] = fh.get_tensor(key).clone()
                     done += space[key][1].nbytes
                     _report(progress, done / total, f"read {key}")
         except CheckpointError:
@@ -571,21 +575,21 @@ def _features(lay: dict, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int | N
 def _raw_digest(plan: _Plan, space: Mapping[str, tuple[str, Any]], keys: Iterable[str]) -> str:
     """:func:`tensor_digest` computed from the raw bytes on disk (no tensor is built)."""
     h = hashlib.sha256()
-    handles: dict[str, Any] = {}
     try:
-        for key in sorted(keys):
-            name, entry = space[key]
-            fh = handles.get(name) or handles.setdefault(name, open(plan.base / name, "rb"))
-            fh.seek(entry.start)
-            data = fh.read(entry.nbytes)
-            if len(data) != entry.nbytes:
-                raise CheckpointError(str(plan.base / name), f"truncated inside tensor '{key}'")
-            _digest_update(h, key, entry.dtype, entry.shape, data)
+        with contextlib.ExitStack() as stack:
+            handles: dict[str, Any] = {}
+            for key in sorted(keys):
+                name, entry = space[key]
+                if name not in handles:
+                    handles[name] = stack.enter_context(open(plan.base / name, "rb"))
+                fh = handles[name]
+                fh.seek(entry.start)
+                data = fh.read(entry.nbytes)
+                if len(data) != entry.nbytes:
+                    raise CheckpointError(str(plan.base / name), f"truncated inside tensor '{key}'")
+                _digest_update(h, key, entry.dtype, entry.shape, data)
     except OSError as exc:
         raise CheckpointError(str(plan.base), f"cannot read file: {exc.strerror or exc}") from exc
-    finally:
-        for fh in handles.values():
-            fh.close()
     return h.hexdigest()
 
 

@@ -146,10 +146,17 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
                 p, f"tensor '{name}': {dtype}{shape} needs {expected:g} bytes but data_offsets span {end - begin}"
             )
         entries[name] = TensorEntry(name, dtype, tuple(shape), data_start + begin, data_start + end)
-    ordered = sorted(entries.values(), key=lambda e: (e.start, e.end))
-    for a, b in zip(ordered, ordered[1:]):
-        if b.start < a.end and a.nbytes and b.nbytes:
-            raise CheckpointError(p, f"tensors '{a.name}' and '{b.name}' overlap in the data area")
+    # sweep in start order, remembering the tensor that reaches furthest: any later
+    # tensor starting before that end overlaps it (neighbour checks alone miss cases
+    # like [0, 100], [0, 0], [50, 60])
+    furthest: TensorEntry | None = None
+    for e in sorted(entries.values(), key=lambda e: (e.start, e.end)):
+        if not e.nbytes:
+            continue
+        if furthest is not None and e.start < furthest.end:
+            raise CheckpointError(p, f"tensors '{furthest.name}' and '{e.name}' overlap in the data area")
+        if furthest is None or e.end > furthest.end:
+            furthest = e
     return SafetensorsHeader(p, n, size, entries, dict(meta))
 
 

@@ -182,4 +182,4 @@ def write_projector(
     return atomic_write(target, writer, protected=list(protected) + list(projector.files), overwrite=overwrite)
 
 
-__all__ = ["FORMATS", "FAMILY_BY_NAME", "hf_llava_state", "output_filename", "write_projector"]
+__all__ = ["FAMILY_BY_NAME", "FORMATS", "hf_llava_state", "output_filename", "write_projector"]
