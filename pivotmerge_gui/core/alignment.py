@@ -107,8 +107,9 @@ class AlignmentInfo:
         return float(np.mean([p.similarity_after for p in self.pairs])) if self.pairs else 1.0
 
     def to_dict(self, max_permutation_len: int = 64) -> dict[str, Any]:
-        """JSON-able summary; permutations longer than ``max_permutation_len`` are left out
-        (a 4096-entry list helps nobody in a report; the object keeps them)."""
+        """JSON-able summary; identity permutations and those longer than
+        ``max_permutation_len`` are left out (a 4096-entry list helps nobody in a report; the
+        object keeps them)."""
         return {
             "is_identity": self.is_identity,
             "fraction_moved": round(self.fraction_moved, 6),
@@ -116,7 +117,7 @@ class AlignmentInfo:
             "similarity_after": round(self.similarity_after, 6),
             "sweeps": self.sweeps,
             "pairs": [
-                p.to_dict(include_permutation=len(p.permutation) <= max_permutation_len)
+                p.to_dict(include_permutation=not p.is_identity and len(p.permutation) <= max_permutation_len)
                 for p in self.pairs
             ],
         }

@@ -1,0 +1,690 @@
+"""PivotMerge: post-alignment merging of multimodal projectors (this project's reading).
+
+Only the abstract of "PivotMerge: Bridging Heterogeneous Multimodal Pre-training via
+Post-Alignment Model Merging" (arXiv 2604.22823) is public. It names two problems
+(cross-domain parameter interference; layer-wise alignment contribution disparity) and two
+components (Shared-space Decomposition and Filtering, SDF; Alignment-guided Layer-wise
+Merging, ALM). Everything concrete below is the project's documented reading
+(``shared/design/PIVOTMERGE.md``), every stage a toggle so ablations can be measured:
+
+1. **Pivot** (user choice or automatic) and **hidden-unit alignment** of every expert to
+   the pivot (:mod:`..alignment`, exactly function preserving). Reference point: the
+   shared init (``base``) when given, else the mean of the pivot-aligned experts.
+2. **SDF** per 2-D weight: shared subspace ``U_s``/``V_s`` = top-r eigenvectors of
+   ``sum_k tau_k tau_k^T`` and ``sum_k tau_k^T tau_k`` (exact Gram + eigh for small layers,
+   randomized subspace iteration for large ones; never a full SVD of the concatenation),
+   r = smallest rank holding ``shared_energy`` of the trace (max over the two sides),
+   capped by ``max_rank``. Coordinates ``C_k = U_s^T tau_k V_s`` are filtered TIES-style
+   (optional magnitude trim, sign election by total mass, drop disagreeing entries,
+   disjoint mean). Residuals ``R_k = tau_k - U_s C_k V_s^T`` keep their top
+   ``residual_rank`` directions; they are combined by an *overlap-normalised sum*
+   ``Q_U^{-1/2} (sum_k P_k) Q_V^{-1/2}`` (``Q_U = sum_k U_k U_k^T`` with eigenvalues below 1
+   left alone), so identical residuals are averaged and mutually orthogonal (complementary)
+   ones are summed. 1-D tensors: sign-elected disjoint mean.
+3. **ALM**: ``theta_l = ref_l + lambda_l * tau*_l``. Data-driven (calibration features per
+   domain): Levenberg-Marquardt on the few lambdas minimising
+   ``sum_k w_k E_{x in D_k} ||f_merged(x) - f_k(x)||^2`` (forward-mode derivatives; every
+   accepted step lowers the objective, so it never ends above its start at lambda = 1).
+   Data-free: ``lambda_l = 1 + e_l (rho_l - 1)`` with ``rho_l`` = expert-typical update norm
+   / merged update norm (clipped to [1, K]: only what cancellation removed is restored)
+   and ``e_l`` the layer's shared-energy fraction (energy of the task vectors inside the
+   shared subspace; without SDF the energy of the sign-agreeing entries).
+   ``scale`` multiplies every lambda; user ``layer_coefficients`` replace a layer's final
+   coefficient.
+
+With every stage off (no alignment, no SDF, no filtering, ALM off, scale 1) the method is
+the weight average (reference + mean of the task vectors); ``scale`` then gives Task
+Arithmetic with the mean task vector.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Generator, Sequence
+from typing import Any
+
+import torch
+
+from ..alignment import AlignmentInfo, align_to_pivot, identity_info
+from ..errors import MethodError, ParameterError
+from ..progress import ProgressEvent
+from ..projector import Projector, mean_projector
+from .base import MergeJob, MergeMethod, MergeOutput, Param, register
+
+EXACT_GRAM_LIMIT = 1024  # Gram + eigh when the larger side is at most this
+OVERSAMPLE = 16
+POWER_ITERS = 1
+_FIXED_SEED = 20260422  # sketches are seed-independent: same inputs -> same merge
+
+
+# =============================================================================== helpers
+def _gen(salt: int) -> torch.Generator:
+    return torch.Generator().manual_seed(_FIXED_SEED + salt)
+
+
+def _randn(shape: Sequence[int], salt: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Gaussian test matrix drawn on the CPU (same numbers on every device)."""
+    return torch.randn(*shape, generator=_gen(salt)).to(device=device, dtype=dtype)
+
+
+def _bf16_fast(device: torch.device) -> bool:
+    from ..alignment import _bf16_is_fast
+
+    return _bf16_is_fast(device.type)
+
+
+def elect_and_merge(
+    stack: torch.Tensor, weights: torch.Tensor, *, filter_conflicts: bool, trim_density: float = 1.0
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Merge ``stack`` [K, ...] of updates entry-wise.
+
+    ``filter_conflicts``: sign election by total (weighted) mass, entries that disagree are
+    dropped, the agreeing ones averaged (weighted disjoint mean). Where the mass is zero up to
+    rounding (e.g. updates measured from the experts' own mean sum to zero) the majority
+    sign is used instead, and an exact tie drops the entry (no update). Without filtering:
+    weighted mean. ``trim_density`` < 1 first keeps only the largest-magnitude fraction of
+    each stack[k] (TIES trim).
+
+    Returns (merged, stats) with ``conflict_fraction`` (share of nonzero entries dropped as
+    conflicting), ``trimmed_fraction`` and ``agree_energy`` (share of the update energy in
+    entries that agree with the elected sign)."""
+    k = stack.shape[0]
+    w = weights.to(stack.dtype).view(k, *([1] * (stack.dim() - 1)))
+    stats: dict[str, float] = {"conflict_fraction": 0.0, "trimmed_fraction": 0.0}
+    if trim_density < 1.0:
+        from .common import trim_top_k
+
+        before = (stack != 0).sum()
+        stack = trim_top_k(stack, trim_density)
+        after = (stack != 0).sum()
+        stats["trimmed_fraction"] = float(1.0 - after / before.clamp(min=1))
+    ws = stack * w
+    mass = ws.sum(0)
+    scale = ws.abs().sum(0)
+    count = (torch.sign(stack) * w).sum(0)
+    degenerate = mass.abs() <= 1e-5 * scale
+    sign = torch.where(degenerate, torch.sign(count), torch.sign(mass))
+    nonzero = stack != 0
+    agree = nonzero & (torch.sign(stack) == sign.unsqueeze(0))
+    energy = stack.pow(2).sum()
+    stats["agree_energy"] = float((stack.pow(2) * agree).sum() / energy) if energy > 0 else 1.0
+    n_nonzero = nonzero.sum()
+    stats["conflict_fraction"] = (
+        float((nonzero & ~agree).sum() / n_nonzero) if n_nonzero > 0 else 0.0
+    )
+    if not filter_conflicts:
+        return ws.sum(0) / w.sum(), stats
+    wa = w * agree
+    merged = (ws * agree).sum(0) / wa.sum(0).clamp(min=1e-12)
+    return merged, stats
+
+
+def _eigh_desc(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    vals, vecs = torch.linalg.eigh((g + g.transpose(-1, -2)) / 2)
+    return vals.flip(0).clamp(min=0.0), vecs.flip(1)
+
+
+def _orth(y: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(y.float(), mode="reduced")[0]
+
+
+def _sketch_side(
+    t: torch.Tensor, p: int, salt: int, power_iters: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-p eigenpairs of A = sum_k tau_k tau_k^T (``t`` = taus [K, m, n], possibly a bf16
+    copy or a transposed view) by randomized subspace iteration on M = [tau_1 ... tau_K]
+    (Halko et al. 2011). Returns (eigenvalues desc, eigenvectors [m, p]); the big products
+    run in ``t``'s dtype, QR and the small eigenproblem in fp32/fp64."""
+    k, m, n = t.shape
+    omega = _randn((k, n, p), salt, t.device, t.dtype)
+    # explicit (batched) matmuls: einsum would copy the transposed 4096x4096 stacks
+    q = _orth(torch.matmul(t, omega).float().sum(0))
+    for _ in range(power_iters):
+        z = torch.matmul(t.transpose(1, 2), q.to(t.dtype))  # [K, n, p]
+        q = _orth(torch.matmul(t, z).float().sum(0))
+    b = torch.matmul(q.t().to(t.dtype), t).float()  # [K, p, n]
+    h = torch.matmul(b, b.transpose(1, 2)).sum(0)
+    vals, w = _eigh_desc(h.double())
+    return vals.float(), q @ w.float()
+
+
+def _rank_for(vals: torch.Tensor, total: float, energy: float) -> int:
+    if total <= 0:
+        return 0
+    cum = torch.cumsum(vals, 0) / total
+    hit = (cum >= energy - 1e-9).nonzero()
+    return int(hit[0]) + 1 if hit.numel() else int(vals.numel())
+
+
+def shared_subspace(
+    taus: torch.Tensor, energy: float, max_rank: int, *, salt: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Shared bases of the updates ``taus`` [K, m, n] (fp32).
+
+    U_s: top-r eigenvectors of ``sum tau tau^T``; V_s: of ``sum tau^T tau``; r = the
+    smallest rank whose eigenvalues hold ``energy`` of the trace on either side (the larger
+    of the two), capped by ``max_rank`` (0 = no cap). Small layers use the exact Gram
+    matrices; large ones randomized subspace iteration with ``max_rank + 16`` columns
+    (bf16 products where they are fast; the subspace is approximate, everything computed
+    from it afterwards is exact)."""
+    k, m, n = taus.shape
+    total = float(torch.linalg.vector_norm(taus)) ** 2
+    cap = min(m, n) if max_rank <= 0 else min(max_rank, m, n)
+    info: dict[str, Any] = {"method": "exact-gram"}
+    if total == 0.0:
+        z = taus.new_zeros
+        return z(m, 0), z(n, 0), {"method": "zero", "rank": 0, "rank_u": 0, "rank_v": 0,
+                                  "energy_u": 1.0, "energy_v": 1.0, "spectrum": []}
+    if max(m, n) <= EXACT_GRAM_LIMIT:
+        a = torch.matmul(taus, taus.transpose(1, 2)).sum(0)
+        b = torch.matmul(taus.transpose(1, 2), taus).sum(0)
+        va, ua = _eigh_desc(a)
+        vb, ub = _eigh_desc(b)
+    else:
+        big = m * n * k >= 2**22
+        mm_dtype = torch.bfloat16 if big and _bf16_fast(taus.device) else torch.float32
+        p = min(cap + OVERSAMPLE, min(m, n)) if max_rank > 0 else min(256, min(m, n))
+        t = taus.to(mm_dtype)
+        while True:
+            va, ua = _sketch_side(t, p, salt * 2, POWER_ITERS)
+            vb, ub = _sketch_side(t.transpose(1, 2), p, salt * 2 + 1, POWER_ITERS)
+            reached = _rank_for(va, total, energy) < p - OVERSAMPLE // 2 or p >= min(m, n)
+            if max_rank > 0 or reached:
+                break
+            p = min(2 * p, min(m, n))
+        info = {"method": f"randomized-{str(mm_dtype).replace('torch.', '')}", "sketch": p}
+    r_u = min(_rank_for(va, total, energy), cap)
+    r_v = min(_rank_for(vb, total, energy), cap)
+    r = max(1, max(r_u, r_v))
+    r = min(r, cap, ua.shape[1], ub.shape[1])
+    info.update(
+        rank=r, rank_u=r_u, rank_v=r_v,
+        energy_u=float(va[:r].sum() / total), energy_v=float(vb[:r].sum() / total),
+        spectrum=[float(v / total) for v in va[: min(64, va.numel())]],
+    )
+    return ua[:, :r].contiguous(), ub[:, :r].contiguous(), info
+
+
+def _residual_lowrank(
+    tau: torch.Tensor, u: torch.Tensor, c: torch.Tensor, v: torch.Tensor, rank: int, salt: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` SVD factors of R = tau - U C V^T without forming R (randomized, fp32)."""
+    m, n = tau.shape
+    rank = min(rank, m, n)
+
+    def r_mul(x: torch.Tensor) -> torch.Tensor:  # R @ x
+        return tau @ x - u @ (c @ (v.t() @ x))
+
+    def rt_mul(y: torch.Tensor) -> torch.Tensor:  # R^T @ y
+        return tau.t() @ y - v @ (c.t() @ (u.t() @ y))
+
+    if max(m, n) <= EXACT_GRAM_LIMIT // 2:
+        res = tau - u @ c @ v.t()
+        uu, ss, vh = torch.linalg.svd(res, full_matrices=False)
+        return uu[:, :rank], ss[:rank], vh[:rank].t()
+    p = min(rank + 8, m, n)
+    q = _orth(r_mul(_randn((n, p), salt, tau.device, torch.float32)))
+    q = _orth(r_mul(rt_mul(q)))
+    bt = rt_mul(q)  # [n, p] = (Q^T R)^T
+    ub, s, vh = torch.linalg.svd(bt.t(), full_matrices=False)
+    return (q @ ub)[:, :rank], s[:rank], vh[:rank].t()
+
+
+def overlap_normalised_sum(
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """Combine low-rank pieces P_k = U_k diag(s_k) V_k^T into one update.
+
+    Returns ``Q_U^{-1/2} (sum_k P_k) Q_V^{-1/2}`` with ``Q_U = sum_k U_k U_k^T`` whose
+    eigenvalues are floored at 1 (likewise Q_V). Identical pieces come out averaged,
+    mutually orthogonal pieces summed; nearly-equal pieces are averaged along their common
+    directions and their small differences kept unscaled (no blow-up, unlike a polar
+    factor of a near-singular stack)."""
+    ucat = torch.cat([f[0] for f in factors], 1)
+    scat = torch.cat([f[1] for f in factors], 0)
+    vcat = torch.cat([f[2] for f in factors], 1)
+
+    def normalise(x: torch.Tensor) -> torch.Tensor:
+        a, s, bh = torch.linalg.svd(x, full_matrices=False)
+        g = s / s.pow(2).clamp(min=1.0).sqrt()
+        return (a * g) @ bh
+
+    return (normalise(ucat) * scat) @ normalise(vcat).t()
+
+
+# =============================================================================== method
+_ALM_CHOICES = ("auto", "data", "data-free", "off")
+
+
+@register
+class PivotMerge(MergeMethod):
+    name = "pivotmerge"
+    pretty_name = "PivotMerge"
+    reference_url = "https://arxiv.org/abs/2604.22823"
+    description = (
+        "Post-alignment merging of projectors: pick a pivot expert, align every expert's "
+        "hidden units to it, split the task vectors into a shared subspace (filtered for "
+        "sign conflicts) plus per-domain residuals (SDF), then rescale each layer (ALM: "
+        "fitted on calibration features when given, else data-free). Only the paper's "
+        "abstract is public: this is the project's documented reading of it "
+        "(see PIVOTMERGE.md), every stage a toggle."
+    )
+    uses_base = True
+    uses_calibration = True
+    handles_layer_coefficients = True
+    params = (
+        Param("pivot", int, -1, "Pivot expert index (0-based); -1 = automatic: with calibration "
+              "data the expert whose outputs best match every domain's expert on its own "
+              "domain, else the medoid (largest mean cosine similarity after alignment).",
+              min=-1, max=1024),
+        Param("align_hidden_units", bool, True, "Permute each expert's hidden units to match the "
+              "pivot (weight matching; exactly function preserving). Needed when experts come "
+              "from different random inits; a no-op (identity) when they share one."),
+        Param("sdf", bool, True, "Shared-space Decomposition and Filtering: merge 2-D weights in "
+              "the shared subspace of all task vectors plus per-domain residuals. Off: merge "
+              "entry-wise."),
+        Param("shared_energy", float, 0.9, "Fraction of the task vectors' energy the shared "
+              "subspace must hold (chooses its rank r per layer).", min=0.05, max=1.0),
+        Param("max_rank", int, 256, "Upper bound on the shared rank r per layer (0 = no cap; "
+              "large layers then cost more).", min=0, max=65536, advanced=True),
+        Param("filter_conflicts", bool, True, "Elect a sign per coordinate by total mass, drop "
+              "the entries that disagree and average the rest (disjoint mean). Off: plain mean."),
+        Param("trim_density", float, 1.0, "Keep only this fraction of each expert's "
+              "largest-magnitude coordinates before sign election (1.0 = no trim).",
+              min=0.01, max=1.0, advanced=True),
+        Param("residuals", bool, True, "Keep each domain's complementary knowledge outside the "
+              "shared subspace (top residual directions)."),
+        Param("residual_rank", int, 16, "Residual directions kept per expert and layer.",
+              min=1, max=4096, advanced=True),
+        Param("residual_weight", float, 1.0, "Weight of the merged residuals.", min=0.0, max=4.0),
+        Param("alm", str, "auto", "Alignment-guided Layer-wise Merging: 'data' fits one "
+              "coefficient per layer on the calibration features, 'data-free' rescales each "
+              "layer to restore the update magnitude lost to cancellation, 'auto' = data when "
+              "calibration is given else data-free, 'off' = every coefficient is 1.",
+              choices=_ALM_CHOICES),
+        Param("alm_tokens", int, 256, "Calibration tokens per domain used by data-driven ALM and "
+              "by the automatic pivot (evenly spaced subsample).", min=8, max=100000,
+              advanced=True),
+        Param("scale", float, 1.0, "Global multiplier on every layer coefficient.", min=0.0,
+              max=4.0, is_scale=True),
+    )
+
+    # --------------------------------------------------------------------- merge
+    def merge(self, job: MergeJob) -> Generator[ProgressEvent, None, MergeOutput]:
+        t_start = time.perf_counter()
+        prm = {**self.defaults(), **job.params}
+        experts = job.experts
+        k_exp = len(experts)
+        names = list(job.expert_names or [e.source or f"expert {i}" for i, e in enumerate(experts)])
+        weights = torch.tensor(job.expert_weights, dtype=torch.float32, device=job.device)
+        if (weights < 0).any() or float(weights.sum()) <= 0:
+            raise ParameterError(self.name, "weight", "expert weights must be >= 0 with a positive sum")
+        weights = weights * (k_exp / weights.sum())  # mean 1: weights are relative
+        cal = job.calibration
+        alm_mode = prm["alm"]
+        if alm_mode == "auto":
+            alm_mode = "data" if cal is not None else "data-free"
+        if alm_mode == "data" and cal is None:
+            raise MethodError("pivotmerge: alm='data' needs calibration features; set alm to "
+                              "'data-free' or provide calibration data")
+        if cal is not None and len(cal.features) != k_exp:
+            raise MethodError(f"pivotmerge: calibration has {len(cal.features)} domains but there "
+                              f"are {k_exp} experts (one feature set per expert's domain)")
+        timings: dict[str, float] = {}
+        report: dict[str, Any] = {
+            "stages": {
+                "align_hidden_units": prm["align_hidden_units"], "sdf": prm["sdf"],
+                "filter_conflicts": prm["filter_conflicts"], "residuals": prm["residuals"] and prm["sdf"],
+                "alm": alm_mode,
+            },
+            "warnings": [],
+        }
+        cal_x, cal_y = self._calibration_batches(job, prm["alm_tokens"]) if cal is not None else (None, None)
+
+        # ------------------------------------------------------------- 1. pivot + align
+        t0 = time.perf_counter()
+        job.cancel.raise_if_cancelled()
+        yield ProgressEvent("pivot", 0.0, "PivotMerge: choosing the pivot")
+        aligned = list(experts)
+        infos: list[AlignmentInfo] = [identity_info(e) for e in experts]
+        pivot = int(prm["pivot"])
+        pivot_scores: list[float] | None = None
+        if pivot >= k_exp:
+            raise ParameterError(self.name, "pivot", f"{pivot} is not an expert index (0..{k_exp - 1})")
+        has_pairs = bool(experts[0].hidden_pairs())
+        do_align = bool(prm["align_hidden_units"]) and has_pairs
+        aligned_done = False
+        if pivot >= 0:
+            chosen_by = "user"
+        elif cal_x is not None:
+            chosen_by = "calibration: best mean alignment score over all domains"
+            pivot_scores = self._calibration_scores(experts, cal_x, cal_y)
+            pivot = int(torch.tensor(pivot_scores).argmax())
+        else:
+            chosen_by = "medoid: largest mean cosine similarity" + (" after alignment" if do_align else "")
+            if do_align:
+                # provisional frame: expert 0; re-aligned to the medoid only if that changes it
+                for ev in self._align(job, experts, 0, aligned, infos, 0.02, 0.15):
+                    yield ev
+            pivot_scores = self._medoid_scores(aligned)
+            pivot = int(torch.tensor(pivot_scores).argmax())
+            if do_align and (pivot == 0 or all(inf.is_identity for inf in infos)):
+                aligned_done = True  # every expert already sits in the pivot's frame
+                infos[pivot] = identity_info(experts[pivot])
+            else:
+                aligned = list(experts)
+                infos = [identity_info(e) for e in experts]
+        report["pivot"] = {"index": pivot, "name": names[pivot], "chosen_by": chosen_by,
+                           "scores": [round(s, 6) for s in pivot_scores] if pivot_scores else None}
+        yield ProgressEvent("pivot", 0.16, f"PivotMerge: pivot = {names[pivot]} ({chosen_by})")
+        if do_align and not aligned_done:
+            for ev in self._align(job, experts, pivot, aligned, infos, 0.16, 0.3):
+                yield ev
+        report["alignment"] = [
+            {"expert": names[i], "aligned": do_align, **infos[i].to_dict()}
+            for i in range(k_exp)
+        ]
+        timings["pivot_and_alignment_s"] = time.perf_counter() - t0
+
+        # ------------------------------------------------------------- reference
+        job.cancel.raise_if_cancelled()
+        if job.base is not None:
+            ref = job.base
+            report["reference"] = "base (shared init)"
+            moved = [names[i] for i in range(k_exp) if not infos[i].is_identity]
+            if moved:
+                report["warnings"].append(
+                    "experts " + ", ".join(moved) + " needed a hidden-unit permutation to match the "
+                    "pivot: they may not share the base's init, so their task vectors relative to "
+                    "the base can be meaningless; consider merging without a base")
+        else:
+            ref = mean_projector(aligned).to(job.device, job.dtype)
+            report["reference"] = "mean of the pivot-aligned experts (no shared init given)"
+        yield ProgressEvent("reference", 0.31, f"PivotMerge: reference = {report['reference']}")
+
+        # ------------------------------------------------------------- 2. SDF per tensor
+        t0 = time.perf_counter()
+        ref_state = ref.state()
+        states = [a.state() for a in aligned]
+        keys = list(ref_state)
+        tau_star: dict[str, torch.Tensor] = {}
+        layer_reports: list[dict[str, Any]] = []
+        layer_energy: dict[str, list[tuple[float, float]]] = {}  # layer -> [(energy, weight)]
+        typical_sq: dict[str, float] = {}
+        merged_sq: dict[str, float] = {}
+        for ti, key in enumerate(keys):
+            job.cancel.raise_if_cancelled()
+            lname, role = key.rsplit(".", 1)
+            yield ProgressEvent("sdf", 0.32 + 0.5 * ti / len(keys), f"PivotMerge: merging {key}")
+            r0 = ref_state[key].to(job.dtype)
+            taus = torch.stack([s[key].to(job.dtype) - r0 for s in states])
+            t32 = taus.float()
+            tnorm2 = t32.pow(2).flatten(1).sum(1)
+            typical_sq[lname] = typical_sq.get(lname, 0.0) + float((tnorm2 * weights).sum() / k_exp)
+            entry: dict[str, Any] = {"tensor": key, "shape": list(r0.shape)}
+            if r0.dim() == 2 and prm["sdf"] and min(r0.shape) > 1:
+                merged, st = self._sdf_tensor(t32, weights, prm, ti)
+                entry.update(st)
+                e = st["shared_energy"]
+            else:
+                merged, st = elect_and_merge(t32, weights, filter_conflicts=prm["filter_conflicts"],
+                                             trim_density=prm["trim_density"] if r0.dim() == 2 else 1.0)
+                entry.update(mode="entry-wise", conflict_fraction=round(st["conflict_fraction"], 6),
+                             trimmed_fraction=round(st["trimmed_fraction"], 6))
+                e = st["agree_energy"]
+            entry["energy"] = float(tnorm2.sum())
+            layer_energy.setdefault(lname, []).append((e, float(tnorm2.sum())))
+            merged_sq[lname] = merged_sq.get(lname, 0.0) + float(merged.pow(2).sum())
+            tau_star[key] = merged.to(job.dtype)
+            layer_reports.append(entry)
+            del taus, t32
+        timings["sdf_s"] = time.perf_counter() - t0
+        yield ProgressEvent("sdf", 0.82, "PivotMerge: shared-space merge done")
+
+        # ------------------------------------------------------------- 3. ALM
+        t0 = time.perf_counter()
+        job.cancel.raise_if_cancelled()
+        layer_names = [l.name for l in ref.layers]
+        forward_layers = {op.split(":")[1] for op in ref.ops if ":" in op and op.split(":")[0] in
+                          ("linear", "layernorm", "rmsnorm")}
+        user = dict(job.layer_coefficients or {})
+        unknown = [n for n in user if n not in layer_names]
+        if unknown:
+            raise ParameterError(self.name, "layer_coefficients",
+                                 f"unknown layer '{unknown[0]}'; layers are {', '.join(layer_names)}")
+        shared_frac: dict[str, float] = {}
+        for lname, parts in layer_energy.items():
+            tot = sum(w for _, w in parts)
+            shared_frac[lname] = sum(e * w for e, w in parts) / tot if tot > 0 else 1.0
+        lam: dict[str, float] = {}
+        alm_info: dict[str, Any] = {"mode": alm_mode}
+        for lname in layer_names:
+            typ, mer = math.sqrt(typical_sq.get(lname, 0.0)), math.sqrt(merged_sq.get(lname, 0.0))
+            if alm_mode == "off" or mer == 0.0:
+                lam[lname] = 1.0
+            else:  # data-free value; also the data-driven starting report
+                rho = min(max(typ / mer, 1.0), float(k_exp))
+                lam[lname] = 1.0 + shared_frac.get(lname, 1.0) * (rho - 1.0)
+        if alm_mode == "data":
+            free = [n for n in layer_names if n in forward_layers and n not in user
+                    and merged_sq.get(n, 0.0) > 0.0]
+            fixed = {n: float(user[n]) if n in user else 1.0 for n in layer_names}
+            for ev, res in self._fit_lambdas(job, ref, tau_star, free, fixed, cal_x, cal_y, weights):
+                if ev is not None:
+                    yield ev
+                else:
+                    fitted, alm_info_fit = res
+            for n in layer_names:
+                lam[n] = fitted.get(n, 1.0) if n in free else 1.0
+            alm_info.update(alm_info_fit)
+            alm_info["domains"] = list(cal.domains) if cal is not None and cal.domains else None
+        coeff: dict[str, float] = {}
+        for n in layer_names:
+            coeff[n] = float(user[n]) if n in user else float(prm["scale"]) * lam[n]
+        timings["alm_s"] = time.perf_counter() - t0
+
+        # ------------------------------------------------------------- compose
+        job.cancel.raise_if_cancelled()
+        yield ProgressEvent("compose", 0.97, "PivotMerge: composing theta = ref + lambda * tau*")
+        out: dict[str, torch.Tensor] = {}
+        for key in keys:
+            lname = key.rsplit(".", 1)[0]
+            out[key] = (ref_state[key].to(job.dtype) + coeff[lname] * tau_star[key]).to(job.dtype)
+
+        per_layer = []
+        for n in layer_names:
+            per_layer.append({
+                "layer": n,
+                "lambda": round(lam[n], 6),
+                "coefficient": round(coeff[n], 6),
+                "source": "user" if n in user else ("alm-" + alm_mode if alm_mode != "off" else "scale"),
+                "shared_energy_fraction": round(shared_frac.get(n, 1.0), 6),
+                "typical_update_norm": round(math.sqrt(typical_sq.get(n, 0.0)), 6),
+                "merged_update_norm": round(math.sqrt(merged_sq.get(n, 0.0)), 6),
+            })
+        report["tensors"] = layer_reports
+        report["layers"] = per_layer
+        report["lambdas"] = {n: round(coeff[n], 6) for n in layer_names}
+        report["alm"] = alm_info
+        timings["total_s"] = time.perf_counter() - t_start
+        report["timings"] = {k: round(v, 4) for k, v in timings.items()}
+        yield ProgressEvent("compose", 1.0, "PivotMerge: done")
+        return MergeOutput(out, report)
+
+    # --------------------------------------------------------------------- pieces
+    def _align(
+        self, job: MergeJob, experts: list[Projector], pivot: int, aligned: list[Projector],
+        infos: list[AlignmentInfo], f0: float, f1: float,
+    ) -> Generator[ProgressEvent, None, None]:
+        """Align every expert to ``experts[pivot]`` in place of ``aligned``/``infos``."""
+        names = job.expert_names or [e.source or f"expert {i}" for i, e in enumerate(experts)]
+        for i, e in enumerate(experts):
+            job.cancel.raise_if_cancelled()
+            yield ProgressEvent("align", f0 + (f1 - f0) * i / len(experts),
+                                f"PivotMerge: aligning hidden units of {names[i]} to {names[pivot]}")
+            if i == pivot:
+                aligned[i], infos[i] = e, identity_info(e)
+            else:
+                aligned[i], infos[i] = align_to_pivot(e, experts[pivot])
+
+    @staticmethod
+    def _medoid_scores(aligned: list[Projector]) -> list[float]:
+        """Mean cosine similarity of each expert's flattened weights to the others."""
+        k = len(aligned)
+        if k == 1:
+            return [1.0]
+        states = [a.state() for a in aligned]
+        gram = torch.zeros(k, k, dtype=torch.float64)
+        for key in states[0]:
+            flat = torch.stack([s[key].float().flatten() for s in states])
+            gram += (flat @ flat.t()).double().cpu()
+        d = gram.diag().sqrt().clamp(min=1e-30)
+        cos = gram / d[:, None] / d[None, :]
+        return [float((cos[i].sum() - 1.0) / (k - 1)) for i in range(k)]
+
+    @staticmethod
+    def _calibration_batches(job: MergeJob, max_tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Evenly spaced subsample of each domain's features and the expert's own outputs."""
+        xs, ys = [], []
+        assert job.calibration is not None
+        for k, feats in enumerate(job.calibration.features):
+            x = feats.to(job.device, job.dtype)
+            n = x.shape[0]
+            if n > max_tokens:
+                idx = torch.linspace(0, n - 1, max_tokens).round().long().to(x.device)
+                x = x[idx]
+            with torch.no_grad():
+                ys.append(job.experts[k].forward(x))
+            xs.append(x)
+        return xs, ys
+
+    @staticmethod
+    def _calibration_scores(experts: list[Projector], xs: list[torch.Tensor], ys: list[torch.Tensor]) -> list[float]:
+        """Alignment score of expert i = mean over domains j of the cosine similarity between
+        its outputs and domain j's own expert's outputs on domain j's features."""
+        scores = []
+        with torch.no_grad():
+            for e in experts:
+                per = []
+                for x, y in zip(xs, ys):
+                    out = e.forward(x).float().reshape(-1, y.shape[-1])
+                    per.append(float(torch.nn.functional.cosine_similarity(
+                        out, y.float().reshape(-1, y.shape[-1]), dim=-1).mean()))
+                scores.append(sum(per) / len(per))
+        return scores
+
+    def _sdf_tensor(
+        self, taus: torch.Tensor, weights: torch.Tensor, prm: dict[str, Any], salt: int
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """SDF of one 2-D weight: shared subspace, filtered coordinates, merged residuals."""
+        k, m, n = taus.shape
+        u, v, sub = shared_subspace(taus, prm["shared_energy"], prm["max_rank"], salt=salt)
+        r = u.shape[1]
+        total = float(torch.linalg.vector_norm(taus)) ** 2
+        c = torch.matmul(torch.matmul(u.t(), taus), v) if r > 0 else taus.new_zeros(k, 0, 0)
+        shared_e = float(c.pow(2).sum()) / total if total > 0 else 1.0
+        c_star, st = elect_and_merge(c, weights, filter_conflicts=prm["filter_conflicts"],
+                                     trim_density=prm["trim_density"])
+        merged = u @ c_star @ v.t() if r > 0 else torch.zeros(m, n, dtype=taus.dtype, device=taus.device)
+        info: dict[str, Any] = {
+            "mode": "sdf", "subspace": sub["method"], "rank": r, "rank_u": sub["rank_u"],
+            "rank_v": sub["rank_v"], "shared_energy": round(shared_e, 6),
+            "conflict_fraction": round(st["conflict_fraction"], 6),
+            "trimmed_fraction": round(st["trimmed_fraction"], 6),
+        }
+        if prm["residuals"] and prm["residual_weight"] > 0 and r < min(m, n):
+            factors = []
+            kept = 0.0
+            for i in range(k):
+                uu, ss, vv = _residual_lowrank(taus[i], u, c[i], v, prm["residual_rank"], salt * 131 + i)
+                kept += float(ss.pow(2).sum())
+                factors.append((uu, ss * weights[i], vv))
+            res = overlap_normalised_sum(factors)
+            merged = merged + prm["residual_weight"] * res
+            info["residual_rank"] = int(factors[0][1].numel())
+            info["residual_energy_kept"] = round(kept / total, 6) if total > 0 else 0.0
+        else:
+            info["residual_rank"] = 0
+        shared_e = min(shared_e, 1.0)
+        info["shared_energy"] = round(shared_e, 6)
+        return merged, {**info, "shared_energy": shared_e}
+
+    def _fit_lambdas(
+        self, job: MergeJob, ref: Projector, tau_star: dict[str, torch.Tensor], free: list[str],
+        fixed: dict[str, float], xs: list[torch.Tensor], ys: list[torch.Tensor], weights: torch.Tensor,
+    ) -> Generator[tuple[ProgressEvent | None, Any], None, None]:
+        """Levenberg-Marquardt on the free per-layer lambdas (forward-mode Jacobian).
+
+        Objective: sum_k w_k mean_{x in D_k} ||f(x) - f_k(x)||^2, starting from lambda = 1;
+        only steps that lower it are accepted."""
+        ref_state = {k: v.detach() for k, v in ref.state().items()}
+        tau = {k: v.detach() for k, v in tau_star.items()}
+        n_free = len(free)
+        idx = {n: i for i, n in enumerate(free)}
+
+        def forward(lam: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            st = {}
+            for key, r in ref_state.items():
+                ln = key.rsplit(".", 1)[0]
+                c = lam[idx[ln]] if ln in idx else fixed[ln]
+                st[key] = r + c * tau[key]
+            return ref.with_state(st).forward(x)
+
+        def objective(lam: torch.Tensor) -> float:
+            tot = 0.0
+            with torch.no_grad():
+                for k, (x, y) in enumerate(zip(xs, ys)):
+                    d = (forward(lam, x) - y).float()
+                    tot += float(weights[k]) * float(d.pow(2).sum()) / x.shape[0]
+            return tot
+
+        lam = torch.ones(n_free, dtype=job.dtype, device=job.device)
+        start = objective(lam)
+        if n_free == 0:
+            yield None, ({}, {"objective_at_1": start, "objective": start, "iterations": 0})
+            return
+        cur = start
+        mu = 1e-3
+        iters = 0
+        from torch.func import jvp
+
+        for it in range(12):
+            job.cancel.raise_if_cancelled()
+            yield ProgressEvent("alm", 0.83 + 0.13 * it / 12,
+                                f"PivotMerge: fitting layer coefficients (objective {cur:.4g})"), None
+            jtj = torch.zeros(n_free, n_free, dtype=torch.float64)
+            jtr = torch.zeros(n_free, dtype=torch.float64)
+            for k, (x, y) in enumerate(zip(xs, ys)):
+                wk = float(weights[k]) / x.shape[0]
+                cols = []
+                res = None
+                for j in range(n_free):
+                    e = torch.zeros_like(lam)
+                    e[j] = 1.0
+                    out, tan = jvp(lambda l: forward(l, x), (lam,), (e,))
+                    if res is None:
+                        res = (out - y).double().flatten()
+                    cols.append(tan.double().flatten())
+                jac = torch.stack(cols, 1).cpu()
+                res = res.cpu()
+                jtj += wk * jac.t() @ jac
+                jtr += wk * jac.t() @ res
+            improved = False
+            for _ in range(8):
+                a = jtj + mu * torch.diag(jtj.diag().clamp(min=1e-12))
+                step = torch.linalg.solve(a, -jtr)
+                cand = lam + step.to(lam.dtype).to(lam.device)
+                val = objective(cand)
+                if val < cur:
+                    lam, mu, improved = cand, max(mu / 10, 1e-9), True
+                    rel = (cur - val) / max(cur, 1e-30)
+                    cur = val
+                    break
+                mu *= 10
+            iters = it + 1
+            if not improved or rel < 1e-6:
+                break
+        fitted = {n: float(lam[i]) for n, i in idx.items()}
+        yield None, (fitted, {"objective_at_1": start, "objective": cur, "iterations": iters,
+                              "tokens_per_domain": [int(x.shape[0]) for x in xs]})
