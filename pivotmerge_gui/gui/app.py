@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     app = QApplication.instance() or QApplication(sys.argv[:1])
     app.setApplicationName("PivotMerge Studio")
     app.setOrganizationName("PivotMerge")
-    window = MainWindow()
+    window = MainWindow(restore_layout=not args.screenshot)  # screenshots use the default layout
     if args.method:
         window.initial_method = args.method
     bridge = ExceptionHookBridge(window)

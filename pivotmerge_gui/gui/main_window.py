@@ -84,7 +84,8 @@ class MainWindow(QMainWindow):
     idle_reached = Signal()  # loading, analysis and validation have all settled
     merge_finished = Signal(object)
 
-    def __init__(self, settings: AppSettings | None = None, *, start_core: bool = True) -> None:
+    def __init__(self, settings: AppSettings | None = None, *, start_core: bool = True,
+                 restore_layout: bool = True) -> None:
         super().__init__()
         self.setWindowTitle(f"PivotMerge Studio {__version__}")
         self.setAcceptDrops(True)
@@ -110,7 +111,7 @@ class MainWindow(QMainWindow):
         self.splitter.setStretchFactor(0, 3)
         self.splitter.setStretchFactor(1, 4)
         self.splitter.setStretchFactor(2, 2)
-        self.splitter.setSizes([560, 720, 380])
+        self.splitter.setSizes([640, 640, 400])
         self.setCentralWidget(self.splitter)
         self._build_menus()
 
@@ -151,10 +152,10 @@ class MainWindow(QMainWindow):
         self.merge_panel.save_requested.connect(self.save_merged)
 
         self.resize(1680, 960)
-        geo = self.settings.geometry()
+        geo = self.settings.geometry() if restore_layout else None
         if geo is not None:
             self.restoreGeometry(geo)
-        split = self.settings.value("window/splitter")
+        split = self.settings.value("window/splitter") if restore_layout else None
         if isinstance(split, QByteArray):
             self.splitter.restoreState(split)
         self.statusBar().showMessage("Drop projector checkpoints (files or folders) onto the window to start.")
@@ -438,8 +439,12 @@ class MainWindow(QMainWindow):
             raise PivotMergeError("the merge engine is still loading")
         params = self.merge_panel.form.values()
         pivot = self.experts.pivot_index()
-        if "pivot" in {p.name for p in method.params} and pivot is not None:
-            params["pivot"] = pivot_param_value(method, pivot)
+        if "pivot" in {p.name for p in method.params}:
+            if pivot is not None:
+                params["pivot"] = pivot_param_value(method, pivot)
+                self.merge_panel.form.set_external("pivot", f"{self.experts.entry(pivot).name} (ticked in the list)")
+            else:
+                self.merge_panel.form.set_external("pivot", "automatic (tick one in the list to choose)")
         data = {
             "merge_method": method.name,
             "base_model": self.base_entry.spec if self.base_entry is not None else None,
@@ -771,20 +776,23 @@ def pivot_param_value(method: Any, index: int) -> Any:
 
 
 def layer_lambdas(report: dict[str, Any]) -> dict[str, float]:
-    """Per-layer coefficients a merge used (method report, or those the pipeline applied)."""
+    """Per-layer coefficients a merge used: the method's own (PivotMerge's ALM reports
+    ``lambdas``/``layers[].coefficient``), else those the pipeline applied."""
     out: dict[str, float] = {}
     mrep = report.get("method_report") or {}
-    layers = mrep.get("layers") if isinstance(mrep, dict) else None
-    if isinstance(layers, dict):
-        for name, row in layers.items():
-            if isinstance(row, dict):
-                for key in ("lambda", "coefficient", "lam"):
+    if isinstance(mrep, dict):
+        layers = mrep.get("layers")
+        rows = layers if isinstance(layers, list) else (
+            [{"layer": k, **v} for k, v in layers.items() if isinstance(v, dict)] if isinstance(layers, dict) else [])
+        for row in rows:
+            if isinstance(row, dict) and "layer" in row:
+                for key in ("coefficient", "lambda"):
                     if isinstance(row.get(key), (int, float)):
-                        out[str(name)] = float(row[key])
+                        out[str(row["layer"])] = float(row[key])
                         break
-    lam = mrep.get("lambda") if isinstance(mrep, dict) else None
-    if isinstance(lam, dict):
-        out.update({str(k): float(v) for k, v in lam.items() if isinstance(v, (int, float))})
+        lam = mrep.get("lambdas")
+        if isinstance(lam, dict):
+            out.update({str(k): float(v) for k, v in lam.items() if isinstance(v, (int, float))})
     applied = report.get("layer_coefficients_applied") or {}
     out.update({str(k): float(v) for k, v in applied.items()})
     return out

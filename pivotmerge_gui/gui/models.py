@@ -221,12 +221,9 @@ class ExpertListModel(QAbstractTableModel):
         return [e for e in self._entries if e.ready]
 
     def pivot_index(self) -> int | None:
-        """Index of the pivot among the ready experts (None = automatic)."""
-        ready = self.ready_entries()
-        for i, e in enumerate(ready):
-            if e.uid == self.pivot_uid:
-                return i
-        return None
+        """Row of the pivot expert (= its index in the recipe); None = automatic."""
+        r = self.row_of(self.pivot_uid) if self.pivot_uid is not None else -1
+        return r if r >= 0 else None
 
     # ------------------------------------------------------------------ Qt model API
     def rowCount(self, parent: Index = QModelIndex()) -> int:  # noqa: B008

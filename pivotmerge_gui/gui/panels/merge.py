@@ -27,6 +27,7 @@ from PySide6.QtWidgets import (
     QScrollArea,
     QSlider,
     QSpinBox,
+    QToolButton,
     QVBoxLayout,
     QWidget,
 )
@@ -62,6 +63,9 @@ class ParamFormPanel(QWidget):
         self._layout.setContentsMargins(0, 0, 0, 0)
         self._host: QWidget | None = None
 
+    #: Parameters set elsewhere in the window (the pivot is ticked in the expert list).
+    EXTERNAL = {"pivot": "Tick the Pivot column of the expert list (none ticked = automatic)."}
+
     def set_method(self, method: Any) -> None:
         if self._host is not None:
             self._layout.removeWidget(self._host)
@@ -73,33 +77,51 @@ class ParamFormPanel(QWidget):
         outer.setContentsMargins(0, 0, 0, 0)
         basic = QFormLayout()
         basic.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
-        adv_box = QGroupBox("Advanced")
-        adv_box.setCheckable(True)
-        adv_box.setChecked(False)
-        adv = QFormLayout(adv_box)
-        adv_inner: list[QWidget] = []
+        adv_host = QWidget()
+        adv = QFormLayout(adv_host)
+        adv.setContentsMargins(0, 0, 0, 0)
+        adv.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+        adv_count = 0
+        self.external_labels: dict[str, QLabel] = {}
         for p in self._params:
-            w = self._make_widget(p)
             tip = _param_tooltip(p, method.reference_url)
+            if p.name in self.EXTERNAL:
+                ext = QLabel("automatic")
+                ext.setToolTip(tip + "<br>" + self.EXTERNAL[p.name])
+                ext.setStyleSheet("color: #444;")
+                self.external_labels[p.name] = ext
+                basic.addRow(p.name.replace("_", " "), ext)
+                continue
+            w = self._make_widget(p)
             w.setToolTip(tip)
             label = QLabel(p.name.replace("_", " "))
             label.setToolTip(tip)
             self._widgets[p.name] = w
             if p.advanced:
                 adv.addRow(label, w)
-                adv_inner += [label, w]
+                adv_count += 1
             else:
                 basic.addRow(label, w)
         outer.addLayout(basic)
-        if adv_inner:
-            def _toggle(on: bool) -> None:
-                for x in adv_inner:
-                    x.setVisible(on)
-            adv_box.toggled.connect(_toggle)
-            _toggle(False)
-            outer.addWidget(adv_box)
+        self.advanced_toggle = QToolButton()
+        self.advanced_toggle.setCheckable(True)
+        self.advanced_toggle.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        self.advanced_toggle.setArrowType(Qt.ArrowType.RightArrow)
+        self.advanced_toggle.setText(f"Advanced settings ({adv_count})")
+        self.advanced_toggle.setAutoRaise(True)
+
+        def _toggle(on: bool) -> None:
+            adv_host.setVisible(on)
+            self.advanced_toggle.setArrowType(Qt.ArrowType.DownArrow if on else Qt.ArrowType.RightArrow)
+
+        self.advanced_toggle.toggled.connect(_toggle)
+        _toggle(False)
+        if adv_count:
+            outer.addWidget(self.advanced_toggle)
+            outer.addWidget(adv_host)
         else:
-            adv_box.deleteLater()
+            self.advanced_toggle.hide()
+            adv_host.deleteLater()
         if not self._params:
             outer.addWidget(QLabel("This method has no settings."))
         self._host = host
@@ -140,6 +162,11 @@ class ParamFormPanel(QWidget):
         w.textChanged.connect(self._emit)
         return w
 
+    def set_external(self, name: str, text: str) -> None:
+        lab = getattr(self, "external_labels", {}).get(name)
+        if lab is not None:
+            lab.setText(text)
+
     def _emit(self, *args: object) -> None:
         self.changed.emit()
 
@@ -149,7 +176,9 @@ class ParamFormPanel(QWidget):
     def all_values(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for p in self._params:
-            w = self._widgets[p.name]
+            w = self._widgets.get(p.name)
+            if w is None:
+                continue
             if isinstance(w, QComboBox):
                 out[p.name] = w.currentData()
             elif isinstance(w, QCheckBox):
@@ -165,7 +194,7 @@ class ParamFormPanel(QWidget):
     def values(self) -> dict[str, Any]:
         """Parameters that differ from the method's defaults."""
         defaults = {p.name: p.default for p in self._params}
-        out = {}
+        out: dict[str, Any] = {}
         for k, v in self.all_values().items():
             d = defaults[k]
             if isinstance(v, float) and isinstance(d, (int, float)) and not isinstance(d, bool):

@@ -89,7 +89,7 @@ class ModelListPanel(QWidget):
         hh.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         hh.setSectionResizeMode(ExpertListModel.NAME, QHeaderView.ResizeMode.Interactive)
         hh.setStretchLastSection(True)
-        self.view.setColumnWidth(ExpertListModel.NAME, 150)
+        self.view.setColumnWidth(ExpertListModel.NAME, 110)
         self.view.setToolTip("Drop checkpoint files or folders here. Double-click a name or "
                              "weight to edit it; tick Pivot to choose the frame of reference.")
 

@@ -42,27 +42,40 @@ def report_html(report: dict[str, Any]) -> str:
         out.append("<h4>Layer coefficients applied</h4><p>"
                    + _fmt(report["layer_coefficients_applied"]) + "</p>")
     mrep = report.get("method_report") or {}
-    layers = mrep.get("layers") if isinstance(mrep, dict) else None
-    if isinstance(layers, dict) and layers:
-        keys: list[str] = []
-        for row in layers.values():
-            if isinstance(row, dict):
-                keys += [k for k in row if k not in keys]
-        out.append("<h4>Per layer</h4><table cellspacing=0 cellpadding=3 border=1><tr><th>layer</th>"
-                   + "".join(f"<th>{html.escape(k)}</th>" for k in keys) + "</tr>")
-        for name, row in layers.items():
-            cells = "".join(f"<td>{_fmt(row.get(k, '')) if isinstance(row, dict) else ''}</td>" for k in keys)
-            out.append(f"<tr><th align=left>{html.escape(str(name))}</th>{cells}</tr>")
-        out.append("</table>")
-    rest = {k: v for k, v in mrep.items() if k != "layers"} if isinstance(mrep, dict) else {}
-    if rest:
-        out.append("<h4>Method report</h4><table cellspacing=0 cellpadding=3 border=1>")
-        out += [f"<tr><th align=left>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>" for k, v in rest.items()]
-        out.append("</table>")
+    if isinstance(mrep, dict) and mrep:
+        scalars = {k: v for k, v in mrep.items() if _table_rows(v) is None}
+        if scalars:
+            out.append("<h4>Method report</h4><table cellspacing=0 cellpadding=3 border=1>")
+            out += [f"<tr><th align=left>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>"
+                    for k, v in scalars.items()]
+            out.append("</table>")
+        for k, v in mrep.items():
+            rows = _table_rows(v)
+            if rows:
+                out.append(f"<h4>{html.escape(str(k)).replace('_', ' ').capitalize()}</h4>")
+                out.append(_html_table(rows))
     warnings = report.get("warnings") or []
     if warnings:
         out.append("<h4>Warnings</h4><ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in warnings) + "</ul>")
     return "\n".join(out)
+
+
+def _table_rows(v: Any) -> list[dict[str, Any]] | None:
+    """Rows when ``v`` is a list of dicts or a dict of dicts (per-layer reports), else None."""
+    if isinstance(v, list) and v and all(isinstance(r, dict) for r in v):
+        return v
+    if isinstance(v, dict) and v and all(isinstance(r, dict) for r in v.values()):
+        return [{"name": k, **r} for k, r in v.items()]
+    return None
+
+
+def _html_table(rows: list[dict[str, Any]]) -> str:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    head = "".join(f"<th>{html.escape(k).replace('_', ' ')}</th>" for k in keys)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(k, ''))}</td>" for k in keys) + "</tr>" for r in rows)
+    return f"<table cellspacing=0 cellpadding=3 border=1><tr>{head}</tr>{body}</table>"
 
 
 class ReportPanel(QWidget):

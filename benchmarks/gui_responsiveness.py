@@ -1,0 +1,193 @@
+"""GUI responsiveness: time to first window, and event-loop stalls during a big merge.
+
+    python benchmarks/gui_responsiveness.py [--experts 3] [--method pivotmerge] [--runs 3]
+
+1. Time to first window: a fresh ``pivotmerge-gui`` process is started and reports when its
+   main window has been shown and painted; measured from just before the process is
+   spawned (interpreter start + imports + window). Target: under 2 s.
+2. Longest event-loop stall while a LLaVA-1.5-7B-sized merge runs in the worker: experts are
+   ``mlp2x_gelu`` projectors 1024 -> 4096 -> 4096 (21 M parameters each, as LLaVA-1.5-7B's
+   ``mm_projector.bin``) saved to disk in LLaVA's key layout and opened by the app as a user
+   would; a 5 ms ``QTimer`` heartbeat on the GUI thread records the gaps between ticks while
+   the merge runs. Target: longest gap under 50 ms. Also reported: the gaps while the experts
+   load and are analysed (background work too, but no target).
+
+Runs offscreen unless ``QT_QPA_PLATFORM`` is set (e.g. ``xcb`` under Xvfb).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+FIRST_WINDOW_CHILD = r"""
+import sys, time
+t_start = float(sys.argv[1])
+from PySide6.QtCore import QTimer
+from PySide6.QtWidgets import QApplication
+app = QApplication([])
+from pivotmerge_gui.gui.main_window import MainWindow
+w = MainWindow()
+w.show()
+torch_at_show = "torch" in sys.modules  # the engine loads on a worker right after this
+def shown():
+    app.processEvents()
+    print(json.dumps({"first_window_s": time.time() - t_start, "torch_imported": torch_at_show}), flush=True)
+    app.quit()
+import json
+QTimer.singleShot(0, shown)
+app.exec()
+from pivotmerge_gui.gui.workers import stop_all
+stop_all(30000)
+"""
+
+
+def time_to_first_window(runs: int) -> dict:
+    times, torch_flags = [], []
+    for _ in range(runs):
+        t0 = time.time()
+        proc = subprocess.run([sys.executable, "-c", FIRST_WINDOW_CHILD, repr(t0)],
+                              capture_output=True, text=True, timeout=180)
+        line = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+        if proc.returncode != 0 or not line:
+            raise RuntimeError(f"first-window child failed: {proc.stderr[-2000:]}")
+        rec = json.loads(line[-1])
+        times.append(rec["first_window_s"])
+        torch_flags.append(rec["torch_imported"])
+    return {"first_window_s_median": statistics.median(times), "first_window_s_all": times,
+            "torch_imported_at_first_window": any(torch_flags)}
+
+
+class Heartbeat:
+    """Records the gaps between ticks of a GUI-thread timer (the event loop's stalls)."""
+
+    def __init__(self, interval_ms: int = 5) -> None:
+        from PySide6.QtCore import Qt, QTimer
+
+        self.timer = QTimer()
+        self.timer.setTimerType(Qt.TimerType.PreciseTimer)
+        self.timer.setInterval(interval_ms)
+        self.timer.timeout.connect(self._tick)
+        self.gaps: list[float] = []
+        self._last = None
+
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            self.gaps.append(now - self._last)
+        self._last = now
+
+    def start(self) -> None:
+        self.gaps, self._last = [], time.perf_counter()
+        self.timer.start()
+
+    def stop(self) -> dict:
+        self.timer.stop()
+        g = sorted(self.gaps) or [0.0]
+        return {"ticks": len(self.gaps), "max_stall_ms": round(1000 * g[-1], 1),
+                "p99_gap_ms": round(1000 * g[int(0.99 * (len(g) - 1))], 1),
+                "median_gap_ms": round(1000 * statistics.median(g), 2)}
+
+
+def merge_stalls(n_experts: int, method: str, d_in: int, d_hidden: int, d_out: int) -> dict:
+    import torch
+
+    from PySide6.QtWidgets import QApplication
+
+    app = QApplication.instance() or QApplication([])
+    from pivotmerge_gui.core.projector import Layer, Projector
+    from pivotmerge_gui.gui.main_window import MainWindow
+    from pivotmerge_gui.gui.workers import stop_all
+
+    tmp = Path(tempfile.mkdtemp(prefix="pm-gui-bench-"))
+    g = torch.Generator().manual_seed(0)
+    base = {"0.weight": torch.randn(d_hidden, d_in, generator=g) * 0.02, "0.bias": torch.zeros(d_hidden),
+            "2.weight": torch.randn(d_out, d_hidden, generator=g) * 0.02, "2.bias": torch.zeros(d_out)}
+    paths = []
+    for k in range(n_experts):
+        state = {f"model.mm_projector.{n}": t + 0.01 * torch.randn(t.shape, generator=g) for n, t in base.items()}
+        p = tmp / f"expert{k}" / "mm_projector.bin"
+        p.parent.mkdir(parents=True)
+        torch.save(state, p)
+        paths.append(str(p))
+    torch.save({f"model.mm_projector.{n}": t for n, t in base.items()}, tmp / "base.bin")
+    del Layer, Projector
+
+    w = MainWindow()
+    w.quiet_errors = True
+    w.show()
+    hb = Heartbeat()
+
+    def wait(cond, timeout: float) -> None:
+        t0 = time.perf_counter()
+        while not cond():
+            app.processEvents()
+            time.sleep(0.001)
+            if time.perf_counter() - t0 > timeout:
+                raise TimeoutError("benchmark step timed out")
+
+    wait(lambda: w.core_ready, 120)
+    hb.start()
+    t_load = time.perf_counter()
+    w.add_paths(paths)
+    if w.merge_panel.method is not None and w.merge_panel.methods.get(method) is not None \
+            and w.merge_panel.methods[method].needs_base:
+        w.set_base(str(tmp / "base.bin"))
+    wait(lambda: w.is_idle() and all(e.status != "loading" for e in w.experts.entries), 600)
+    load_stats = hb.stop()
+    load_stats["seconds"] = round(time.perf_counter() - t_load, 2)
+    if not w.merge_panel.set_method_name(method):
+        raise SystemExit(f"method '{method}' is not in the registry: {sorted(w.merge_panel.methods)}")
+    wait(w.is_idle, 120)
+    if not w.merge_panel.merge_button.isEnabled():
+        raise SystemExit(f"cannot merge: {w.merge_reason}")
+    done = {}
+    w.merge_finished.connect(lambda r: done.setdefault("result", r))
+    hb.start()
+    t0 = time.perf_counter()
+    w.start_merge()
+    wait(lambda: w.merge_worker is None, 600)
+    merge_stats = hb.stop()
+    merge_stats["seconds"] = round(time.perf_counter() - t0, 2)
+    merge_stats["ok"] = "result" in done
+    w.close()
+    stop_all(60_000)
+    return {"method": method, "experts": n_experts, "shape": f"{d_in}->{d_hidden}->{d_out}",
+            "params_per_expert": d_hidden * d_in + d_hidden + d_out * d_hidden + d_out,
+            "during_load_and_analysis": load_stats, "during_merge": merge_stats}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--experts", type=int, default=3)
+    ap.add_argument("--method", default="pivotmerge")
+    ap.add_argument("--shape", default="1024,4096,4096", help="d_in,d_hidden,d_out")
+    ap.add_argument("--skip-first-window", action="store_true")
+    args = ap.parse_args()
+    out: dict = {"platform": os.environ["QT_QPA_PLATFORM"], "cpus": os.cpu_count()}
+    if not args.skip_first_window:
+        out["first_window"] = time_to_first_window(args.runs)
+        print(json.dumps(out["first_window"]), flush=True)
+    d_in, d_hidden, d_out = (int(x) for x in args.shape.split(","))
+    out["merge"] = merge_stalls(args.experts, args.method, d_in, d_hidden, d_out)
+    print(json.dumps(out, indent=2))
+    fw = out.get("first_window", {}).get("first_window_s_median")
+    stall = out["merge"]["during_merge"]["max_stall_ms"]
+    print(f"\ntime to first window: {fw if fw is None else f'{fw:.2f} s'} (target < 2 s); "
+          f"longest stall during the merge: {stall} ms (target < 50 ms)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
