@@ -21,6 +21,7 @@ from .task_arithmetic import TaskVectorMethod
 
 @register
 class CART(TaskVectorMethod):
+    uses_linalg = True
     name = "cart"
     pretty_name = "CART (centered, low-rank)"
     reference_url = "https://arxiv.org/abs/2412.12153"

@@ -74,6 +74,7 @@ def iso_cts_update(
 
 @register
 class IsoC(TaskVectorMethod):
+    uses_linalg = True
     name = "iso_c"
     pretty_name = "Iso-C"
     reference_url = "https://arxiv.org/abs/2502.04959"
@@ -95,6 +96,7 @@ class IsoC(TaskVectorMethod):
 
 @register
 class IsoCTS(TaskVectorMethod):
+    uses_linalg = True
     name = "iso_cts"
     pretty_name = "Iso-CTS"
     reference_url = "https://arxiv.org/abs/2502.04959"

@@ -32,6 +32,7 @@ def knots_align(taus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @register
 class KnOTS(TaskVectorMethod):
+    uses_linalg = True
     name = "knots"
     pretty_name = "KnOTS"
     reference_url = "https://arxiv.org/abs/2410.19735"

@@ -32,6 +32,8 @@ def shrink_gram(gram: torch.Tensor, alpha: float) -> torch.Tensor:
 def solve_normal_equations(lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """lhs^-1 rhs for a symmetric PSD ``lhs``: Cholesky when it is positive definite (the
     usual case, ~5x cheaper than LU), least squares / pseudo-inverse when it is singular."""
+    if lhs.dtype in (torch.float16, torch.bfloat16):  # no half-precision linalg kernels
+        return solve_normal_equations(lhs.float(), rhs.float()).to(lhs.dtype)
     chol, info = torch.linalg.cholesky_ex(lhs)
     if int(info) == 0:
         sol = torch.cholesky_solve(rhs, chol)

@@ -39,6 +39,7 @@ def shared_subspaces(taus: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch
 
 @register
 class SSAM(TaskVectorMethod):
+    uses_linalg = True
     name = "ssam"
     pretty_name = "SSAM (shared subspace)"
     reference_url = "https://arxiv.org/abs/2603.21584"

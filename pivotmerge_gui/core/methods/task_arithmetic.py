@@ -26,6 +26,9 @@ class TaskVectorMethod(TensorMergeMethod):
     """
 
     needs_base = True
+    # eigh/svd/cholesky have no half-precision kernels: methods that decompose matrices set
+    # this and get their task vectors in float32 when the compute dtype is fp16/bf16
+    uses_linalg = False
 
     def param(self, job: MergeJob, name: str) -> Any:
         """A method parameter from the job, or its default when the job leaves it out."""
@@ -66,7 +69,11 @@ class TaskVectorMethod(TensorMergeMethod):
         taus = task_vectors(tensors, ref)
         if any(w != 1.0 for w in job.expert_weights):
             taus = weighted(taus, job.expert_weights)
-        return ref + self.merge_update(name, kind, role, taus, job, gen, facts)
+        if self.uses_linalg and taus.dtype in (torch.float16, torch.bfloat16):
+            update = self.merge_update(name, kind, role, taus.float(), job, gen, facts).to(taus.dtype)
+        else:
+            update = self.merge_update(name, kind, role, taus, job, gen, facts)
+        return ref + update
 
     def merge_tensor(self, name, kind, role, tensors, base, job, gen):  # type: ignore[override]
         return self.merge_one(name, kind, role, tensors, base, job, gen, {})

@@ -40,6 +40,7 @@ def tsv_bases(
 
 @register
 class TSVMerge(TaskVectorMethod):
+    uses_linalg = True
     name = "tsv_m"
     pretty_name = "TSV-M (Task Singular Vectors)"
     reference_url = "https://arxiv.org/abs/2412.00081"
