@@ -111,10 +111,15 @@ class _FakeHub:
         dst.parent.mkdir(parents=True, exist_ok=True)
         size = src.stat().st_size
         if tqdm_class is not None:
-            bar = tqdm_class(total=size, unit="B")
-            bar.update(size // 2)
-            bar.update(size - size // 2)
-            bar.close()
+            # the same helper huggingface_hub's http_get uses to build its bar
+            import logging
+
+            from huggingface_hub.utils.tqdm import _get_progress_bar_context
+
+            with _get_progress_bar_context(desc=filename, log_level=logging.INFO, total=size,
+                                           tqdm_class=tqdm_class, name="huggingface_hub.http_get") as bar:
+                bar.update(size // 2)
+                bar.update(size - size // 2)
         shutil.copyfile(src, dst)
         return str(dst)
 

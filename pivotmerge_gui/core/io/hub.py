@@ -65,7 +65,7 @@ def _progress_class(progress: ProgressFn | None, label: str, lo: float, hi: floa
             kwargs["file"] = _Sink()
             kwargs.pop("name", None)
             super().__init__(*args, **kwargs)
-            self._pm_done = 0
+            self._pm_done = kwargs.get("initial") or 0  # resumed downloads start there
 
         def update(self, n: float | None = 1) -> bool | None:
             self._pm_done += n or 0
