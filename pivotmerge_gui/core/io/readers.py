@@ -284,7 +284,9 @@ def _torch_load(path: Path) -> Any:
         msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         if isinstance(exc, EOFError) or "central directory" in msg or "truncat" in msg.lower():
             raise CheckpointError(p, f"truncated or corrupt checkpoint ({msg or 'unexpected end of file'})") from exc
-        raise CheckpointError(p, f"not a readable torch checkpoint ({type(exc).__name__}: {msg})") from exc
+        raise CheckpointError(
+            p, f"not a readable torch checkpoint: corrupt, or not a checkpoint at all ({type(exc).__name__}: {msg})"
+        ) from exc
 
 
 def _tensor_dicts(obj: Any, path: str) -> list[tuple[str | None, dict[str, torch.Tensor]]]:
