@@ -1,0 +1,38 @@
+"""Alignment evaluation of projectors: back-end interface, metrics, calibration features.
+
+Qt-free. Back ends implement :class:`CaptionBackend`; the demo one lives in
+``pivotmerge_gui.demo.backend`` (core never imports the demo).
+"""
+
+from .backend import CaptionBackend, CaptionSet
+from .calibration import calibration_from_features
+from .metrics import (
+    HIGHER_IS_BETTER,
+    METRICS,
+    PARTS,
+    DomainMetrics,
+    EvalResult,
+    evaluate,
+    exact_match,
+    mean_metrics,
+    prepare,
+    retrieval_candidates,
+    token_accuracy,
+)
+
+__all__ = [
+    "CaptionBackend",
+    "CaptionSet",
+    "DomainMetrics",
+    "EvalResult",
+    "HIGHER_IS_BETTER",
+    "METRICS",
+    "PARTS",
+    "calibration_from_features",
+    "evaluate",
+    "exact_match",
+    "mean_metrics",
+    "prepare",
+    "retrieval_candidates",
+    "token_accuracy",
+]

@@ -1,0 +1,211 @@
+"""Training of the demo world: encoder (auxiliary objective), LM (caption text), projectors
+(LLaVA stage 1). Plain torch, CPU, deterministic for a given seed and thread count.
+
+Why each step looks the way it does:
+
+- **Vision encoder.** A randomly initialised encoder would make the projector's job
+  mostly noise fitting. Real MLLMs use a pre-trained CLIP, whose features are
+  informative for every domain. We imitate that cheaply: the encoder is trained briefly
+  on all four domains with an auxiliary head (:class:`~.models.SlotHead`) that must name
+  the image's content words from attention-pooled patch tokens. The head is discarded,
+  the encoder frozen.
+- **Language model.** Trained on caption text only, with the caption's content words
+  placed in order in random prefix slots (the rest ``<blank>``). This gives the LM the
+  in-context reading ability a real LLM has, so a projector can steer it.
+- **Projectors.** LLaVA stage 1: image tokens prefix the caption, next-token loss on
+  the caption, encoder and LM frozen, only the ``mlp2x_gelu`` projector trains (AdamW,
+  no weight decay, 3% linear warm-up then cosine decay, as in LLaVA's pretrain script).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import DOMAINS, NUM_PATCHES, DomainData, Tokenizer, patchify
+from .models import SlotHead, TinyLM, VisionEncoder, WorldConfig, caption_batch, caption_logits, make_projector
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Step counts and learning rates (stored in the manifest)."""
+
+    encoder_steps: int = 1500
+    encoder_lr: float = 3e-3
+    lm_steps: int = 600
+    lm_lr: float = 3e-3
+    projector_steps: int = 500
+    projector_lr: float = 2e-3
+    joint_steps_factor: float = 2.0  # the joint projector sees all domains: give it more steps
+    batch: int = 64
+
+    def to_dict(self) -> dict[str, float]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+TINY = TrainConfig(encoder_steps=8, lm_steps=10, projector_steps=6, batch=16)
+
+
+def _schedule(step: int, total: int, warmup_frac: float = 0.03) -> float:
+    warm = max(1, int(round(total * warmup_frac)))
+    if step < warm:
+        return (step + 1) / warm
+    prog = (step - warm) / max(1, total - warm)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, prog)))
+
+
+def _optimizer(params: Sequence[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
+def content_targets(tok: Tokenizer, content: Sequence[Sequence[str]], slots: int) -> torch.Tensor:
+    out = torch.full((len(content), slots), tok.pad_id, dtype=torch.long)
+    for i, words in enumerate(content):
+        ids = [tok.ids[w] for w in words][:slots]
+        out[i, : len(ids)] = torch.tensor(ids)
+    return out
+
+
+def train_encoder(cfg: WorldConfig, tcfg: TrainConfig, train: dict[str, DomainData],
+                  tok: Tokenizer, seed: int, log: Log | None = None) -> VisionEncoder:
+    torch.manual_seed(seed)
+    enc = VisionEncoder(cfg)
+    slots = max(len(c) for d in train.values() for c in d.content)
+    head = SlotHead(cfg.vision_width, slots, cfg.vocab_size)
+    patches = torch.cat([patchify(d.images) for d in train.values()])
+    targets = torch.cat([content_targets(tok, d.content, slots) for d in train.values()])
+    opt = _optimizer([*enc.parameters(), *head.parameters()], tcfg.encoder_lr)
+    g = torch.Generator().manual_seed(seed + 1)
+    bs = tcfg.batch * 2
+    for step in range(tcfg.encoder_steps):
+        for group in opt.param_groups:
+            group["lr"] = tcfg.encoder_lr * _schedule(step, tcfg.encoder_steps)
+        idx = torch.randint(0, len(patches), (bs,), generator=g)
+        logits = head(enc(patches[idx]))
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets[idx].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if log and (step % 100 == 0 or step == tcfg.encoder_steps - 1):
+            acc = (logits.argmax(-1) == targets[idx]).float().mean().item()
+            log(f"encoder step {step}: loss {loss.item():.3f} slot acc {acc:.3f}")
+    enc.eval()
+    for p in enc.parameters():
+        p.requires_grad_(False)
+    return enc
+
+
+def _text_prefix(tok: Tokenizer, content: Sequence[Sequence[str]], g: torch.Generator) -> torch.Tensor:
+    """Content words in order at sorted random slots among the 16 image-token slots."""
+    out = torch.full((len(content), NUM_PATCHES), tok.blank_id, dtype=torch.long)
+    for i, words in enumerate(content):
+        pos = torch.randperm(NUM_PATCHES, generator=g)[: len(words)].sort().values
+        out[i, pos] = torch.tensor([tok.ids[w] for w in words])
+    return out
+
+
+def train_lm(cfg: WorldConfig, tcfg: TrainConfig, train: dict[str, DomainData],
+             tok: Tokenizer, seed: int, log: Log | None = None) -> TinyLM:
+    torch.manual_seed(seed)
+    lm = TinyLM(cfg)
+    captions = [c for d in train.values() for c in d.captions]
+    content = [c for d in train.values() for c in d.content]
+    ids = [tok.encode(c) for c in captions]
+    opt = _optimizer(list(lm.parameters()), tcfg.lm_lr)
+    g = torch.Generator().manual_seed(seed + 2)
+    bs = tcfg.batch * 2
+    for step in range(tcfg.lm_steps):
+        for group in opt.param_groups:
+            group["lr"] = tcfg.lm_lr * _schedule(step, tcfg.lm_steps)
+        idx = torch.randint(0, len(ids), (bs,), generator=g).tolist()
+        prefix_ids = _text_prefix(tok, [content[i] for i in idx], g)
+        inputs, targets = caption_batch([ids[i] for i in idx], tok.bos_id, tok.eos_id, tok.pad_id)
+        logits = caption_logits(lm, lm.embed(prefix_ids), inputs)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if log and (step % 250 == 0 or step == tcfg.lm_steps - 1):
+            log(f"lm step {step}: loss {loss.item():.3f}")
+    lm.eval()
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    return lm
+
+
+@torch.no_grad()
+def encode(enc: VisionEncoder, images: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    """Frozen visual features [N, 16, vision_width] (what the projector consumes)."""
+    return torch.cat([enc(patchify(images[i:i + batch])) for i in range(0, len(images), batch)]) \
+        if len(images) else torch.zeros(0, NUM_PATCHES, enc.pos.shape[1])
+
+
+def train_projector(init: nn.Module, lm: TinyLM, features: torch.Tensor, captions: Sequence[str],
+                    tok: Tokenizer, steps: int, lr: float, batch: int, seed: int,
+                    log: Log | None = None, name: str = "projector") -> nn.Module:
+    """LLaVA stage 1 on precomputed features: only the projector's parameters move."""
+    proj = copy.deepcopy(init)
+    proj.train()
+    ids = [tok.encode(c) for c in captions]
+    opt = _optimizer(list(proj.parameters()), lr)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * _schedule(step, steps)
+        idx = torch.randint(0, len(ids), (batch,), generator=g)
+        inputs, targets = caption_batch([ids[i] for i in idx.tolist()], tok.bos_id, tok.eos_id, tok.pad_id)
+        logits = caption_logits(lm, proj(features[idx]), inputs)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if log and (step % 100 == 0 or step == steps - 1):
+            log(f"{name} step {step}: loss {loss.item():.3f}")
+    proj.eval()
+    return proj
+
+
+@dataclass
+class ExpertSet:
+    """Every projector of one expert seed (nn modules, fp32)."""
+
+    seed: int
+    base: nn.Module
+    shared: dict[str, nn.Module]
+    different: dict[str, nn.Module]
+    different_inits: dict[str, nn.Module]
+    joint: nn.Module
+
+
+def train_experts(cfg: WorldConfig, tcfg: TrainConfig, lm: TinyLM,
+                  features: dict[str, torch.Tensor], captions: dict[str, list[str]],
+                  tok: Tokenizer, seed: int, log: Log | None = None) -> ExpertSet:
+    """One expert per domain from a shared init and from separate inits, plus the joint
+    projector (from the shared init, all domains). Seeds are derived from ``seed`` so a
+    different ``seed`` is an independent training run of every projector."""
+    s = 10_000 + 100 * seed
+    base = make_projector(cfg, s)
+    shared, different, inits = {}, {}, {}
+    for k, dom in enumerate(DOMAINS):
+        shared[dom] = train_projector(base, lm, features[dom], captions[dom], tok, tcfg.projector_steps,
+                                      tcfg.projector_lr, tcfg.batch, s + 1 + k, log, f"shared/{dom}")
+        inits[dom] = make_projector(cfg, s + 11 + k)
+        different[dom] = train_projector(inits[dom], lm, features[dom], captions[dom], tok,
+                                         tcfg.projector_steps, tcfg.projector_lr, tcfg.batch,
+                                         s + 21 + k, log, f"different/{dom}")
+    all_feats = torch.cat([features[d] for d in DOMAINS])
+    all_caps = [c for d in DOMAINS for c in captions[d]]
+    joint = train_projector(base, lm, all_feats, all_caps, tok,
+                            int(tcfg.projector_steps * tcfg.joint_steps_factor), tcfg.projector_lr,
+                            tcfg.batch, s + 31, log, "joint")
+    return ExpertSet(seed, base, shared, different, inits, joint)

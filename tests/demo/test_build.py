@@ -1,0 +1,53 @@
+"""`build --tiny` runs in seconds in a temp dir and produces loadable, hashed files."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from pivotmerge_gui.core.evaluation import evaluate
+from pivotmerge_gui.demo import build, kit
+
+
+def test_tiny_build_produces_loadable_hashed_artifacts(tmp_path):
+    out = tmp_path / "world"
+    assert build.main(["--tiny", "--quiet", "--out", str(out)]) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["tiny"] is True and man["domains"] == ["shapes", "text", "count", "texture"]
+    assert kit.verify(out) == []
+    # every projector file is listed and hashed
+    bins = sorted(p.relative_to(out).as_posix() for p in out.rglob("mm_projector.bin"))
+    assert bins == sorted(k for k in man["files"] if k.endswith("mm_projector.bin"))
+    assert len(bins) == 4 + 4 + 1 + 1  # shared experts, different experts, base, joint
+
+    # LLaVA layout on disk, through the real loader in memory
+    raw = torch.load(out / "shared/text/mm_projector.bin", weights_only=True)
+    assert sorted(raw) == ["model.mm_projector.0.bias", "model.mm_projector.0.weight",
+                           "model.mm_projector.2.bias", "model.mm_projector.2.weight"]
+    assert raw["model.mm_projector.0.weight"].shape == (64, 48)  # [out, in], vision 48 -> LM 64
+    assert kit.base_path("different", out) is None
+    base = kit.load_projector_file(kit.base_path("shared", out))
+    experts = kit.load_experts("shared", out)
+    assert list(experts) == kit.expert_names(out)
+    for p in [base, *experts.values(), kit.load_projector_file(kit.joint_path(out))]:
+        assert p.family == "llava-mlp2x_gelu" and (p.in_features, p.out_features) == (48, 64)
+    # shared-init experts moved away from the base; different-init experts differ from it entirely
+    moved = [float((e.state()["0.weight"] - base.state()["0.weight"]).abs().max()) for e in experts.values()]
+    assert min(moved) > 0.0
+
+    world = kit.load_world(out)
+    cal = kit.calibration("shared", n=3, root=out)
+    assert cal.domains == world.domains and all(f.shape == (3 * 16, 48) for f in cal.features)
+    res = evaluate(world.backend, base, world.caption_sets("val", 4))
+    assert set(res.per_domain) == set(world.domains) and res.mean.n == 16
+
+    # tampering is detected
+    (out / "joint/mm_projector.bin").write_bytes(b"x")
+    assert kit.verify(out) == ["joint/mm_projector.bin: sha256 differs from the manifest"]
+
+
+def test_tiny_build_is_reproducible(tmp_path):
+    a = build.build(tmp_path / "a", tiny=True)
+    b = build.build(tmp_path / "b", tiny=True)
+    assert a["files"] == b["files"]
