@@ -7,7 +7,6 @@ from typing import Any
 import torch
 
 from .base import MergeJob, Param, register
-from .common import kth_largest
 from .task_arithmetic import TaskVectorMethod
 
 
@@ -31,7 +30,8 @@ def ties_merge(
     for row in flat:
         if keep < n:
             mags = row.abs()
-            row = torch.where(mags >= kth_largest(mags, keep), row, zero)
+            threshold = mags.kthvalue(n - keep + 1).values  # keep-th largest magnitude
+            row = torch.where(mags >= threshold, row, zero)
         trimmed.append(row)
     if sign_method == "count":
         mass = sum(torch.sign(t) for t in trimmed)
