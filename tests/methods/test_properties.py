@@ -291,3 +291,27 @@ def test_regmean_few_samples_path_matches_gram_formula():
                                  calibration=Calibration(xs), weights=[1.0, 2.0]))
     grams = [c * shrink_gram(x.T @ x, 0.6) for c, x in zip((1.0, 2.0), xs)]
     torch.testing.assert_close(out.state["0.weight"], regmean_solve(ws, grams), atol=1e-4, rtol=1e-4)
+
+
+def test_iso_cts_complement_path_matches_direct_residual():
+    """m <= n uses the exact complement-coordinates shortcut; compare with the direct formula."""
+    from pivotmerge_gui.core.methods.iso import iso_cts_update
+
+    g = torch.Generator().manual_seed(9)
+    taus = torch.randn(3, 12, 20, generator=g, dtype=torch.float64)  # m = 12 <= n = 20
+    got = iso_cts_update(taus, 0.5)
+    # direct: residual SVDs in the full space
+    u, s, vh = torch.linalg.svd(taus.sum(0), full_matrices=False)
+    common = 6
+    uc = u[:, :common]
+    parts_u, parts_s, parts_v = [], [], []
+    for t in taus:
+        ru, rs, rv = torch.linalg.svd(t - uc @ (uc.T @ t), full_matrices=False)
+        parts_u.append(ru[:, :2]); parts_s.append(rs[:2]); parts_v.append(rv[:2])
+    u_all = torch.cat(parts_u + [uc], 1)
+    v_all = torch.cat(parts_v + [vh[:common]], 0)
+    s_iso = torch.cat(parts_s + [s[:common]]).sum() / 12
+    pu = torch.linalg.svd(u_all, full_matrices=False)
+    pv = torch.linalg.svd(v_all, full_matrices=False)
+    want = s_iso * (pu[0] @ pu[2]) @ (pv[0] @ pv[2])
+    torch.testing.assert_close(got, want)

@@ -51,10 +51,18 @@ def iso_cts_update(
     per_task = task_total // k_count
     u, s, vh = torch.linalg.svd(taus.sum(0), full_matrices=False)
     uc, sc, vc = u[:, :common], s[:common], vh[:common]
+    # When U is a complete basis of the output space (m <= n), the part of tau outside the
+    # common subspace is U_perp (U_perp^T tau): its SVD is that of the small
+    # (m - common) x n coefficient matrix, mapped back by U_perp, which is exact and avoids
+    # an m x m eigenproblem per task.
+    complement = u[:, common:] if u.shape[1] == m else None
     us, ss, vs = [], [], []
     for tau in taus:
-        residual = tau - uc @ (uc.T @ tau)
-        ut, st, vt = svd_top(residual, per_task)
+        if complement is not None:
+            ct, st, vt = svd_top(complement.T @ tau, per_task)
+            ut = complement @ ct
+        else:
+            ut, st, vt = svd_top(tau - uc @ (uc.T @ tau), per_task)
         us.append(ut)
         ss.append(st)
         vs.append(vt)
