@@ -24,9 +24,9 @@ import torch
 from pivotmerge_gui.core.methods import list_methods
 from pivotmerge_gui.core.methods.breadcrumbs import breadcrumbs_mask
 from pivotmerge_gui.core.methods.common import trim_top_k
+from tests.conftest import make_mlp_projector
 
 from .helpers import calibration_for, job_for, offset, random_delta, run
-from tests.conftest import make_mlp_projector
 
 K = 3
 NAMES = [m.name for m in list_methods() if m.name != "pivotmerge"]

@@ -176,7 +176,7 @@ def test_knots_linear_merge_equals_task_arithmetic():
 def test_ssam_single_expert_and_subspace():
     base, experts = family(1)
     out = run("ssam", job_for("ssam", experts, base, {"rank_fraction": 1.0}))
-    for k, b in base.state().items():
+    for k in base.state():
         torch.testing.assert_close(out.state[k], experts[0].state()[k], atol=1e-5, rtol=1e-4)
     # rank 4 of min(32, 16): best rank-4 approximation of the single update
     out = run("ssam", job_for("ssam", experts, base, {"rank_fraction": 0.25}))

@@ -7,7 +7,12 @@ import json
 import pytest
 import torch
 
-from pivotmerge_gui.core.errors import Cancelled, NeedsBaseError, NeedsCalibrationError, ParameterError
+from pivotmerge_gui.core.errors import (
+    Cancelled,
+    NeedsBaseError,
+    NeedsCalibrationError,
+    ParameterError,
+)
 from pivotmerge_gui.core.methods import list_methods
 from pivotmerge_gui.core.progress import CancelToken, ProgressEvent
 

@@ -17,8 +17,8 @@ def breadcrumbs_mask(taus: torch.Tensor, density: float, gamma: float) -> torch.
     k_count = taus.shape[0]
     flat = taus.reshape(k_count, -1).abs()
     n = flat.shape[1]
-    n_top = min(n, int(round(gamma * n)))
-    n_keep = max(0, min(n - n_top, int(round(density * n))))
+    n_top = min(n, round(gamma * n))
+    n_keep = max(0, min(n - n_top, round(density * n)))
     keep = torch.ones_like(flat, dtype=torch.bool)
     if n_keep == 0:
         return torch.zeros_like(taus, dtype=torch.bool)

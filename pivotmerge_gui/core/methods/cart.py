@@ -51,7 +51,7 @@ class CART(TaskVectorMethod):
     def merge_update(self, name, kind, role, taus, job: MergeJob, gen, facts):
         if not is_matrix(kind, role, taus[0]):
             return torch.zeros_like(taus[0])
-        rank = max(1, int(round(min(taus.shape[1:]) * self.param(job, "rank_fraction"))))
+        rank = max(1, round(min(taus.shape[1:]) * self.param(job, "rank_fraction")))
         total = torch.zeros_like(taus[0])
         kept = []
         for tau in taus:

@@ -63,7 +63,7 @@ class SSAM(TaskVectorMethod):
         reduce = (lambda x: x.mean(0)) if self.param(job, "merge") == "mean" else (lambda x: x.sum(0))
         if not is_matrix(kind, role, taus[0]):
             return scale * reduce(taus)
-        rank = max(1, int(round(min(taus.shape[1:]) * self.param(job, "rank_fraction"))))
+        rank = max(1, round(min(taus.shape[1:]) * self.param(job, "rank_fraction")))
         u, v = shared_subspaces(taus, rank)
         coords = torch.einsum("ir,kij,js->krs", u, taus, v)
         norms = taus.flatten(1).pow(2).sum(1).clamp(min=torch.finfo(taus.dtype).tiny)

@@ -24,7 +24,7 @@ def ties_merge(
     k_count = taus.shape[0]
     flat = taus.reshape(k_count, -1)
     n = flat.shape[1]
-    keep = n if density >= 1.0 else max(1, min(n, int(round(density * n))))
+    keep = n if density >= 1.0 else max(1, min(n, round(density * n)))
     zero = flat.new_zeros(())
     trimmed = []
     for row in flat:
