@@ -73,6 +73,12 @@ def test_shared_init_gives_identity():
     noisy = pivot.with_state({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in pivot.state().items()})
     aligned, info = align_to_pivot(noisy, pivot)
     assert info.is_identity and info.fraction_moved == 0.0
+    assert info.pairs[0].solver == "certificate-identity"
+    assert 0.9 < info.similarity_after <= 1.0
+    # large noise: the cheap certificate fails, the full matching still finds the identity
+    big = pivot.with_state({k: v + 0.08 * torch.randn(v.shape, generator=g) for k, v in pivot.state().items()})
+    _, info2 = align_to_pivot(big, pivot)
+    assert info2.is_identity and info2.pairs[0].solver != "certificate-identity"
     for k, v in noisy.state().items():
         assert torch.equal(aligned.state()[k], v)
 

@@ -9,7 +9,8 @@ Per layer with a 2-D weight:
   Small sides (<= ``FULL_SPECTRUM_LIMIT``) use the exact spectrum from the eigenvalues of
   the fp64 Gram matrix of the smaller side; larger ones the top ``TOP_SINGULAR_VALUES``
   by randomized subspace iteration (a few % off on flat spectra), with the effective
-  rank estimated by spreading the exactly known remaining energy evenly over the missing values (flagged as estimated);
+  rank estimated by spreading the exactly known remaining energy evenly over the missing
+  values (flagged as estimated);
 - Frobenius norms, pairwise **cosine similarity** of the experts' weights and of their
   **task vectors** (relative to the base, or to the mean of the experts when there is no
   base: such task vectors sum to zero, so their cosines lean negative and their signs
@@ -362,13 +363,14 @@ def iter_analysis(
     merged_w = merged.to(dtype=torch.float32) if merged is not None else None
     do_align = align and bool(experts[0].hidden_pairs()) and k > 1
     if do_align:
+        cache: dict = {}
         for i in range(k):
             cancel.raise_if_cancelled()
             yield ProgressEvent("align", 0.2 * i / k, f"aligning {names[i]} to {names[pivot]}")
             if i == pivot:
                 alignment.append({"expert": names[i], "is_identity": True, "fraction_moved": 0.0})
                 continue
-            work[i], info = align_to_pivot(work[i], work[pivot])
+            work[i], info = align_to_pivot(work[i], work[pivot], cache=cache)
             alignment.append({"expert": names[i], "is_identity": info.is_identity,
                               "fraction_moved": info.fraction_moved,
                               "similarity_before": info.similarity_before,

@@ -420,7 +420,7 @@ class PivotMerge(MergeMethod):
             r0 = ref_state[key].to(job.dtype)
             taus = torch.stack([s[key].to(job.dtype) - r0 for s in states])
             t32 = taus.float()
-            tnorm2 = t32.pow(2).flatten(1).sum(1)
+            tnorm2 = torch.linalg.vector_norm(t32.flatten(1), dim=1) ** 2
             typical_sq[lname] = typical_sq.get(lname, 0.0) + float((tnorm2 * weights).sum() / k_exp)
             entry: dict[str, Any] = {"tensor": key, "shape": list(r0.shape)}
             if r0.dim() == 2 and prm["sdf"] and min(r0.shape) > 1:
@@ -519,6 +519,7 @@ class PivotMerge(MergeMethod):
     ) -> Generator[ProgressEvent, None, None]:
         """Align every expert to ``experts[pivot]`` in place of ``aligned``/``infos``."""
         names = job.expert_names or [e.source or f"expert {i}" for i, e in enumerate(experts)]
+        cache: dict = {}
         for i, e in enumerate(experts):
             job.cancel.raise_if_cancelled()
             yield ProgressEvent("align", f0 + (f1 - f0) * i / len(experts),
@@ -526,7 +527,7 @@ class PivotMerge(MergeMethod):
             if i == pivot:
                 aligned[i], infos[i] = e, identity_info(e)
             else:
-                aligned[i], infos[i] = align_to_pivot(e, experts[pivot])
+                aligned[i], infos[i] = align_to_pivot(e, experts[pivot], cache=cache)
 
     @staticmethod
     def _medoid_scores(aligned: list[Projector]) -> list[float]:
