@@ -315,3 +315,16 @@ def test_iso_cts_complement_path_matches_direct_residual():
     pv = torch.linalg.svd(v_all, full_matrices=False)
     want = s_iso * (pu[0] @ pu[2]) @ (pv[0] @ pv[2])
     torch.testing.assert_close(got, want)
+
+
+def test_iso_cts_extreme_common_fractions():
+    from pivotmerge_gui.core.methods.iso import iso_c_update, iso_cts_update
+
+    g = torch.Generator().manual_seed(2)
+    for shape in ((12, 20), (20, 12)):
+        taus = torch.randn(3, *shape, generator=g, dtype=torch.float64)
+        # everything common: Iso-CTS is Iso-C
+        torch.testing.assert_close(iso_cts_update(taus, 1.0), iso_c_update(taus.sum(0)))
+        # nothing common: still a flat spectrum over the full rank
+        s = torch.linalg.svdvals(iso_cts_update(taus, 0.0))
+        assert (s.max() - s.min()) / s.max() < 1e-8

@@ -77,6 +77,8 @@ def is_matrix(kind: str, role: str, t: torch.Tensor) -> bool:
 def _rank_tol(eigvals: torch.Tensor, size: int) -> float:
     """Eigenvalues of a Gram matrix below this are numerically zero (matrix_rank rule,
     applied to sigma^2 = eigenvalue)."""
+    if eigvals.numel() == 0:
+        return 0.0
     top = float(eigvals.max().clamp(min=0))
     return top * size * torch.finfo(eigvals.dtype).eps
 

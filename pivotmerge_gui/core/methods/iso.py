@@ -59,16 +59,20 @@ def iso_cts_update(
     us, ss, vs = [], [], []
     for tau in taus:
         if complement is not None:
-            ct, st, vt = svd_top(complement.T @ tau, per_task)
-            ut = complement @ ct
+            ut, st, vt = svd_top(complement.T @ tau, per_task)  # ut in complement coordinates
         else:
             ut, st, vt = svd_top(tau - uc @ (uc.T @ tau), per_task)
         us.append(ut)
         ss.append(st)
         vs.append(vt)
-    u_all = torch.cat(us + [uc], 1)
     s_all = torch.cat(ss + [sc])
     v_all = torch.cat(vs + [vc], 0)
+    if complement is not None:
+        # the task columns live in the complement of U_c, so the Gram matrix of the stacked
+        # U is block diagonal and its polar factor is [U_perp polar(task coords), U_c]
+        u_orth = torch.cat([complement @ polar(torch.cat(us, 1)), uc], 1)
+    else:
+        u_orth = polar(torch.cat(us + [uc], 1))
     # mean over all min_dim slots: a task whose remainder has fewer non-zero directions
     # contributes zeros there, as in the reference
     s_iso = s_all.sum() / min_dim
@@ -77,7 +81,7 @@ def iso_cts_update(
         facts["common_dims"] = int(common)
         facts["task_dims_each"] = int(per_task)
         facts["iso_sigma"] = round(float(s_iso), 8)
-    return s_iso * (polar(u_all) @ polar(v_all))
+    return s_iso * (u_orth @ polar(v_all))
 
 
 @register
