@@ -194,6 +194,7 @@ def test_package_data_covers_resources_and_demo_artifact_types(tmp_path: Path) -
 def test_built_wheel_contains_resources_and_demo_kit(tmp_path: Path) -> None:
     # Build from a copy so build/ and *.egg-info never land in the work tree.
     source = tmp_path / "src"
+    source.mkdir()
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "dist", ".git",
                                     ".venv", ".pytest_cache", ".hypothesis")
     for name in ("pyproject.toml", "README.md", "pivotmerge_gui", "resources"):
