@@ -67,16 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def open_inputs() -> None:
         if args.demo:
-            try:
-                from pivotmerge_gui.demo.kit import base_path, expert_paths
-
-                window.add_paths([str(p) for p in expert_paths(args.scenario)])
-                if args.base is None and args.scenario == "shared":
-                    base = base_path(args.scenario)
-                    if base is not None:
-                        window.set_base(str(base))
-            except Exception as exc:  # noqa: BLE001 - shown to the user, the app keeps running
-                window.show_error("Cannot open the demo kit", exc)
+            window.open_demo(args.scenario, with_base=args.base is None)
         if args.paths:
             window.add_paths(args.paths)
         if args.base:

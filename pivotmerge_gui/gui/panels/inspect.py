@@ -31,7 +31,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from ..analysis_view import AnalysisView, view_of
+from ..analysis_view import AnalysisView, Curve, view_of
 from ..models import LayerTableModel
 
 pg.setConfigOptions(antialias=True, background="w", foreground="k")
@@ -39,6 +39,7 @@ pg.setConfigOptions(antialias=True, background="w", foreground="k")
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
            "#7f7f7f", "#bcbd22", "#17becf"]
 MERGED_COLOR = "#000000"
+BAR_COLOR = QColor(158, 202, 225, 200)  # one pale hue: bar length alone carries the value
 
 
 def _placeholder(text: str) -> QLabel:
@@ -91,7 +92,7 @@ class ColorBarDelegate(QStyledItemDelegate):
         if isinstance(frac, float):
             r = option.rect.adjusted(2, 3, -2, -3)
             w = int(r.width() * max(0.0, min(1.0, frac)))
-            color = QColor.fromHsvF(0.58 - 0.58 * max(0.0, min(1.0, frac)), 0.45, 0.98)
+            color = BAR_COLOR
             painter.save()
             painter.fillRect(QRectF(r.x(), r.y(), w, r.height()), color)
             painter.restore()
@@ -165,6 +166,9 @@ class SpectraPanel(_StackedPanel):
         self.mode_combo = QComboBox()
         for label, key in self.MODES:
             self.mode_combo.addItem(label, key)
+        self.source_combo = QComboBox()
+        self.source_combo.setToolTip("Spectra of the experts' weights, or of their task vectors "
+                                     "(updates relative to the base / the experts' mean)")
         self.log_check = QCheckBox("Log scale")
         self.log_check.setChecked(True)
         self.png_button = QPushButton("Export PNG…")
@@ -172,6 +176,7 @@ class SpectraPanel(_StackedPanel):
         bar = QHBoxLayout()
         bar.addWidget(QLabel("Layer"))
         bar.addWidget(self.layer_combo)
+        bar.addWidget(self.source_combo)
         bar.addWidget(self.mode_combo)
         bar.addWidget(self.log_check)
         bar.addStretch(1)
@@ -192,6 +197,7 @@ class SpectraPanel(_StackedPanel):
         self._curves: dict[str, np.ndarray] = {}
         self._shared_line: pg.InfiniteLine | None = None
         self.layer_combo.currentIndexChanged.connect(self.redraw)
+        self.source_combo.currentIndexChanged.connect(self.redraw)
         self.mode_combo.currentIndexChanged.connect(self.redraw)
         self.log_check.toggled.connect(self.redraw)
         self.png_button.clicked.connect(self._export_png_dialog)
@@ -200,15 +206,9 @@ class SpectraPanel(_StackedPanel):
 
     def set_view(self, view: AnalysisView) -> None:
         self.view = view
-        layers = list(view.spectra)
-        current = self.layer_combo.currentText()
-        self.layer_combo.blockSignals(True)
-        self.layer_combo.clear()
-        self.layer_combo.addItems(layers)
-        i = self.layer_combo.findText(current)
-        self.layer_combo.setCurrentIndex(i if i >= 0 else 0)
-        self.layer_combo.blockSignals(False)
-        if not layers:
+        _refill(self.layer_combo, view.spectrum_layers)
+        _refill(self.source_combo, list(view.spectra))
+        if not view.spectrum_layers:
             self.show_message("No 2-D weights to decompose in these projectors.")
             return
         self.show_content()
@@ -226,33 +226,41 @@ class SpectraPanel(_StackedPanel):
         if self.view is None:
             return
         layer = self.layer_combo.currentText()
-        data = self.view.spectra.get(layer, {})
+        source = self.source_combo.currentText()
+        data = self.view.spectra.get(source, {}).get(layer, {})
         self.plot.clear()
         self.legend.clear()
         self._curves = {}
         log_y = self.log_check.isChecked()
         self.plot.setLogMode(x=False, y=log_y)
-        for i, (name, sv) in enumerate(data.items()):
-            y = transform_spectrum(np.asarray(sv, dtype=np.float64), self.mode)
+        incomplete = False
+        for i, (name, curve) in enumerate(data.items()):
+            y = transform_spectrum(curve, self.mode)
+            incomplete |= not curve.complete
             self._curves[name] = y
             if log_y:
                 y = np.clip(y, 1e-12, None)
             x = np.arange(1, len(y) + 1)
-            merged = name == "Merged"
-            pen = pg.mkPen(MERGED_COLOR if merged else PALETTE[i % len(PALETTE)],
-                           width=2.5 if merged else 1.6,
-                           style=Qt.PenStyle.DashLine if merged else Qt.PenStyle.SolidLine)
-            self.plot.plot(x, y, pen=pen, name=name)
+            special = name in ("merged", "base")
+            color = MERGED_COLOR if name == "merged" else "#888888" if name == "base" else PALETTE[i % len(PALETTE)]
+            pen = pg.mkPen(color, width=2.6 if special else 1.6,
+                           style=Qt.PenStyle.DashLine if special else Qt.PenStyle.SolidLine)
+            self.plot.plot(x, y, pen=pen, name="Merged" if name == "merged" else name)
         label = {"raw": "singular value σᵢ", "normalised": "σᵢ / σ₁",
-                 "cumulative": "cumulative energy Σσ² (fraction)"}[self.mode]
+                 "cumulative": "cumulative energy Σσ² / ‖W‖²"}[self.mode]
         self.plot.setLabel("left", label)
-        self.plot.setTitle(f"Layer {layer}: spectra of {'task vectors' if self.view.spectra_of_task_vectors else 'weights'}")
+        title = f"Layer {layer}: singular values of the {source}"
+        if incomplete:
+            title += f" (top {max((len(v) for v in self._curves.values()), default=0)})"
+        self.plot.setTitle(title)
         rank = self.view.shared_rank.get(layer)
+        self._shared_line = None
         if rank:
             line = pg.InfiniteLine(pos=rank, angle=90, movable=False,
                                    pen=pg.mkPen("#555", width=1.5, style=Qt.PenStyle.DashLine),
                                    label=f"shared rank r = {rank}",
-                                   labelOpts={"position": 0.92, "color": "#333", "fill": (255, 255, 255, 200)})
+                                   labelOpts={"position": 0.06, "color": "#333", "fill": (255, 255, 255, 220),
+                                              "anchors": [(1, 1), (1, 1)]})
             self.plot.addItem(line)
             self._shared_line = line
         self.plot.enableAutoRange()
@@ -298,16 +306,32 @@ class SpectraPanel(_StackedPanel):
             self.export_csv(f)
 
 
-def transform_spectrum(sv: np.ndarray, mode: str) -> np.ndarray:
-    """Display transform of a descending singular-value vector (plot scaling only)."""
+def transform_spectrum(curve: Curve, mode: str) -> np.ndarray:
+    """Display transform of a descending singular-value curve (plot scaling only).
+
+    Cumulative energy divides by the exact total energy, so a curve with only the top
+    values computed ends below 1 by exactly the energy it leaves out."""
+    sv = curve.values
     if sv.size == 0:
         return sv
     if mode == "normalised":
         return sv / sv[0] if sv[0] > 0 else sv
     if mode == "cumulative":
-        e = np.cumsum(sv.astype(np.float64) ** 2)
-        return e / e[-1] if e[-1] > 0 else e
+        e = np.cumsum(sv ** 2)
+        total = curve.total_energy if curve.total_energy > 0 else float(e[-1])
+        return e / total if total > 0 else e
     return sv
+
+
+def _refill(combo: QComboBox, items: list[str]) -> None:
+    """Replace a combo's items, keeping the current choice when it still exists."""
+    current = combo.currentText()
+    combo.blockSignals(True)
+    combo.clear()
+    combo.addItems(items)
+    i = combo.findText(current)
+    combo.setCurrentIndex(i if i >= 0 else 0)
+    combo.blockSignals(False)
 
 
 # ----------------------------------------------------------------------------- similarity
@@ -352,15 +376,8 @@ class SimilarityPanel(_StackedPanel):
 
     def set_view(self, view: AnalysisView) -> None:
         self.view = view
-        cur_layer, cur_kind = self.layer_combo.currentText(), self.kind_combo.currentText()
-        for combo, items, cur in ((self.layer_combo, list(view.similarity), cur_layer),
-                                  (self.kind_combo, view.similarity_kinds, cur_kind)):
-            combo.blockSignals(True)
-            combo.clear()
-            combo.addItems(items)
-            i = combo.findText(cur)
-            combo.setCurrentIndex(i if i >= 0 else 0)
-            combo.blockSignals(False)
+        _refill(self.layer_combo, list(view.similarity))
+        _refill(self.kind_combo, view.similarity_kinds)
         if not view.similarity:
             self.show_message("Similarity needs at least two loaded experts.")
             return
@@ -382,7 +399,7 @@ class SimilarityPanel(_StackedPanel):
             return
         m = np.asarray(m, dtype=np.float64)
         self.matrix = m
-        names = self.view.similarity_names[: m.shape[0]]
+        names = [("Merged" if n == "merged" else n) for n in self.view.similarity_names[: m.shape[0]]]
         # ImageItem indexes [x, y]; transpose so row i of the matrix is drawn at y = i
         self.image.setImage(m.T, levels=(-1.0, 1.0), autoLevels=False)
         self.image.setRect(QRectF(0, 0, m.shape[1], m.shape[0]))

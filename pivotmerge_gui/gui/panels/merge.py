@@ -87,6 +87,7 @@ class ParamFormPanel(QWidget):
             tip = _param_tooltip(p, method.reference_url)
             if p.name in self.EXTERNAL:
                 ext = QLabel("automatic")
+                ext.setWordWrap(True)
                 ext.setToolTip(tip + "<br>" + self.EXTERNAL[p.name])
                 ext.setStyleSheet("color: #444;")
                 self.external_labels[p.name] = ext
@@ -263,6 +264,7 @@ class LayerCoefficientsPanel(QWidget):
             spin.setSingleStep(0.05)
             spin.setValue(1.0)
             auto = QLabel("")
+            auto.setMinimumWidth(auto.fontMetrics().horizontalAdvance("used 0.000 "))
             auto.setToolTip("Coefficient the last merge used for this layer")
             sl.setEnabled(False)
             spin.setEnabled(False)
@@ -400,6 +402,7 @@ class MergePanel(QWidget):
         scroll.setFrameShape(QScrollArea.Shape.NoFrame)
         scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
 
+        self.setMinimumWidth(380)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addWidget(QLabel("<b>Merge</b>"))
