@@ -51,7 +51,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for info in infos:
         d = info.to_dict()
         print(f"{d['spec']}")
-        print(f"  family : {d.get('family_pretty') or d['family']} ({d['family']})")
+        print(f"  family : {d.get('pretty_family') or d['family']} ({d['family']})")
         print(f"  files  : {', '.join(d['files'])}")
         print(f"  dtype  : {d['dtype']}   params: {d['num_params']:,}   bytes: {_size(d['nbytes'])}")
         print(f"  sha256 : {d.get('sha256', '')}")

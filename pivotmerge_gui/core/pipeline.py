@@ -23,7 +23,7 @@ from .devices import dtype_name, parse_dtype, resolve_device
 from .errors import MethodError, OutputError, RecipeError
 from .methods.base import Calibration, MergeJob, MergeMethod, get_method
 from .progress import CancelToken, ProgressEvent
-from .projector import Projector, check_compatible, mean_projector
+from .projector import Projector, all_finite, check_compatible, mean_projector, nonfinite_tensors
 from .recipe import Recipe, display_name
 
 
@@ -125,7 +125,7 @@ def plan(
 
     warnings = []
     for proj, name in zip([*experts, *([base] if base else [])], [*names, "base"]):
-        bad = [k for k, t in proj.state().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        bad = nonfinite_tensors(proj)
         if bad:
             raise MethodError(
                 f"{name} ({proj.source}): tensor(s) {', '.join(bad)} contain NaN or Inf; "
@@ -212,7 +212,7 @@ def execute(
     missing = [k for k in experts[0].state() if k not in state]
     if missing:  # a method bug, not a user error: fail loudly
         raise RuntimeError(f"method {plan.method.name} returned no tensor for {missing}")
-    bad = [k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = [k for k, t in state.items() if not all_finite(t)]
     if bad:
         raise MethodError(
             f"the {plan.method.pretty_name} merge produced NaN/Inf in {', '.join(bad)}; "

@@ -211,6 +211,21 @@ class Projector:
         return x, inputs
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """True when a tensor has no NaN/Inf. A float32 sum is a fast exact screen (NaN/Inf
+    propagate); only when it overflows do we pay for the element-wise check."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def nonfinite_tensors(projector: Projector) -> list[str]:
+    """Canonical names of the tensors holding NaN or Inf."""
+    return [k for k, t in projector.state().items() if not all_finite(t)]
+
+
 def check_compatible(
     projectors: Sequence[Projector], names: Sequence[str] | None = None
 ) -> None:

@@ -36,7 +36,7 @@ import torch
 
 from ..errors import CheckpointError, UnknownLayoutError, UnsafeCheckpointError
 from ..progress import CancelToken, ProgressEvent
-from ..projector import Projector
+from ..projector import Projector, all_finite
 from .discovery import (
     CHECKPOINT_SUFFIXES,
     AmbiguousCheckpoint,
@@ -471,7 +471,7 @@ def _finite_warnings(projector: Projector) -> list[str]:
         f"{l.keys.get(r, l.name + '.' + r)}"
         for l in projector.layers
         for r, t in l.tensors.items()
-        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+        if not all_finite(t)
     ]
     return bad
 
