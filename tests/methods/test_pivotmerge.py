@@ -270,3 +270,15 @@ def test_overlap_normalised_sum_limits():
     two = (q[:, 2:4], s, p[:, 2:4])
     other = (q[:, 2:4] * s) @ p[:, 2:4].t()
     torch.testing.assert_close(overlap_normalised_sum([one, two]), single + other, atol=1e-5, rtol=0)
+
+
+def test_bf16_compute_dtype_close_to_fp32(family):
+    base, experts = family
+    cal = _calibration(experts)
+    ref, _ = run(experts, {"alm": "data"}, base=base, calibration=cal)
+    lo = [e.to(dtype=torch.bfloat16) for e in experts]
+    out, _ = run(lo, {"alm": "data"}, base=base.to(dtype=torch.bfloat16), dtype=torch.bfloat16,
+                 calibration=Calibration([f.bfloat16() for f in cal.features]))
+    for k, v in ref.state.items():
+        assert out.state[k].dtype == torch.bfloat16
+        torch.testing.assert_close(out.state[k].float(), v, atol=0.05 * float(v.abs().max()), rtol=0)

@@ -440,6 +440,7 @@ class PivotMerge(MergeMethod):
                 merged, st = elect_and_merge(t32, weights, filter_conflicts=prm["filter_conflicts"],
                                              trim_density=prm["trim_density"] if r0.dim() == 2 else 1.0)
                 entry.update(mode="entry-wise", conflict_fraction=round(st["conflict_fraction"], 6),
+                             conflicts_dropped=bool(prm["filter_conflicts"]),
                              trimmed_fraction=round(st["trimmed_fraction"], 6))
                 e = st["agree_energy"]
             entry["energy"] = float(tnorm2.sum())
@@ -606,6 +607,7 @@ class PivotMerge(MergeMethod):
             "mode": "sdf", "subspace": sub["method"], "rank": r, "rank_u": sub["rank_u"],
             "rank_v": sub["rank_v"], "shared_energy": round(shared_e, 6),
             "conflict_fraction": round(st["conflict_fraction"], 6),
+            "conflicts_dropped": bool(prm["filter_conflicts"]),
             "trimmed_fraction": round(st["trimmed_fraction"], 6),
         }
         if prm["residuals"] and prm["residual_weight"] > 0 and r < min(m, n):
@@ -633,8 +635,11 @@ class PivotMerge(MergeMethod):
 
         Objective: sum_k w_k mean_{x in D_k} ||f(x) - f_k(x)||^2, starting from lambda = 1;
         only steps that lower it are accepted."""
-        ref_state = {k: v.detach() for k, v in ref.state().items()}
-        tau = {k: v.detach() for k, v in tau_star.items()}
+        # fitted in fp32 whatever the compute dtype (a few scalars; bf16 steps would stall)
+        ref_state = {k: v.detach().float() for k, v in ref.state().items()}
+        tau = {k: v.detach().float() for k, v in tau_star.items()}
+        xs = [x.float() for x in xs]
+        ys = [y.float() for y in ys]
         n_free = len(free)
         idx = {n: i for i, n in enumerate(free)}
 
@@ -654,7 +659,7 @@ class PivotMerge(MergeMethod):
                     tot += float(weights[k]) * float(d.pow(2).sum()) / x.shape[0]
             return tot
 
-        lam = torch.ones(n_free, dtype=job.dtype, device=job.device)
+        lam = torch.ones(n_free, dtype=torch.float32, device=job.device)
         start = objective(lam)
         if n_free == 0:
             yield None, ({}, {"objective_at_1": start, "objective": start, "iterations": 0})
