@@ -125,7 +125,10 @@ def plan(
 
     warnings = []
     for proj, name in zip([*experts, *([base] if base else [])], [*names, "base"]):
-        bad = nonfinite_tensors(proj)
+        if proj.metadata.get("finite_checked"):  # the reader already screened it
+            bad = [b for b in proj.metadata.get("nonfinite_tensors", "").split(",") if b]
+        else:
+            bad = nonfinite_tensors(proj)
         if bad:
             raise MethodError(
                 f"{name} ({proj.source}): tensor(s) {', '.join(bad)} contain NaN or Inf; "

@@ -149,6 +149,10 @@ class Projector:
         for l in self.layers:
             tensors = {role: state[f"{l.name}.{role}"] for role in l.tensors}
             layers.append(Layer(l.name, l.kind, tensors, dict(l.keys)))
+        if "metadata" not in changes:  # facts about the old values do not carry over
+            changes["metadata"] = {
+                k: v for k, v in self.metadata.items() if k not in ("finite_checked", "nonfinite_tensors")
+            }
         return replace(self, layers=layers, **changes)  # type: ignore[arg-type]
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Projector:

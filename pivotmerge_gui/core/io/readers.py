@@ -498,6 +498,7 @@ def load_projector(
     if read.container:
         projector.metadata["container_key"] = read.container
     bad = _finite_warnings(projector)
+    projector.metadata["finite_checked"] = "1"
     if bad:
         projector.metadata["nonfinite_tensors"] = ",".join(bad)
         projector.metadata["warnings"] = "\n".join(f"tensor '{k}' contains NaN or Inf values" for k in bad)
