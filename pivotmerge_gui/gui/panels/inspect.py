@@ -22,11 +22,13 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QHeaderView,
     QLabel,
+    QMenu,
     QPushButton,
     QStackedLayout,
     QStyledItemDelegate,
     QStyleOptionViewItem,
     QTableView,
+    QToolButton,
     QVBoxLayout,
     QWidget,
 )
@@ -155,24 +157,32 @@ class SpectraPanel(_StackedPanel):
     (sum sigma_i^2 / total). The shared rank chosen by the analysis is a dashed line.
     """
 
-    MODES = (("Singular values", "raw"), ("Normalised σ/σ₁", "normalised"),
-             ("Cumulative energy", "cumulative"))
+    MODES = (("σ", "raw"), ("σ / σ₁", "normalised"), ("cumulative energy", "cumulative"))
 
     def __init__(self, settings: Any = None, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.settings = settings
         self.layer_combo = QComboBox()
-        self.layer_combo.setMinimumContentsLength(12)
+        self.layer_combo.setMinimumContentsLength(6)
+        self.layer_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
         self.mode_combo = QComboBox()
         for label, key in self.MODES:
             self.mode_combo.addItem(label, key)
+        self.mode_combo.setToolTip("Singular values σᵢ, normalised σᵢ/σ₁, or the cumulative share "
+                                   "of the energy ‖W‖² held by the top i directions")
         self.source_combo = QComboBox()
         self.source_combo.setToolTip("Spectra of the experts' weights, or of their task vectors "
                                      "(updates relative to the base / the experts' mean)")
-        self.log_check = QCheckBox("Log scale")
+        self.log_check = QCheckBox("Log")
+        self.log_check.setToolTip("Logarithmic y axis")
         self.log_check.setChecked(True)
-        self.png_button = QPushButton("Export PNG…")
-        self.csv_button = QPushButton("Export CSV…")
+        self.export_button = QToolButton()
+        self.export_button.setText("Export")
+        self.export_button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
+        export_menu = QMenu(self.export_button)
+        export_menu.addAction("Plot as PNG…", self._export_png_dialog)
+        export_menu.addAction("Curves as CSV…", self._export_csv_dialog)
+        self.export_button.setMenu(export_menu)
         bar = QHBoxLayout()
         bar.addWidget(QLabel("Layer"))
         bar.addWidget(self.layer_combo)
@@ -180,8 +190,7 @@ class SpectraPanel(_StackedPanel):
         bar.addWidget(self.mode_combo)
         bar.addWidget(self.log_check)
         bar.addStretch(1)
-        bar.addWidget(self.png_button)
-        bar.addWidget(self.csv_button)
+        bar.addWidget(self.export_button)
         self.plot = pg.PlotWidget()
         self.plot.showGrid(x=True, y=True, alpha=0.25)
         self.plot.setLabel("bottom", "index i (singular direction)")
@@ -200,8 +209,6 @@ class SpectraPanel(_StackedPanel):
         self.source_combo.currentIndexChanged.connect(self.redraw)
         self.mode_combo.currentIndexChanged.connect(self.redraw)
         self.log_check.toggled.connect(self.redraw)
-        self.png_button.clicked.connect(self._export_png_dialog)
-        self.csv_button.clicked.connect(self._export_csv_dialog)
         self._mouse_proxy = pg.SignalProxy(self.plot.scene().sigMouseMoved, rateLimit=30, slot=self._mouse_moved)
 
     def set_view(self, view: AnalysisView) -> None:

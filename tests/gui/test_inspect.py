@@ -1,0 +1,123 @@
+"""Inspect views fed by the real core analysis: layer table, spectra, similarity."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from pivotmerge_gui.core.analysis import iter_analysis
+from pivotmerge_gui.gui.analysis_view import view_of
+from pivotmerge_gui.gui.panels.inspect import LayersPanel, SimilarityPanel, SpectraPanel
+from tests.conftest import make_mlp_projector
+from tests.gui.conftest import wait_idle
+
+
+def _run(gen):  # type: ignore[no-untyped-def]
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+@pytest.fixture(scope="module")
+def analysis():  # type: ignore[no-untyped-def]
+    base = make_mlp_projector(8, 16, 12, seed=100)
+    experts = []
+    for k in range(3):
+        d = make_mlp_projector(8, 16, 12, seed=k)
+        experts.append(base.with_state({n: base.state()[n] + 0.3 * t for n, t in d.state().items()}))
+    merged = base.with_state({n: sum(e.state()[n] for e in experts) / 3 for n in base.state()})
+    return _run(iter_analysis(experts, base=base, names=["ocr", "charts", "photos"], merged=merged))
+
+
+def test_layers_panel_shows_one_row_per_layer_and_exports_csv(qtbot, analysis, tmp_path):
+    panel = LayersPanel()
+    qtbot.addWidget(panel)
+    panel.set_analysis(analysis)
+    rows = analysis.layer_table()
+    assert panel.model.rowCount() == len(rows) == 2
+    assert panel.model.columns == list(rows[0])
+    assert "3 experts" in panel.caption.text()
+    out = tmp_path / "layers.csv"
+    panel.export_csv(out)
+    with open(out) as fh:
+        got = list(csv.reader(fh))
+    assert got[0] == panel.model.columns and len(got) == 3
+
+
+def test_spectra_panel_modes_overlay_shared_rank_readout_and_export(qtbot, analysis, tmp_path):
+    panel = SpectraPanel()
+    qtbot.addWidget(panel)
+    panel.set_analysis(analysis)
+    layer = panel.layer_combo.currentText()
+    curves = panel.curves()
+    assert set(curves) == {"ocr", "charts", "photos", "base", "merged"}
+    lay = next(l for l in analysis.layers if l.layer == layer)
+    np.testing.assert_allclose(curves["ocr"], lay.spectra["ocr"].values)
+    legend = [item[1].text for item in panel.legend.items]
+    assert "Merged" in legend and "ocr" in legend
+    panel.mode_combo.setCurrentIndex(1)  # normalised
+    assert all(abs(v[0] - 1.0) < 1e-12 for v in panel.curves().values())
+    panel.mode_combo.setCurrentIndex(2)  # cumulative energy
+    for v in panel.curves().values():
+        assert np.all(np.diff(v) >= -1e-12) and v[-1] <= 1.0 + 1e-9
+    panel.source_combo.setCurrentText("task vectors")
+    assert set(panel.curves()) >= {"ocr", "charts", "photos"}
+    assert panel._shared_line is not None and panel._shared_line.value() == analysis.shared_ranks()[layer]
+    text = panel.readout_at(1)
+    assert text.startswith("i=1") and "ocr:" in text and "photos:" in text
+    assert panel.readout_at(10_000) == " "
+    png, csv_path = tmp_path / "s.png", tmp_path / "s.csv"
+    panel.export_png(png)
+    panel.export_csv(csv_path)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(csv_path) as fh:
+        got = list(csv.reader(fh))
+    assert got[0][0] == "index" and set(got[0][1:]) == set(panel.curves())
+    assert len(got) - 1 == max(len(v) for v in panel.curves().values())
+
+
+def test_similarity_panel_shows_the_cosine_matrix(qtbot, analysis):
+    panel = SimilarityPanel()
+    qtbot.addWidget(panel)
+    panel.set_analysis(analysis)
+    assert [panel.kind_combo.itemText(i) for i in range(panel.kind_combo.count())] == ["weights", "task vectors"]
+    layer = panel.layer_combo.currentText()
+    lay = next(l for l in analysis.layers if l.layer == layer)
+    np.testing.assert_allclose(panel.matrix, lay.cosine_weights)
+    assert panel.matrix.shape == (4, 4)  # 3 experts + merged
+    panel.kind_combo.setCurrentText("task vectors")
+    np.testing.assert_allclose(panel.matrix, lay.cosine_tasks)
+    assert "mean off-diagonal" in panel.note.text()
+
+
+def test_empty_and_failed_analysis_show_a_message(qtbot):
+    panel = SpectraPanel()
+    qtbot.addWidget(panel)
+    panel.set_analysis(None)
+    assert "Drop two or more" in panel.message.text()
+    panel.set_analysis(None, problem="boom")
+    assert panel.message.text() == "Analysis failed: boom"
+
+
+def test_analysis_runs_in_background_and_the_merged_result_joins_the_views(qtbot, window, expert_files):
+    window.add_paths([str(expert_files[k]) for k in ("e0", "e1", "e2")])
+    wait_idle(qtbot, window)
+    assert window.analysis is not None and window.analysis.names == ["expert0", "expert1", "expert2"]
+    assert not window.analysis.has_merged
+    assert window.layers_panel.model.rowCount() == 2
+    assert window.merge_panel.set_method_name("linear")
+    wait_idle(qtbot, window)
+    with qtbot.waitSignal(window.merge_finished, timeout=60_000):
+        window.merge_panel.merge_button.click()
+    wait_idle(qtbot, window)
+    assert window.analysis.has_merged
+    assert "merged" in window.spectra_panel.curves()
+    # removing an expert drops the stale result and re-analyses
+    window.experts.remove_rows([2])
+    wait_idle(qtbot, window)
+    assert window.merge_result is None and not window.analysis.has_merged
+    assert window.analysis.names == ["expert0", "expert1"]
