@@ -18,8 +18,9 @@ def ties_merge(
     ('mean', the paper's disjoint mean) or add ('sum') the entries that agree with it.
 
     Same result as ``trim_top_k`` + ``elect_sign`` + ``disjoint_mean`` from :mod:`.common`,
-    computed one expert at a time with fused ``where`` passes: on 4 x 4096x4096 updates
-    on 2 CPU cores that is several times faster than the stacked version.
+    computed one expert at a time so no K-sized boolean/sign stacks are allocated (on
+    4 x 4096x4096 updates, one CPU thread: 2.6 s vs 3.0 s CPU, and much less peak memory)
+    while also counting the trimmed and sign-conflicting entries for the report.
     """
     k_count = taus.shape[0]
     flat = taus.reshape(k_count, -1)
