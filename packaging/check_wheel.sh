@@ -18,6 +18,8 @@ mkdir -p "$work"
 work="$(cd "$work" && pwd)"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1
 step() { echo; echo "== $*"; }
+# pip repeats one line per package about local index folders this machine lacks: hide them.
+quiet_pip() { "$@" 2>&1 | { grep -v "^WARNING: Location '.*' is ignored" || true; }; }
 
 if [ ! -f "$repo/pivotmerge_gui/demo/artifacts/manifest.json" ]; then
   echo "demo artifacts are missing; build them first: $py -m pivotmerge_gui.demo.build" >&2
@@ -26,7 +28,7 @@ fi
 
 step "build the wheel"
 rm -rf "$work/wheel"
-"$py" -m pip wheel "$repo" -w "$work/wheel" --no-deps -q
+quiet_pip "$py" -m pip wheel "$repo" -w "$work/wheel" --no-deps -q
 wheel="$(ls "$work"/wheel/pivotmerge_gui-*.whl)"
 echo "$wheel ($(du -h "$wheel" | cut -f1))"
 
@@ -50,8 +52,8 @@ step "fresh venv: $torch_spec + the wheel"
 rm -rf "$work/venv"
 "$py" -m venv "$work/venv"
 bin="$work/venv/bin"
-"$bin/pip" install -q "$torch_spec"
-"$bin/pip" install -q "$wheel"
+quiet_pip "$bin/pip" install -q "$torch_spec"
+quiet_pip "$bin/pip" install -q "$wheel"
 
 cd "$work"  # away from the source tree, so only the installed package can be imported
 step "installed package location"
@@ -65,8 +67,10 @@ assert "site-packages" in str(app_icon_path(48)), "icon not found inside the ins
 EOF
 
 step "pivotmerge methods"
-"$bin/pivotmerge" methods | tee "$work/methods.txt" | head -5
-test -s "$work/methods.txt"
+"$bin/pivotmerge" methods > "$work/methods.txt"
+sed -n 1,4p "$work/methods.txt"
+echo "... $(grep -c 'https://' "$work/methods.txt") methods listed"
+grep -q "^task_arithmetic" "$work/methods.txt"
 
 step "pivotmerge inspect <demo expert from the installed package>"
 expert="$("$bin/python" -c 'from pivotmerge_gui.demo import kit; print(kit.expert_paths("shared")[0])')"
