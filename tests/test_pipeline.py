@@ -196,3 +196,61 @@ def test_cuda_matches_cpu(world):
         assert gpu.report["device"].startswith("cuda")
         for k, v in cpu.projector.state().items():
             torch.testing.assert_close(gpu.projector.state()[k], v, atol=1e-4, rtol=1e-4)
+
+
+def test_memory_guard_refuses_with_numbers(world, monkeypatch):
+    from pivotmerge_gui.core.errors import ResourceError
+
+    _, _, _, paths, _ = world
+    monkeypatch.setattr(pipeline, "available_memory", lambda dev: 1000)
+    with pytest.raises(ResourceError) as e:
+        pipeline.plan(_recipe(paths))
+    assert "GiB" in str(e.value) and e.value.available == 1000 and e.value.needed > 1000
+    p = pipeline.plan(_recipe(paths), allow_low_memory=True)
+    assert p.estimated_peak_bytes > 0
+
+
+def test_memory_estimate_covers_inputs_and_workspace():
+    experts = [make_mlp_projector(d_in=64, d_hidden=256, d_out=256, seed=s) for s in range(4)]
+    est = pipeline.estimate_peak_bytes(experts, None, torch.float32, pipeline.get_method("ties"))
+    assert est >= (4 + 1) * experts[0].num_params * 4
+
+
+def test_cuda_oom_becomes_typed_error_offering_cpu(world, monkeypatch):
+    from pivotmerge_gui.core.errors import DeviceOutOfMemory
+    from pivotmerge_gui.core.methods import get_method
+
+    _, _, _, paths, _ = world
+    plan = pipeline.plan(_recipe(paths))
+
+    def boom(self, job):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(get_method("linear"), "merge", boom)
+    with pytest.raises(DeviceOutOfMemory, match="--device cpu"):
+        pipeline.run(plan)
+
+
+def test_cli_cpu_fallback_after_oom(world, monkeypatch, capsys):
+    from pivotmerge_gui.core.errors import DeviceOutOfMemory
+
+    tmp, *_r, paths, _ = world
+    recipe = tmp / "r.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": p} for p in paths]}))
+    real_execute = pipeline.execute
+    calls = []
+
+    def flaky(plan, cancel=None):
+        calls.append(str(plan.device))
+        if len(calls) == 1:
+            raise DeviceOutOfMemory("cuda:0")
+        return (yield from real_execute(plan, cancel))
+
+    monkeypatch.setattr(pipeline, "execute", flaky)
+    assert cli_main(["merge", str(recipe), str(tmp / "a"), "-q"]) == 2
+    assert "--device cpu" in capsys.readouterr().err
+    calls.clear()
+    assert cli_main(["merge", str(recipe), str(tmp / "b"), "-q", "--cpu-fallback"]) == 0
+    assert calls == ["cpu", "cpu"] and (tmp / "b" / "mm_projector.bin").exists()
+    assert "retrying on the CPU" in capsys.readouterr().err

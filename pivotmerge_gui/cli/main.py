@@ -100,17 +100,30 @@ def cmd_merge(args: argparse.Namespace) -> int:
         overrides["out_dtype"] = args.out_dtype
     if overrides:
         recipe = Recipe.model_validate({**recipe.model_dump(), **overrides})
-    plan = pipeline.plan(recipe, base_dir=recipe_path.resolve().parent, device=args.device)
+    from ..core.errors import DeviceOutOfMemory
+
+    base_dir = recipe_path.resolve().parent
+    plan = pipeline.plan(recipe, base_dir=base_dir, device=args.device, allow_low_memory=args.allow_low_memory)
     show = _progress_printer(args.quiet)
     cancel = CancelToken()
-    gen = pipeline.execute(plan, cancel)
-    try:
+
+    def drain(p):
+        gen = pipeline.execute(p, cancel)
         while True:
             try:
                 show(next(gen))
             except StopIteration as stop:
-                result = stop.value
-                break
+                return stop.value
+
+    try:
+        try:
+            result = drain(plan)
+        except DeviceOutOfMemory as e:
+            if not args.cpu_fallback:
+                raise
+            print(f"pivotmerge: {e}; retrying on the CPU", file=sys.stderr)
+            plan = pipeline.plan(recipe, base_dir=base_dir, device="cpu", allow_low_memory=args.allow_low_memory)
+            result = drain(plan)
     except KeyboardInterrupt:
         cancel.cancel()
         print("\ncancelled; nothing was written", file=sys.stderr)
@@ -197,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=["auto", "llava-bin", "safetensors", "hf-llava"], help="override output_format")
     s.add_argument("--out-dtype", choices=["auto", "float32", "float16", "bfloat16"], help="override out_dtype")
     s.add_argument("--overwrite", action="store_true", help="replace an earlier output in OUT_DIR (inputs are never overwritten)")
+    s.add_argument("--cpu-fallback", action="store_true", help="retry on the CPU if the GPU runs out of memory")
+    s.add_argument("--allow-low-memory", action="store_true", help="run even if the memory estimate exceeds what is free")
     s.add_argument("--json", action="store_true", help="machine-readable report on stdout")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     s.set_defaults(func=cmd_merge)

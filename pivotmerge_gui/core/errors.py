@@ -128,6 +128,33 @@ class DeviceError(PivotMergeError):
     """The requested device does not exist or has too little memory."""
 
 
+class ResourceError(PivotMergeError):
+    """Not enough memory on the chosen device for the planned merge."""
+
+    def __init__(self, device: str, needed: int, available: int, detail: str = "") -> None:
+        msg = (
+            f"{device}: the merge needs about {needed / 2**30:.1f} GiB but only "
+            f"{available / 2**30:.1f} GiB is available"
+        )
+        if detail:
+            msg += f"; {detail}"
+        super().__init__(msg)
+        self.device = device
+        self.needed = needed
+        self.available = available
+
+
+class DeviceOutOfMemory(PivotMergeError):
+    """The device ran out of memory during a merge; a CPU retry is offered."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__(
+            f"{device} ran out of memory during the merge; nothing was written. Retry on the "
+            "CPU (CLI: --device cpu, or --cpu-fallback to do it automatically)"
+        )
+        self.device = device
+
+
 class OutputError(PivotMergeError):
     """An output cannot be written (would overwrite an input or an earlier output)."""
 

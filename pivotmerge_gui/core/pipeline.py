@@ -10,6 +10,7 @@ explicit ``save_result`` step).
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from collections.abc import Generator, Mapping, Sequence
@@ -20,11 +21,48 @@ from typing import Any
 import torch
 
 from .devices import dtype_name, parse_dtype, resolve_device
-from .errors import MethodError, OutputError, RecipeError
+from .errors import DeviceOutOfMemory, MethodError, RecipeError, ResourceError
 from .methods.base import Calibration, MergeJob, MergeMethod, get_method
 from .progress import CancelToken, ProgressEvent
 from .projector import Projector, all_finite, check_compatible, mean_projector, nonfinite_tensors
 from .recipe import Recipe, display_name
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes the merge may still use on ``device`` (None when unknown)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def estimate_peak_bytes(
+    experts: Sequence[Projector], base: Projector | None, dtype: torch.dtype, method: type[MergeMethod]
+) -> int:
+    """A deliberately pessimistic estimate of the merge's peak memory on its device.
+
+    Counted: the experts (and base) in the compute dtype, one output copy, the method's
+    declared extra model-sized copies (``extra_model_copies``, e.g. pivot-aligned experts) and
+    a per-tensor workspace of a few stacks of the largest tensor across all experts (task
+    vectors, masks, Gram matrices). Inputs already resident on the CPU are counted for CPU
+    merges because they stay loaded.
+    """
+    c = torch.finfo(dtype).bits // 8
+    k = len(experts) + (1 if base is not None else 0)
+    params = experts[0].num_params
+    largest = max(t.numel() for t in experts[0].state().values())
+    widest = max(max(t.shape) for t in experts[0].state().values())
+    extra = float(getattr(method, "extra_model_copies", 0.0))
+    compute = (k + 1 + extra * len(experts)) * params * c
+    workspace = 3 * len(experts) * largest * c + 2 * widest * widest * c
+    return int(compute + workspace)
 
 
 @dataclass
@@ -41,6 +79,7 @@ class Plan:
     out_dtype: torch.dtype
     calibration: Calibration | None = None
     warnings: list[str] = field(default_factory=list)
+    estimated_peak_bytes: int = 0
 
 
 @dataclass
@@ -73,6 +112,7 @@ def plan(
     calibration: Calibration | None = None,
     device: str | None = None,
     cancel: CancelToken | None = None,
+    allow_low_memory: bool = False,
 ) -> Plan:
     """Validate a recipe completely and load its inputs. Raises typed errors only."""
     from .io import load_projector
@@ -136,6 +176,23 @@ def plan(
             )
         warnings.extend(f"{name}: {w}" for w in proj.metadata.get("warnings", "").split("\n") if w)
 
+    peak = estimate_peak_bytes(experts, base, dtype, method)
+    if dev.type == "cpu":
+        peak += sum(p.nbytes for p in [*experts, *([base] if base else [])])
+    avail = available_memory(dev)
+    if avail is not None and not allow_low_memory:
+        if peak > avail:
+            raise ResourceError(
+                str(dev), peak, avail,
+                "free memory, merge fewer experts at once, use a smaller compute dtype, or "
+                "pick another device" + (" (the CPU)" if dev.type == "cuda" else ""),
+            )
+        if peak > 0.8 * avail:
+            warnings.append(
+                f"the merge needs about {peak / 2**30:.1f} GiB of the {avail / 2**30:.1f} GiB "
+                f"available on {dev}; other programs may be pushed into swap"
+            )
+
     if recipe.out_dtype == "auto":
         out_dtype = experts[0].dtype
     else:
@@ -153,6 +210,7 @@ def plan(
         out_dtype=out_dtype,
         calibration=calibration,
         warnings=warnings,
+        estimated_peak_bytes=peak,
     )
 
 
@@ -162,6 +220,18 @@ def execute(
 ) -> Generator[ProgressEvent, None, MergeResult]:
     """Run a planned merge; yields progress and returns (and emits as payload) the result."""
     cancel = cancel or CancelToken()
+    try:
+        return (yield from _execute(plan, cancel))
+    except torch.cuda.OutOfMemoryError:
+        raise DeviceOutOfMemory(str(plan.device)) from None
+    finally:
+        # release what the merge held (repeated merges must not grow the process)
+        gc.collect()
+        if plan.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _execute(plan: Plan, cancel: CancelToken) -> Generator[ProgressEvent, None, MergeResult]:
     t0 = time.perf_counter()
     yield ProgressEvent("prepare", 0.0, f"moving {len(plan.experts)} experts to {plan.device}")
     experts = [e.to(plan.device, plan.dtype) for e in plan.experts]
@@ -248,6 +318,7 @@ def execute(
         "seed": plan.recipe.random_seed,
         "layer_coefficients_applied": applied or None,
         "warnings": list(plan.warnings),
+        "estimated_peak_gib": round(plan.estimated_peak_bytes / 2**30, 3),
         "method_report": _jsonable(output.report),
         "elapsed_s": round(elapsed, 4),
     }
