@@ -449,6 +449,7 @@ class MainWindow(QMainWindow):
         if gen != self._analysis_generation:
             return
         self._set_analysis(analysis)
+        gc.freeze()  # long-lived results leave the collector's generations (see _core_loaded)
         self.statusBar().showMessage("Analysis updated.", 3000)
 
     def _analysis_failed(self, gen: int, exc: BaseException, tb: str) -> None:
@@ -518,6 +519,7 @@ class MainWindow(QMainWindow):
                 self.experts.set_pivot(entries[params["pivot"]].uid)
         self.merge_panel.form.set_values(params)
         self.merge_panel.apply_settings(recipe.dtype, recipe.out_dtype, recipe.device, recipe.random_seed)
+        self.merge_panel.set_calibration(resolve_spec(recipe.calibration, base_dir) if recipe.calibration else None)
         self._pending_overrides = dict(recipe.layer_coefficients or {})
         self.merge_panel.coefficients.set_overrides(self._pending_overrides)
         self._schedule_validation()
@@ -701,6 +703,7 @@ class MainWindow(QMainWindow):
             self.merge_panel.stage_label.setText("Cancelling…")
 
     def _merge_done(self, result: Any) -> None:
+        gc.freeze()  # see _core_loaded
         self._result_inputs = self._merge_inputs
         self.merge_panel.show_progress(1.0, f"Done in {result.elapsed_s:.2f} s. Save it, or inspect the "
                                             "'Merged' curves in the views.")

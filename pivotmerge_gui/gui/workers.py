@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
+import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -47,6 +50,24 @@ class WorkContext:
         self.cancel.raise_if_cancelled()
 
 
+#: Niceness added to worker threads (Linux: per-thread). The GUI thread keeps the normal
+#: priority, so on a busy machine the scheduler serves the event loop first; torch's
+#: intra-op threads, created by the first worker that computes, inherit the lower priority.
+WORKER_NICENESS = 5
+
+
+def lower_thread_priority(increment: int = WORKER_NICENESS) -> bool:
+    """Raise the calling thread's nice value (unprivileged; only ever lowers priority)."""
+    if increment <= 0 or not sys.platform.startswith("linux"):
+        return False
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
 class _Runner(QThread):
     """The worker thread: ``run`` executes the work function there."""
 
@@ -55,6 +76,7 @@ class _Runner(QThread):
         self._worker = worker
 
     def run(self) -> None:
+        lower_thread_priority()
         self._worker._run()
 
 

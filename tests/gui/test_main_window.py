@@ -211,3 +211,24 @@ def test_settings_recent_files_and_geometry_persist(qtbot, expert_files):
     qtbot.addWidget(w2)
     assert (w2.width(), w2.height()) == (700, 500)
     w2.close()
+
+
+def test_calibration_file_enables_methods_that_need_it(qtbot, window, expert_files, tmp_path):
+    import torch
+
+    from pivotmerge_gui.core.calibration import save_calibration
+    from pivotmerge_gui.core.methods.base import Calibration
+
+    _add(window, qtbot, expert_files["e0"], expert_files["e1"])
+    needs = [m.name for m in window.methods if m.needs_calibration]
+    assert needs, "the registry should have a method that needs calibration (RegMean)"
+    assert window.merge_panel.set_method_name(needs[0])
+    wait_idle(qtbot, window)
+    assert not window.merge_panel.merge_button.isEnabled() and "calibration" in window.merge_reason
+    g = torch.Generator().manual_seed(0)
+    cal = save_calibration(Calibration([torch.randn(32, 8, generator=g) for _ in range(2)], ["a", "b"]),
+                           tmp_path / "cal.safetensors")
+    window.merge_panel.set_calibration(str(cal))
+    wait_idle(qtbot, window)
+    assert window.merge_panel.merge_button.isEnabled(), window.merge_reason
+    assert window.current_recipe().calibration == str(cal)

@@ -9,6 +9,7 @@ a new method in the core registry needs no GUI code.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from PySide6.QtCore import Qt, Signal
@@ -16,6 +17,7 @@ from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
+    QFileDialog,
     QFormLayout,
     QGridLayout,
     QGroupBox,
@@ -363,6 +365,23 @@ class MergePanel(QWidget):
         mb.addWidget(self.method_info)
         mb.addWidget(self.form)
 
+        self.calibration_path: str | None = None
+        self.calibration_label = QLabel()
+        self.calibration_label.setWordWrap(True)
+        self.calibration_choose = QPushButton("Choose…")
+        self.calibration_clear = QPushButton("Clear")
+        self.calibration_choose.clicked.connect(self._choose_calibration)
+        self.calibration_clear.clicked.connect(lambda: self.set_calibration(None))
+        cal_box = QGroupBox("Calibration features (optional)")
+        cal_box.setToolTip("A safetensors file with unlabelled projector inputs per expert domain "
+                           "(expert_0, expert_1, ...): data-driven ALM, automatic pivot by alignment, "
+                           "RegMean")
+        cl = QHBoxLayout(cal_box)
+        cl.addWidget(self.calibration_label, 1)
+        cl.addWidget(self.calibration_choose)
+        cl.addWidget(self.calibration_clear)
+        self.set_calibration(None, emit=False)
+
         self.coefficients = LayerCoefficientsPanel()
         coef_box = QGroupBox("Per-layer coefficients")
         cb = QVBoxLayout(coef_box)
@@ -394,6 +413,7 @@ class MergePanel(QWidget):
         il.setContentsMargins(0, 0, 0, 0)
         il.addWidget(method_box)
         il.addWidget(run_box)
+        il.addWidget(cal_box)
         il.addWidget(coef_box)
         il.addStretch(1)
         scroll = QScrollArea()
@@ -483,9 +503,24 @@ class MergePanel(QWidget):
         self.method_combo.setCurrentIndex(i)
         return True
 
+    def set_calibration(self, path: str | None, emit: bool = True) -> None:
+        self.calibration_path = path
+        self.calibration_label.setText(Path(path).name if path else "none")
+        self.calibration_label.setToolTip(path or "")
+        self.calibration_clear.setEnabled(path is not None)
+        if emit:
+            self._emit_changed()
+
+    def _choose_calibration(self) -> None:
+        f, _ = QFileDialog.getOpenFileName(self, "Calibration features", "",
+                                           "safetensors (*.safetensors);;All files (*)")
+        if f:
+            self.set_calibration(f)
+
     def settings(self) -> dict[str, Any]:
         """The run settings as recipe fields."""
         return {
+            "calibration": self.calibration_path,
             "dtype": self.dtype_combo.currentData(),
             "out_dtype": self.out_dtype_combo.currentData(),
             "device": self.device_combo.currentData() or "auto",
