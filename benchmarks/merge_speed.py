@@ -9,6 +9,11 @@ of each row is that method's alone.
     python benchmarks/merge_speed.py [--json OUT] [--methods a,b] [--device cpu|cuda] [--experts 4]
 
 Targets on a 2-core CPU machine: PivotMerge end to end < 5 s and < 1.2 GB peak RSS.
+
+Scale test (issue 6): 16 experts of an 8192-wide projector on a 24 GB machine, merging three
+times in one process to show that memory is released between merges:
+
+    python benchmarks/merge_speed.py --experts 16 --width 8192 --repeat 3 --methods pivotmerge,ties
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ from pathlib import Path
 D_IN, D_HID, D_OUT = 1024, 4096, 4096
 
 
-def make_inputs(root: Path, n_experts: int, seed: int = 0) -> dict:
+def make_inputs(root: Path, n_experts: int, seed: int = 0, width: int = D_HID) -> dict:
     import torch
+
+    D_HID = D_OUT = width  # noqa: N806 - the projector's hidden and output width
 
     g = torch.Generator().manual_seed(seed)
 
@@ -66,7 +73,15 @@ def make_inputs(root: Path, n_experts: int, seed: int = 0) -> dict:
             "calibration": str(root / "calibration.safetensors")}
 
 
-def run_one(method: str, inputs: dict, out_dir: Path, device: str) -> dict:
+def _rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_one(method: str, inputs: dict, out_dir: Path, device: str, repeat: int = 1) -> dict:
     """Runs in the child process: the whole user path, timed."""
     t0 = time.perf_counter()
     from pivotmerge_gui.core import pipeline
@@ -88,13 +103,23 @@ def run_one(method: str, inputs: dict, out_dir: Path, device: str) -> dict:
     t1 = time.perf_counter()
     plan = pipeline.plan(recipe)
     t_load = time.perf_counter() - t1
-    t2 = time.perf_counter()
-    result = pipeline.run(plan)
-    if plan.device.type == "cuda":
-        import torch
+    rss_after = []
+    merge_times = []
+    for _ in range(repeat):
+        t2 = time.perf_counter()
+        result = pipeline.run(plan)
+        if plan.device.type == "cuda":
+            import torch
 
-        torch.cuda.synchronize()
-    t_merge = time.perf_counter() - t2
+            torch.cuda.synchronize()
+        merge_times.append(time.perf_counter() - t2)
+        if repeat > 1:
+            del result
+            rss_after.append(round(_rss_mb(), 1))
+            result = None
+    if result is None:
+        result = pipeline.run(plan)
+    t_merge = merge_times[0]
     t3 = time.perf_counter()
     pipeline.save_result(result, out_dir, overwrite=True)
     t_save = time.perf_counter() - t3
@@ -107,6 +132,8 @@ def run_one(method: str, inputs: dict, out_dir: Path, device: str) -> dict:
         "save_s": round(t_save, 3),
         "end_to_end_s": round(time.perf_counter() - t0, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "estimated_peak_gib": round(plan.estimated_peak_bytes / 2**30, 2),
+        **({"merge_s_each": [round(t, 3) for t in merge_times], "rss_mb_after_each": rss_after} if repeat > 1 else {}),
     }
 
 
@@ -116,11 +143,13 @@ def main() -> int:
     ap.add_argument("--methods", help="comma-separated registry names (default: all)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--experts", type=int, default=4)
+    ap.add_argument("--width", type=int, default=D_HID, help="hidden and output width (LLaVA-1.5-7B: 4096)")
+    ap.add_argument("--repeat", type=int, default=1, help="merges per process (memory must not grow)")
     ap.add_argument("--child", nargs=3, metavar=("METHOD", "INPUTS_JSON", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         method, inputs_json, out = args.child
-        print(json.dumps(run_one(method, json.loads(Path(inputs_json).read_text()), Path(out), args.device)))
+        print(json.dumps(run_one(method, json.loads(Path(inputs_json).read_text()), Path(out), args.device, args.repeat)))
         return 0
 
     from pivotmerge_gui.core.methods import list_methods
@@ -130,12 +159,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t = time.perf_counter()
-        inputs = make_inputs(root / "inputs", args.experts)
-        print(f"built {args.experts} bf16 experts 1024->4096->4096 in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        inputs = make_inputs(root / "inputs", args.experts, width=args.width)
+        print(f"built {args.experts} bf16 experts {D_IN}->{args.width}->{args.width} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
         (root / "inputs.json").write_text(json.dumps(inputs))
         for name in names:
             proc = subprocess.run(
-                [sys.executable, __file__, "--device", args.device, "--child", name, str(root / "inputs.json"), str(root / "out" / name)],
+                [sys.executable, __file__, "--device", args.device, "--repeat", str(args.repeat), "--child", name, str(root / "inputs.json"), str(root / "out" / name)],
                 capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
             )
             if proc.returncode != 0:
@@ -149,8 +178,9 @@ def main() -> int:
 
     import torch
 
-    meta = {"experts": args.experts, "shape": f"{D_IN}->{D_HID}->{D_OUT} bf16", "torch": torch.__version__,
+    meta = {"experts": args.experts, "shape": f"{D_IN}->{args.width}->{args.width} bf16", "repeat": args.repeat, "torch": torch.__version__,
             "cpus": os.cpu_count(), "machine": platform.machine(), "device": args.device}
+    print(f"{args.experts} experts {D_IN}->{args.width}->{args.width} bf16, device {args.device}, torch {torch.__version__}, {os.cpu_count()} CPUs")
     print("| method | load s | merge s | save s | end to end s | peak RSS MB |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -158,6 +188,8 @@ def main() -> int:
             print(f"| {r['method']} | failed: {r['error']} | | | | |")
         else:
             print(f"| {r['method']} | {r['load_s']:.2f} | {r['merge_s']:.2f} | {r['save_s']:.2f} | {r['end_to_end_s']:.2f} | {r['peak_rss_mb']:.0f} |")
+            if "rss_mb_after_each" in r:
+                print(f"|   (repeats: merge s {r['merge_s_each']}, RSS MB after each {r['rss_mb_after_each']}) | | | | | |")
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     return 1 if any("error" in r for r in rows) else 0
