@@ -1,5 +1,7 @@
 """Short fuzzing of the recipe parser in CI: any document gives a Recipe or a RecipeError."""
 
+import os
+
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,7 +16,7 @@ keys = st.sampled_from(["merge_method", "models", "base_model", "parameters", "d
 docs = st.dictionaries(keys, values, max_size=8)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=int(os.environ.get("PM_FUZZ_EXAMPLES", "300")), deadline=None)
 @given(docs)
 def test_any_mapping_parses_or_raises_recipe_error(doc):
     try:
@@ -25,7 +27,7 @@ def test_any_mapping_parses_or_raises_recipe_error(doc):
         assert Recipe.from_yaml(r.to_yaml()) == r
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=int(os.environ.get("PM_FUZZ_EXAMPLES", "300")), deadline=None)
 @given(st.text(max_size=200))
 def test_any_text_parses_or_raises_recipe_error(text):
     try:
@@ -34,7 +36,7 @@ def test_any_text_parses_or_raises_recipe_error(text):
         pass
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=int(os.environ.get("PM_FUZZ_EXAMPLES", "100")), deadline=None)
 @given(st.lists(st.text(min_size=1, max_size=20), min_size=1, max_size=4), st.floats(0, 10), st.integers(-2**31, 2**31))
 def test_valid_recipes_round_trip(models, w, seed):
     r = Recipe.from_dict({"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": w}} for m in models], "random_seed": seed})
