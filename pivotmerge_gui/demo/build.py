@@ -85,8 +85,17 @@ def save_expert_set(es: ExpertSet, out: Path) -> dict[str, Any]:
 def build(out: Path, *, tiny: bool = False, seed: int = 0, data_seed: int = 0,
           log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train the whole world and write it to ``out``; returns the manifest."""
-    t_start = time.time()
+    threads = torch.get_num_threads()
     torch.set_num_threads(BUILD_THREADS)
+    try:
+        return _build(out, tiny=tiny, seed=seed, data_seed=data_seed, log=log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(out: Path, *, tiny: bool, seed: int, data_seed: int,
+           log: Callable[[str], None] | None) -> dict[str, Any]:
+    t_start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer()
     wcfg = WorldConfig(vocab_size=len(tok))

@@ -270,11 +270,15 @@ def expert_set(seed: int = 0, root: Path | str | None = None, cache_dir: Path | 
         from .train import TrainConfig, train_experts
 
         world = load_world(r)
+        threads = torch.get_num_threads()
         torch.set_num_threads(BUILD_THREADS)
-        train = world.dataset("train")
-        feats = world.features("train")
-        es = train_experts(world.config, TrainConfig(**man["train_config"]), world.lm, feats,
-                           {d: train[d].captions for d in world.domains}, world.tokenizer, seed, log)
+        try:
+            train = world.dataset("train")
+            feats = world.features("train")
+            es = train_experts(world.config, TrainConfig(**man["train_config"]), world.lm, feats,
+                               {d: train[d].captions for d in world.domains}, world.tokenizer, seed, log)
+        finally:
+            torch.set_num_threads(threads)
         tables = save_expert_set(es, out)
         files = {p.relative_to(out).as_posix(): sha256_file(p) for p in sorted(out.rglob("*.bin"))}
         index.write_text(json.dumps({**tables, "seed": seed, "files": files, "world": key}, indent=1))

@@ -29,7 +29,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import DOMAINS, NUM_PATCHES, DomainData, Tokenizer, patchify
-from .models import SlotHead, TinyLM, VisionEncoder, WorldConfig, caption_batch, caption_logits, make_projector
+from .models import (
+    SlotHead,
+    TinyLM,
+    VisionEncoder,
+    WorldConfig,
+    caption_batch,
+    caption_logits,
+    make_projector,
+)
 
 Log = Callable[[str], None]
 
@@ -57,7 +65,7 @@ TINY = TrainConfig(encoder_steps=8, lm_steps=10, projector_steps=6, batch=16)
 
 
 def _schedule(step: int, total: int, warmup_frac: float = 0.03) -> float:
-    warm = max(1, int(round(total * warmup_frac)))
+    warm = max(1, round(total * warmup_frac))
     if step < warm:
         return (step + 1) / warm
     prog = (step - warm) / max(1, total - warm)

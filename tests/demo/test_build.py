@@ -51,3 +51,19 @@ def test_tiny_build_is_reproducible(tmp_path):
     a = build.build(tmp_path / "a", tiny=True)
     b = build.build(tmp_path / "b", tiny=True)
     assert a["files"] == b["files"]
+
+
+def test_expert_set_trains_other_seeds_once_into_the_cache(tmp_path):
+    world_dir = tmp_path / "world"
+    build.build(world_dir, tiny=True)
+    seed0 = kit.expert_set(0, root=world_dir)
+    assert seed0["shared"] == kit.experts("shared", world_dir)
+    cache = tmp_path / "cache"
+    seed1 = kit.expert_set(1, root=world_dir, cache_dir=cache)
+    index = cache / "expert_set.json"
+    stamp = index.stat().st_mtime_ns
+    p0 = kit.load_projector_file(seed0["shared"]["text"]).state()["2.weight"]
+    p1 = kit.load_projector_file(seed1["shared"]["text"]).state()["2.weight"]
+    assert p0.shape == p1.shape and not torch.equal(p0, p1)  # an independent training run
+    again = kit.expert_set(1, root=world_dir, cache_dir=cache)
+    assert again["different"] == seed1["different"] and index.stat().st_mtime_ns == stamp

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from pivotmerge_gui.demo.data import DOMAINS, NUM_PATCHES, Tokenizer, generate, generate_all, patchify
+from pivotmerge_gui.demo.data import (
+    DOMAINS,
+    NUM_PATCHES,
+    Tokenizer,
+    generate,
+    generate_all,
+    patchify,
+)
 
 
 def test_generator_is_deterministic_per_seed_domain_and_split():

@@ -21,13 +21,13 @@ from .metrics import (
 )
 
 __all__ = [
+    "HIGHER_IS_BETTER",
+    "METRICS",
+    "PARTS",
     "CaptionBackend",
     "CaptionSet",
     "DomainMetrics",
     "EvalResult",
-    "HIGHER_IS_BETTER",
-    "METRICS",
-    "PARTS",
     "calibration_from_features",
     "evaluate",
     "exact_match",
