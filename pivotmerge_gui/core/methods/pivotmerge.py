@@ -48,7 +48,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -127,13 +128,34 @@ def elect_and_merge(
     return merged, stats
 
 
+@contextmanager
+def _lapack_threads(big: bool = False) -> Iterator[None]:
+    """Run small CPU LAPACK calls (QR of 4096 x 272, eigh of 272 x 272) on one thread.
+
+    Multi-threaded LAPACK on such thin problems spends its time in thread start-up and
+    spin-waits; on a busy 2-core machine a 20 ms QR took 150 ms of CPU and several seconds
+    of wall time. The thread count is restored afterwards (process-wide setting; only
+    speed, never results, can be affected for other threads meanwhile)."""
+    n = torch.get_num_threads()
+    if big or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def _eigh_desc(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    vals, vecs = torch.linalg.eigh((g + g.transpose(-1, -2)) / 2)
+    with _lapack_threads(g.shape[0] > 2048 or g.device.type != "cpu"):
+        vals, vecs = torch.linalg.eigh((g + g.transpose(-1, -2)) / 2)
     return vals.flip(0).clamp(min=0.0), vecs.flip(1)
 
 
 def _orth(y: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.qr(y.float(), mode="reduced")[0]
+    with _lapack_threads(y.device.type != "cpu"):
+        return torch.linalg.qr(y.float(), mode="reduced")[0]
 
 
 def _sketch_side(
@@ -165,7 +187,7 @@ def _rank_for(vals: torch.Tensor, total: float, energy: float) -> int:
 
 
 def shared_subspace(
-    taus: torch.Tensor, energy: float, max_rank: int, *, salt: int = 0
+    taus: torch.Tensor, energy: float, max_rank: int, *, salt: int = 0, total: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Shared bases of the updates ``taus`` [K, m, n] (fp32).
 
@@ -174,9 +196,11 @@ def shared_subspace(
     of the two), capped by ``max_rank`` (0 = no cap). Small layers use the exact Gram
     matrices; large ones randomized subspace iteration with ``max_rank + 16`` columns
     (bf16 products where they are fast; the subspace is approximate, everything computed
-    from it afterwards is exact)."""
+    from it afterwards is exact). ``taus`` may be a bf16 copy; ``total`` is then the exact
+    fp32 energy sum_k ||tau_k||^2."""
     k, m, n = taus.shape
-    total = float(torch.linalg.vector_norm(taus)) ** 2
+    if total is None:
+        total = float(torch.linalg.vector_norm(taus.float())) ** 2
     cap = min(m, n) if max_rank <= 0 else min(max_rank, m, n)
     info: dict[str, Any] = {"method": "exact-gram"}
     if total == 0.0:
@@ -184,8 +208,9 @@ def shared_subspace(
         return z(m, 0), z(n, 0), {"method": "zero", "rank": 0, "rank_u": 0, "rank_v": 0,
                                   "energy_u": 1.0, "energy_v": 1.0, "spectrum": []}
     if max(m, n) <= EXACT_GRAM_LIMIT:
-        a = torch.matmul(taus, taus.transpose(1, 2)).sum(0)
-        b = torch.matmul(taus.transpose(1, 2), taus).sum(0)
+        t = taus.float()
+        a = torch.matmul(t, t.transpose(1, 2)).sum(0)
+        b = torch.matmul(t.transpose(1, 2), t).sum(0)
         va, ua = _eigh_desc(a)
         vb, ub = _eigh_desc(b)
     else:
@@ -213,28 +238,68 @@ def shared_subspace(
     return ua[:, :r].contiguous(), ub[:, :r].contiguous(), info
 
 
+class TaskStack:
+    """Task vectors ``tau_k = theta_k - ref`` of one 2-D weight without an fp32 stack.
+
+    Big layers (4096x4096, 4 experts: a 268 MB fp32 stack) keep only ``low``, a copy in the
+    sketch dtype (bf16 where fast), for the randomized range finder; every exact product
+    uses the experts' own fp32 tensors, ``tau_k @ x = theta_k @ x - ref @ x``."""
+
+    def __init__(self, thetas: Sequence[torch.Tensor], ref: torch.Tensor, low_dtype: torch.dtype) -> None:
+        self.thetas = [t.float() for t in thetas]
+        self.ref = ref.float()
+        k = len(self.thetas)
+        m, n = self.ref.shape
+        self.shape = (k, m, n)
+        self.low = torch.empty((k, m, n), dtype=low_dtype, device=self.ref.device)
+        norm2 = []
+        for i, th in enumerate(self.thetas):
+            d = th - self.ref
+            norm2.append(float(torch.linalg.vector_norm(d)) ** 2)
+            self.low[i].copy_(d)
+            del d
+        self.norm2 = torch.tensor(norm2, dtype=torch.float64)
+        self.total = float(self.norm2.sum())
+
+    def tau(self, i: int) -> torch.Tensor:
+        return self.thetas[i] - self.ref
+
+    def mul(self, i: int, x: torch.Tensor) -> torch.Tensor:  # tau_i @ x
+        return self.thetas[i] @ x - self.ref @ x
+
+    def tmul(self, i: int, y: torch.Tensor) -> torch.Tensor:  # tau_i^T @ y
+        return self.thetas[i].t() @ y - self.ref.t() @ y
+
+    def coords(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """C_k = U^T tau_k V for every k, [K, r, r] (fp32)."""
+        rv = u.t() @ self.ref @ v
+        return torch.stack([(u.t() @ th) @ v - rv for th in self.thetas])
+
+
 def _residual_lowrank(
-    tau: torch.Tensor, u: torch.Tensor, c: torch.Tensor, v: torch.Tensor, rank: int, salt: int
+    ts: TaskStack, i: int, u: torch.Tensor, c: torch.Tensor, v: torch.Tensor, rank: int, salt: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-``rank`` SVD factors of R = tau - U C V^T without forming R (randomized, fp32)."""
-    m, n = tau.shape
+    """Top-``rank`` SVD factors of R = tau_i - U C V^T without forming R (randomized, fp32)."""
+    _, m, n = ts.shape
     rank = min(rank, m, n)
 
     def r_mul(x: torch.Tensor) -> torch.Tensor:  # R @ x
-        return tau @ x - u @ (c @ (v.t() @ x))
+        return ts.mul(i, x) - u @ (c @ (v.t() @ x))
 
     def rt_mul(y: torch.Tensor) -> torch.Tensor:  # R^T @ y
-        return tau.t() @ y - v @ (c.t() @ (u.t() @ y))
+        return ts.tmul(i, y) - v @ (c.t() @ (u.t() @ y))
 
     if max(m, n) <= EXACT_GRAM_LIMIT // 2:
-        res = tau - u @ c @ v.t()
-        uu, ss, vh = torch.linalg.svd(res, full_matrices=False)
+        res = ts.tau(i) - u @ c @ v.t()
+        with _lapack_threads(res.device.type != "cpu"):
+            uu, ss, vh = torch.linalg.svd(res, full_matrices=False)
         return uu[:, :rank], ss[:rank], vh[:rank].t()
     p = min(rank + 8, m, n)
-    q = _orth(r_mul(_randn((n, p), salt, tau.device, torch.float32)))
+    q = _orth(r_mul(_randn((n, p), salt, ts.ref.device, torch.float32)))
     q = _orth(r_mul(rt_mul(q)))
     bt = rt_mul(q)  # [n, p] = (Q^T R)^T
-    ub, s, vh = torch.linalg.svd(bt.t(), full_matrices=False)
+    with _lapack_threads(bt.device.type != "cpu"):
+        ub, s, vh = torch.linalg.svd(bt.t(), full_matrices=False)
     return (q @ ub)[:, :rank], s[:rank], vh[:rank].t()
 
 
@@ -253,7 +318,8 @@ def overlap_normalised_sum(
     vcat = torch.cat([f[2] for f in factors], 1)
 
     def normalise(x: torch.Tensor) -> torch.Tensor:
-        a, s, bh = torch.linalg.svd(x, full_matrices=False)
+        with _lapack_threads(x.device.type != "cpu"):
+            a, s, bh = torch.linalg.svd(x, full_matrices=False)
         g = s / s.pow(2).clamp(min=1.0).sqrt()
         return (a * g) @ bh
 
@@ -427,28 +493,36 @@ class PivotMerge(MergeMethod):
             lname, role = key.rsplit(".", 1)
             yield ProgressEvent("sdf", 0.32 + 0.5 * ti / len(keys), f"PivotMerge: merging {key}")
             r0 = ref_state[key].to(job.dtype)
-            taus = torch.stack([s[key].to(job.dtype) - r0 for s in states])
-            t32 = taus.float()
-            tnorm2 = torch.linalg.vector_norm(t32.flatten(1), dim=1) ** 2
-            typical_sq[lname] = typical_sq.get(lname, 0.0) + float((tnorm2 * weights).sum() / k_exp)
             entry: dict[str, Any] = {"tensor": key, "shape": list(r0.shape)}
             if r0.dim() == 2 and prm["sdf"] and min(r0.shape) > 1:
-                merged, st = self._sdf_tensor(t32, weights, prm, ti)
+                big = r0.numel() * k_exp >= 2**22 and max(r0.shape) > EXACT_GRAM_LIMIT
+                low = torch.bfloat16 if big and _bf16_fast(r0.device) else torch.float32
+                ts = TaskStack([st_[key] for st_ in states], r0, low)
+                tnorm2 = ts.norm2.to(weights.device, torch.float32)
+                merged, st = self._sdf_tensor(ts, weights, prm, ti)
+                del ts
                 entry.update(st)
                 e = st["shared_energy"]
             else:
+                # one fp32 stack filled in place (no per-expert temporaries)
+                t32 = torch.empty((k_exp, *r0.shape), dtype=torch.float32, device=r0.device)
+                for i, st_ in enumerate(states):
+                    torch.sub(st_[key].float(), r0.float(), out=t32[i])
+                tnorm2 = torch.linalg.vector_norm(t32.flatten(1), dim=1) ** 2
                 merged, st = elect_and_merge(t32, weights, filter_conflicts=prm["filter_conflicts"],
                                              trim_density=prm["trim_density"] if r0.dim() == 2 else 1.0)
                 entry.update(mode="entry-wise", conflict_fraction=round(st["conflict_fraction"], 6),
                              conflicts_dropped=bool(prm["filter_conflicts"]),
                              trimmed_fraction=round(st["trimmed_fraction"], 6))
                 e = st["agree_energy"]
+                del t32
+            typical_sq[lname] = typical_sq.get(lname, 0.0) + float((tnorm2 * weights).sum() / k_exp)
             entry["energy"] = float(tnorm2.sum())
             layer_energy.setdefault(lname, []).append((e, float(tnorm2.sum())))
             merged_sq[lname] = merged_sq.get(lname, 0.0) + float(merged.pow(2).sum())
             tau_star[key] = merged.to(job.dtype)
             layer_reports.append(entry)
-            del taus, t32
+            del merged
         timings["sdf_s"] = time.perf_counter() - t0
         yield ProgressEvent("sdf", 0.82, "PivotMerge: shared-space merge done")
 
@@ -505,7 +579,8 @@ class PivotMerge(MergeMethod):
         out: dict[str, torch.Tensor] = {}
         for key in keys:
             lname = key.rsplit(".", 1)[0]
-            out[key] = (ref_state[key].to(job.dtype) + coeff[lname] * tau_star[key]).to(job.dtype)
+            t = tau_star.pop(key)  # composed in place: no second copy of every tensor
+            out[key] = t.mul_(coeff[lname]).add_(ref_state[key].to(t.dtype)).to(job.dtype)
 
         per_layer = []
         for n in layer_names:
@@ -591,21 +666,22 @@ class PivotMerge(MergeMethod):
         return scores
 
     def _sdf_tensor(
-        self, taus: torch.Tensor, weights: torch.Tensor, prm: dict[str, Any], salt: int
+        self, ts: TaskStack, weights: torch.Tensor, prm: dict[str, Any], salt: int
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """SDF of one 2-D weight: shared subspace, filtered coordinates, merged residuals."""
-        k, m, n = taus.shape
-        u, v, sub = shared_subspace(taus, prm["shared_energy"], prm["max_rank"], salt=salt)
+        k, m, n = ts.shape
+        total = ts.total
+        u, v, sub = shared_subspace(ts.low, prm["shared_energy"], prm["max_rank"], salt=salt, total=total)
+        ts.low = ts.low.new_empty(0)  # the sketch copy is no longer needed: free it now
         r = u.shape[1]
-        total = float(torch.linalg.vector_norm(taus)) ** 2
-        c = torch.matmul(torch.matmul(u.t(), taus), v) if r > 0 else taus.new_zeros(k, 0, 0)
+        c = ts.coords(u, v) if r > 0 else torch.zeros(k, 0, 0, device=ts.ref.device)
         shared_e = float(c.pow(2).sum()) / total if total > 0 else 1.0
         c_star, st = elect_and_merge(c, weights, filter_conflicts=prm["filter_conflicts"],
                                      trim_density=prm["trim_density"])
-        merged = u @ c_star @ v.t() if r > 0 else torch.zeros(m, n, dtype=taus.dtype, device=taus.device)
+        merged = u @ c_star @ v.t() if r > 0 else torch.zeros(m, n, device=ts.ref.device)
         info: dict[str, Any] = {
             "mode": "sdf", "subspace": sub["method"], "rank": r, "rank_u": sub["rank_u"],
-            "rank_v": sub["rank_v"], "shared_energy": round(shared_e, 6),
+            "rank_v": sub["rank_v"],
             "conflict_fraction": round(st["conflict_fraction"], 6),
             "conflicts_dropped": bool(prm["filter_conflicts"]),
             "trimmed_fraction": round(st["trimmed_fraction"], 6),
@@ -614,7 +690,7 @@ class PivotMerge(MergeMethod):
             factors = []
             kept = 0.0
             for i in range(k):
-                uu, ss, vv = _residual_lowrank(taus[i], u, c[i], v, prm["residual_rank"], salt * 131 + i)
+                uu, ss, vv = _residual_lowrank(ts, i, u, c[i], v, prm["residual_rank"], salt * 131 + i)
                 kept += float(ss.pow(2).sum())
                 factors.append((uu, ss * weights[i], vv))
             res = overlap_normalised_sum(factors)
@@ -623,9 +699,8 @@ class PivotMerge(MergeMethod):
             info["residual_energy_kept"] = round(kept / total, 6) if total > 0 else 0.0
         else:
             info["residual_rank"] = 0
-        shared_e = min(shared_e, 1.0)
-        info["shared_energy"] = round(shared_e, 6)
-        return merged, {**info, "shared_energy": shared_e}
+        info["shared_energy"] = min(shared_e, 1.0)
+        return merged, info
 
     def _fit_lambdas(
         self, job: MergeJob, ref: Projector, tau_star: dict[str, torch.Tensor], free: list[str],
