@@ -1,0 +1,130 @@
+"""Auto-tune: the CMA-ES on toy problems, determinism, cancel; the merge objective."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pivotmerge_gui.core.errors import Cancelled, PivotMergeError
+from pivotmerge_gui.core.evaluation.bench import drain
+from pivotmerge_gui.core.pipeline import merge_projectors
+from pivotmerge_gui.core.progress import CancelToken
+from pivotmerge_gui.core.tuning import CMAES, MergeObjective, autotune, evolve
+
+OPT = np.array([0.3, 1.7, 1.1])
+
+
+def _toy(x: np.ndarray) -> float:
+    return -float(((x - OPT) ** 2).sum())
+
+
+def test_es_finds_the_known_optimum_and_improves_monotonically():
+    events = []
+    gen = evolve(_toy, [1.0, 1.0, 1.0], sigma0=0.3, generations=40, population=8, seed=1)
+    while True:
+        try:
+            events.append(next(gen))
+        except StopIteration as stop:
+            best_x, best_f, f0, history, evals = stop.value
+            break
+    assert f0 == pytest.approx(_toy(np.ones(3)))
+    assert np.abs(best_x - OPT).max() < 0.02 and best_f > -1e-3
+    bests = [r.best_fitness for r in history]
+    assert bests == sorted(bests) and len(history) == 40 and evals == 1 + 40 * 8
+    assert events[-1].payload.best.layer_coefficients["1"] == pytest.approx(best_x[1])
+
+
+def test_bounds_are_respected_and_an_optimum_on_the_bound_is_reached():
+    seen = []
+
+    def f(x):
+        seen.append(x.copy())
+        return -float(((x - np.array([-1.0, 3.0])) ** 2).sum())
+
+    best_x, *_ = drain(evolve(f, [1.0, 1.0], generations=25, population=6, bounds=(0.0, 2.0)))
+    assert all((s >= 0).all() and (s <= 2).all() for s in seen)
+    np.testing.assert_allclose(best_x, [0.0, 2.0], atol=1e-3)
+
+
+def test_seeded_and_deterministic():
+    a = drain(evolve(_toy, [1, 1, 1], generations=5, population=6, seed=3))
+    b = drain(evolve(_toy, [1, 1, 1], generations=5, population=6, seed=3))
+    c = drain(evolve(_toy, [1, 1, 1], generations=5, population=6, seed=4))
+    assert [r.best_fitness for r in a[3]] == [r.best_fitness for r in b[3]]
+    np.testing.assert_array_equal(a[0], b[0])
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_cancel_stops_within_one_evaluation():
+    token = CancelToken()
+    calls = []
+
+    def f(x):
+        calls.append(1)
+        if len(calls) == 5:
+            token.cancel()
+        return _toy(x)
+
+    with pytest.raises(Cancelled):
+        drain(evolve(f, [1, 1, 1], generations=50, population=8, cancel=token))
+    assert len(calls) == 5
+
+
+def test_cmaes_rejects_bad_sizes():
+    with pytest.raises(ValueError):
+        CMAES([], 0.1)
+    with pytest.raises(ValueError):
+        CMAES([1.0], 0.1, population=1)
+
+
+# ------------------------------------------------------------------ merges (demo world)
+kit = pytest.importorskip("pivotmerge_gui.demo.kit")
+
+
+@pytest.fixture(scope="module")
+def world():
+    try:
+        return kit.load_world()
+    except PivotMergeError as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_affine_fast_path_equals_a_pipeline_merge(world, method):
+    experts = list(kit.load_experts("shared").values())
+    base = kit.load_projector_file(kit.base_path("shared"))
+    obj = MergeObjective(experts, method, backend=world.backend, base=base)
+    assert obj.affine and obj.mode == "affine"
+    x = np.array([0.6, 1.4])
+    want = merge_projectors(experts, method, base=base, layer_coefficients={"0": 0.6, "2": 1.4}).projector
+    got = obj.projector(x)
+    for k, v in want.state().items():
+        torch.testing.assert_close(got.state()[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_autotune_on_demo_improves_validation_and_reports_holdout(world):
+    experts = kit.load_experts("shared")
+    base = kit.load_projector_file(kit.base_path("shared"))
+    val, test = world.caption_sets("val", 6), world.caption_sets("test", 6)
+    events = []
+    gen = autotune(list(experts.values()), "task_arithmetic", backend=world.backend, val_sets=val,
+                   test_sets=test, base=base, names=list(experts), generations=2, population=4, seed=0)
+    while True:
+        try:
+            events.append(next(gen))
+        except StopIteration as stop:
+            res = stop.value
+            break
+    assert events[-1].stage == "done" and events[-1].payload is res
+    assert [e.payload.generation for e in events if e.stage == "generation"] == [1, 2]
+    assert res.best_fitness >= res.initial_fitness and res.evaluations == 1 + 2 * 4
+    assert res.initial.layer_coefficients == {"0": 1.0, "2": 1.0}
+    assert res.holdout_fitness is not None and res.holdout_initial_fitness is not None
+    assert isinstance(res.generalises, bool)
+    # the reported fitness is what the pipeline's merge of the best setting scores
+    obj = MergeObjective(list(experts.values()), "task_arithmetic", backend=world.backend, base=base)
+    merged = merge_projectors(list(experts.values()), "task_arithmetic", base=base,
+                              layer_coefficients=res.best.layer_coefficients).projector
+    assert obj.score_projector(merged, val) == pytest.approx(res.best_fitness, abs=1e-4)
+    assert res.best.recipe_update()["layer_coefficients"] == res.best.layer_coefficients
