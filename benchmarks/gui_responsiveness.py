@@ -68,6 +68,35 @@ def time_to_first_window(runs: int) -> dict:
             "torch_imported_at_first_window": any(torch_flags)}
 
 
+class GcPauses:
+    """Records cyclic-GC pauses (which block every Python thread, the GUI's included)."""
+
+    def __init__(self) -> None:
+        import gc
+        import threading
+
+        self._gc, self._threading = gc, threading
+        self.pauses: list[tuple[float, str]] = []
+        self._t0 = 0.0
+        self.active = False
+        gc.callbacks.append(self._cb)
+
+    def _cb(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        elif self.active:
+            self.pauses.append((time.perf_counter() - self._t0, self._threading.current_thread().name))
+
+    def window(self) -> None:
+        self.pauses, self.active = [], True
+
+    def stats(self) -> dict:
+        self.active = False
+        longest = max(self.pauses, default=(0.0, ""))
+        return {"gc_collections": len(self.pauses), "gc_longest_ms": round(1000 * longest[0], 1),
+                "gc_longest_thread": longest[1]}
+
+
 class Heartbeat:
     """Records the gaps between ticks of a GUI-thread timer (the event loop's stalls)."""
 
@@ -127,6 +156,7 @@ def merge_stalls(n_experts: int, method: str, d_in: int, d_hidden: int, d_out: i
     w.quiet_errors = True
     w.show()
     hb = Heartbeat()
+    gcp = GcPauses()
 
     def wait(cond, timeout: float) -> None:
         t0 = time.perf_counter()
@@ -137,6 +167,11 @@ def merge_stalls(n_experts: int, method: str, d_in: int, d_hidden: int, d_out: i
                 raise TimeoutError("benchmark step timed out")
 
     wait(lambda: w.core_ready, 120)
+    # Baseline: the idle event loop under the machine's current load (nothing of ours runs)
+    hb.start()
+    t_idle = time.perf_counter()
+    wait(lambda: time.perf_counter() - t_idle > 3.0, 10)
+    idle_stats = hb.stop()
     hb.start()
     t_load = time.perf_counter()
     w.add_paths(paths)
@@ -154,17 +189,20 @@ def merge_stalls(n_experts: int, method: str, d_in: int, d_hidden: int, d_out: i
     done = {}
     w.merge_finished.connect(lambda r: done.setdefault("result", r))
     hb.start()
+    gcp.window()
     t0 = time.perf_counter()
     w.start_merge()
     wait(lambda: w.merge_worker is None, 600)
     merge_stats = hb.stop()
+    merge_stats.update(gcp.stats())
     merge_stats["seconds"] = round(time.perf_counter() - t0, 2)
     merge_stats["ok"] = "result" in done
     w.close()
     stop_all(60_000)
     return {"method": method, "experts": n_experts, "shape": f"{d_in}->{d_hidden}->{d_out}",
             "params_per_expert": d_hidden * d_in + d_hidden + d_out * d_hidden + d_out,
-            "during_load_and_analysis": load_stats, "during_merge": merge_stats}
+            "idle_baseline": idle_stats, "during_load_and_analysis": load_stats,
+            "during_merge": merge_stats, "load_average": os.getloadavg()}
 
 
 def main() -> int:
@@ -184,8 +222,11 @@ def main() -> int:
     print(json.dumps(out, indent=2))
     fw = out.get("first_window", {}).get("first_window_s_median")
     stall = out["merge"]["during_merge"]["max_stall_ms"]
+    idle = out["merge"]["idle_baseline"]["max_stall_ms"]
     print(f"\ntime to first window: {fw if fw is None else f'{fw:.2f} s'} (target < 2 s); "
-          f"longest stall during the merge: {stall} ms (target < 50 ms)")
+          f"longest stall during the merge: {stall} ms (target < 50 ms); idle event loop on this "
+          f"machine right now: longest gap {idle} ms, load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} CPUs")
     return 0
 
 

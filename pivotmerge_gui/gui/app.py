@@ -19,7 +19,7 @@ T0 = time.perf_counter()
 
 log = logging.getLogger("pivotmerge_gui.gui")
 
-VIEWS = ("layers", "spectra", "similarity", "report")
+VIEWS = ("layers", "spectra", "similarity", "report", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--screenshot", metavar="PNG", help="save a PNG of the window once idle, then exit")
     p.add_argument("--view", choices=VIEWS, default="layers", help="view shown (for --screenshot)")
     p.add_argument("--merge", action="store_true", help="run the merge before the screenshot")
+    p.add_argument("--bench", action="store_true", help="run the test bench before the screenshot")
     p.add_argument("--method", help="select this merge method at start")
     p.add_argument("--size", default="1680x960", help="window size WxH (for --screenshot)")
     p.add_argument("--timeout", type=float, default=180.0, help="--screenshot gives up after this many seconds")
@@ -79,16 +80,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     QTimer.singleShot(0, open_inputs)
     if args.screenshot:
-        _arm_screenshot(app, window, Path(args.screenshot), args.view, args.merge, args.timeout)
+        _arm_screenshot(app, window, Path(args.screenshot), args.view, args.merge, args.timeout, args.bench)
     return app.exec()
 
 
-def _arm_screenshot(app, window, path: Path, view: str, merge: bool, timeout: float) -> None:  # type: ignore[no-untyped-def]
-    """Poll until the window is idle (and merged if asked), then grab it and quit."""
+def _arm_screenshot(app, window, path: Path, view: str, merge: bool, timeout: float,  # type: ignore[no-untyped-def]
+                    bench: bool = False) -> None:
+    """Poll until the window is idle (and merged / benched if asked), then grab it and quit."""
     from PySide6.QtCore import QTimer
 
     started = time.perf_counter()
-    state = {"merged": not merge, "settle": 0, "merge_started": False}
+    state = {"merged": not merge, "settle": 0, "merge_started": False, "benched": not bench}
 
     def tick() -> None:
         elapsed = time.perf_counter() - started
@@ -103,6 +105,10 @@ def _arm_screenshot(app, window, path: Path, view: str, merge: bool, timeout: fl
                 state["merged"] = True  # failed; capture the error state
             elif not window.merge_panel.merge_button.isEnabled() and window.is_idle() and elapsed > 20:
                 state["merged"] = True  # cannot merge; capture the reason
+        if idle and state["merged"] and not state["benched"]:
+            state["benched"] = True
+            window.run_bench()
+            idle = False
         if idle and state["merged"]:
             state["settle"] += 1
         else:

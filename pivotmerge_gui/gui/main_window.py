@@ -34,6 +34,7 @@ from pivotmerge_gui.core.progress import ProgressEvent
 from .dialogs import HubDialog, SaveDialog
 from .errors import ErrorDialog, describe_exception
 from .models import ExpertEntry, ExpertListModel, expand_paths, paths_from_mime
+from .panels.bench import TestBenchPanel
 from .panels.inspect import LayersPanel, SimilarityPanel, SpectraPanel
 from .panels.merge import MergePanel
 from .panels.model_list import ModelListPanel
@@ -109,11 +110,13 @@ class MainWindow(QMainWindow):
         self.spectra_panel = SpectraPanel(self.settings)
         self.similarity_panel = SimilarityPanel()
         self.report_panel = ReportPanel()
+        self.bench_panel = TestBenchPanel()
         self.tabs = QTabWidget()
         self.tabs.addTab(self.layers_panel, "Layers")
         self.tabs.addTab(self.spectra_panel, "Spectra")
         self.tabs.addTab(self.similarity_panel, "Similarity")
         self.tabs.addTab(self.report_panel, "Merge report")
+        self.tabs.addTab(self.bench_panel, "Test bench")
         self.merge_panel = MergePanel()
 
         self.splitter = QSplitter(Qt.Orientation.Horizontal)
@@ -162,6 +165,8 @@ class MainWindow(QMainWindow):
         self.merge_panel.merge_requested.connect(self.start_merge)
         self.merge_panel.cancel_requested.connect(self.cancel_merge)
         self.merge_panel.save_requested.connect(self.save_merged)
+        self.bench_panel.run_requested.connect(self.run_bench)
+        self.bench_panel.cancel_requested.connect(self.cancel_bench)
 
         self.resize(1680, 960)
         geo = self.settings.geometry() if restore_layout else None
@@ -195,7 +200,7 @@ class MainWindow(QMainWindow):
         quit_action = m.addAction("&Quit", self.close)
         quit_action.setShortcut(QKeySequence.StandardKey.Quit)
         v = self.menuBar().addMenu("&View")
-        for i, name in enumerate(("Layers", "Spectra", "Similarity", "Merge report")):
+        for i, name in enumerate(("Layers", "Spectra", "Similarity", "Merge report", "Test bench")):
             a = QAction(name, self)
             a.setShortcut(QKeySequence(f"Ctrl+{i + 1}"))
             a.triggered.connect(lambda _=False, i=i: self.tabs.setCurrentIndex(i))
@@ -736,6 +741,57 @@ class MainWindow(QMainWindow):
             self.merge_panel.coefficients.set_used({})
         self._analysis_timer.start()
 
+    # ------------------------------------------------------------------ test bench
+    bench_worker: GeneratorWorker | None = None
+
+    def run_bench(self) -> GeneratorWorker | None:
+        """Score the ready experts and the merged result on the demo world (worker)."""
+        if self.bench_worker is not None:
+            return None
+        projectors = {e.name: e.projector for e in self.experts.ready_entries()}
+        if self.merge_result is not None:
+            projectors["Merged"] = self.merge_result.projector
+        if not projectors:
+            self.bench_panel.status.setText("Load experts (or open the demo experts) first.")
+            return None
+        split, n = self.bench_panel.split, self.bench_panel.pairs_per_domain
+
+        def job(ctx: WorkContext) -> Any:
+            from pivotmerge_gui.core.evaluation.bench import run_bench
+            from pivotmerge_gui.core.evaluation.pairs import pairs_from_caption_sets
+            from pivotmerge_gui.demo import kit
+
+            world = kit.load_world()
+            sets = world.caption_sets(split, n)
+            d_in = next(iter(sets.values())).features.shape[-1]
+            wrong = [name for name, p in projectors.items() if p.in_features != d_in]
+            if wrong:
+                raise PivotMergeError(
+                    f"the test bench scores projectors of the demo world (input width {d_in}); "
+                    f"{', '.join(wrong)} take {projectors[wrong[0]].in_features}-wide features. "
+                    "Open the demo experts (File > Open demo experts) to try it.")
+            return run_bench(world.backend, projectors, pairs_from_caption_sets(sets), cancel=ctx.cancel)
+
+        self.bench_panel.set_running(True)
+        w = GeneratorWorker(job, name="bench")
+        w.progressed.connect(lambda ev: self.bench_panel.show_progress(ev.fraction, ev.message or ev.stage))
+        w.finished.connect(self.bench_panel.set_result)
+        w.failed.connect(lambda exc, tb: self.bench_panel.status.setText(
+            "Test bench failed: " + describe_exception(exc, tb)[0]))
+        w.cancelled.connect(lambda: self.bench_panel.status.setText("Test bench cancelled."))
+        w.stopped.connect(self._bench_stopped)
+        self.bench_worker = w.start()
+        return w
+
+    def cancel_bench(self) -> None:
+        if self.bench_worker is not None:
+            self.bench_worker.cancel()
+
+    def _bench_stopped(self) -> None:
+        self.bench_worker = None
+        self.bench_panel.set_running(False)
+        self._check_idle()
+
     # ------------------------------------------------------------------ save
     def save_merged(self) -> None:
         if self.merge_result is None:
@@ -796,6 +852,7 @@ class MainWindow(QMainWindow):
                 and self._analysis_worker is None and not self._analysis_dirty
                 and not self._analysis_timer.isActive() and self._validation_worker is None
                 and not self._validate_timer.isActive() and self.merge_worker is None
+                and self.bench_worker is None
                 and self._save_worker is None)
 
     def _check_idle(self) -> None:

@@ -121,3 +121,38 @@ def test_analysis_runs_in_background_and_the_merged_result_joins_the_views(qtbot
     wait_idle(qtbot, window)
     assert window.merge_result is None and not window.analysis.has_merged
     assert window.analysis.names == ["expert0", "expert1"]
+
+
+def test_test_bench_scores_experts_and_merged_on_the_demo_world(qtbot, window):
+    from pivotmerge_gui.demo import kit
+
+    window.add_paths([str(p) for p in kit.expert_paths("shared")[:2]])
+    wait_idle(qtbot, window)
+    assert window.merge_panel.set_method_name("linear")
+    wait_idle(qtbot, window)
+    with qtbot.waitSignal(window.merge_finished, timeout=60_000):
+        window.merge_panel.merge_button.click()
+    wait_idle(qtbot, window)
+    window.bench_panel.n_spin.setValue(2)
+    w = window.run_bench()
+    with qtbot.waitSignal(w.stopped, timeout=120_000):
+        pass
+    assert w.outcome == "finished", window.bench_panel.status.text()
+    rows = window.bench_panel.model.rows
+    names = kit.expert_names()[:2]
+    assert [r["projector"] for r in rows] == names + ["Merged"]
+    for r in rows:
+        assert 0.0 <= r["mean token_accuracy"] <= 1.0 and r["mean nll"] > 0
+    assert len(window.bench_panel.result.pairs) == 2 * len(kit.expert_names())
+    assert "reference" in window.bench_panel.samples.toPlainText()
+
+
+def test_test_bench_refuses_projectors_of_another_model(qtbot, window, expert_files):
+    window.add_paths([str(expert_files["e0"])])
+    wait_idle(qtbot, window)
+    window.bench_panel.n_spin.setValue(1)
+    w = window.run_bench()
+    with qtbot.waitSignal(w.stopped, timeout=60_000):
+        pass
+    assert w.outcome == "failed"
+    assert "demo world" in window.bench_panel.status.text() and "expert0" in window.bench_panel.status.text()
