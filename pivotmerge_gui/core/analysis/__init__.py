@@ -123,21 +123,33 @@ def singular_values(w: torch.Tensor, top: int | None = TOP_SINGULAR_VALUES) -> S
     d = min(m, n)
     total = float(torch.linalg.vector_norm(a, dtype=torch.float64)) ** 2
     if top is None or d <= FULL_SPECTRUM_LIMIT or top >= d:
-        a64 = a.double()
-        g = a64.t() @ a64 if n <= m else a64 @ a64.t()
-        ev = torch.linalg.eigvalsh(g).flip(0).clamp(min=0.0).sqrt()
+        # Gram of the smaller side: fp64 for small matrices; fp32 products for big ones (an
+        # fp64 4096x1024 Gram costs ~1 s here; fp32 only blurs values below ~1e-4 sigma_max)
+        big_product = m * n * d >= 2**30
+        g = (a.t() @ a if n <= m else a @ a.t()) if big_product else None
+        if g is None:
+            a64 = a.double()
+            g = a64.t() @ a64 if n <= m else a64 @ a64.t()
+        from ..methods.pivotmerge import _lapack_threads
+
+        with _lapack_threads(d > 2048 or a.device.type != "cpu"):
+            ev = torch.linalg.eigvalsh(g.double()).flip(0).clamp(min=0.0).sqrt()
         return Spectrum(ev.cpu().numpy(), total, d, True)
     p = min(top + max(16, top // 4), d)
     from ..alignment import _bf16_is_fast
 
     mm = torch.bfloat16 if m * n * p >= 2**28 and _bf16_is_fast(a.device.type) else torch.float32
+    from ..methods.pivotmerge import _lapack_threads, _orth
+
     am = a.to(mm)
     gen = torch.Generator().manual_seed(0)
     omega = torch.randn(n, p, generator=gen).to(a.device, mm)
-    q = torch.linalg.qr((am @ omega).float())[0]
+    q = _orth(am @ omega)
     for _ in range(POWER_ITERS):
-        q = torch.linalg.qr((am @ (am.t() @ q.to(mm))).float())[0]
-    s = torch.linalg.svdvals(q.t() @ a)[:top]  # fp32 projection: values exact up to the subspace
+        q = _orth(am @ (am.t() @ q.to(mm)))
+    b = q.t() @ a  # fp32 projection: values exact up to the subspace
+    with _lapack_threads(a.device.type != "cpu"):
+        s = torch.linalg.svdvals(b)[:top]
     return Spectrum(s.double().cpu().numpy(), total, d, False)
 
 
@@ -348,7 +360,11 @@ def iter_analysis(
     cancel = cancel or CancelToken()
     if not experts:
         raise ValueError("analysis needs at least one expert")
-    names = list(names) if names is not None else [e.source or f"expert {i}" for i, e in enumerate(experts)]
+    if names is None:
+        names = [e.source or f"expert {i}" for i, e in enumerate(experts)]
+        if len(set(names)) != len(names):  # per-expert columns need unique names
+            names = [f"{n} #{i}" for i, n in enumerate(names)]
+    names = list(names)
     if len(names) != len(experts):
         raise ValueError(f"{len(names)} names for {len(experts)} experts")
     others = ([base] if base is not None else []) + ([merged] if merged is not None else [])
@@ -376,7 +392,7 @@ def iter_analysis(
                               "similarity_before": info.similarity_before,
                               "similarity_after": info.similarity_after})
         if merged_w is not None:
-            merged_w, _ = align_to_pivot(merged_w, work[pivot])
+            merged_w, _ = align_to_pivot(merged_w, work[pivot], cache=cache)
         moved = [a["expert"] for a in alignment if not a["is_identity"]]
         if moved:
             notes.append("hidden units of " + ", ".join(moved) + f" were permuted to match {names[pivot]} "
