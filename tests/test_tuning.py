@@ -79,6 +79,15 @@ def test_cmaes_rejects_bad_sizes():
 
 
 # ------------------------------------------------------------------ merges (demo world)
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The demo model is tiny: one thread avoids oversubscription on a loaded CI box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 kit = pytest.importorskip("pivotmerge_gui.demo.kit")
 
 

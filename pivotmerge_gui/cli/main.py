@@ -221,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--base", help="shared init checkpoint (task vectors are taken against it)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_analyze)
+
+    from .evaluate import add_evaluate_parser
+
+    add_evaluate_parser(sub)
     return p
 
 

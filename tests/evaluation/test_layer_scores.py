@@ -15,6 +15,15 @@ from pivotmerge_gui.core.evaluation.layer_scores import (
 )
 from pivotmerge_gui.core.evaluation.pairs import pairs_from_caption_sets
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The demo model is tiny: one thread avoids oversubscription on a loaded CI box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 kit = pytest.importorskip("pivotmerge_gui.demo.kit")
 
 
