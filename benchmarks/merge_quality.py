@@ -231,6 +231,44 @@ def table(rows: dict[str, Row], domains: list[str]) -> str:
     return "\n".join(lines)
 
 
+def run_seed(world: kit.DemoWorld, args: argparse.Namespace, seed: int, scenarios: list[str],
+             val: dict[str, CaptionSet], test: dict[str, CaptionSet], cal: Calibration,
+             methods: list[type[MergeMethod]], factors: Sequence[float],
+             results: dict[str, dict[str, Row]]) -> None:
+    t = time.time()
+    paths = kit.expert_set(seed, root=args.artifacts)
+    log(f"seed {seed}: experts ready in {time.time() - t:.1f} s ({paths['root']})")
+    for scenario in scenarios:
+        bench_scenario(world, scenario, seed, paths, val, test, cal, methods, factors, results[scenario])
+
+
+def run_parallel(argv: list[str], seeds: list[int], jobs: int, scenarios: list[str],
+                 results: dict[str, dict[str, Row]]) -> None:
+    """One worker process per seed (at most ``jobs`` at once); rows combined in seed order."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = {s: Path(tmp) / f"seed{s}.json" for s in seeds}
+        pending = list(seeds)
+        running: list[tuple[int, subprocess.Popen[bytes]]] = []
+        while pending or running:
+            while pending and len(running) < jobs:
+                s = pending.pop(0)
+                cmd = [sys.executable, __file__, *argv, "--only-seed", str(s), "--rows-out", str(outs[s])]
+                running.append((s, subprocess.Popen(cmd)))
+            s, proc = running.pop(0)
+            if proc.wait() != 0:
+                raise SystemExit(f"worker for seed {s} failed with exit code {proc.returncode}")
+        for s in seeds:
+            for scenario, rows in json.loads(outs[s].read_text()).items():
+                if scenario not in results:
+                    continue
+                for r in rows:
+                    row = results[scenario].setdefault(r["label"], Row(r["label"], r["kind"], r["method"], r["variant"]))
+                    row.per_seed.extend(r["per_seed"])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, default=None, help="write all results here")
@@ -241,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-n", type=int, default=64, help="validation images per domain (sweeps)")
     ap.add_argument("--test-n", type=int, default=128, help="test images per domain (of 256)")
     ap.add_argument("--artifacts", type=Path, default=None, help="demo world folder (default: shipped)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="run seeds in this many parallel processes (results are identical)")
+    ap.add_argument("--only-seed", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--rows-out", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core box)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -260,12 +302,16 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = [s for s in args.scenarios.split(",") if s]
 
     results: dict[str, dict[str, Row]] = {s: {} for s in scenarios}
-    for seed in seeds:
-        t = time.time()
-        paths = kit.expert_set(seed, root=args.artifacts)
-        log(f"seed {seed}: experts ready in {time.time() - t:.1f} s ({paths['root']})")
-        for scenario in scenarios:
-            bench_scenario(world, scenario, seed, paths, val, test, cal, methods, factors, results[scenario])
+    if args.only_seed is not None:  # worker of --jobs: one seed, raw rows to a file
+        run_seed(world, args, args.only_seed, scenarios, val, test, cal, methods, factors, results)
+        args.rows_out.write_text(json.dumps(_jsonable(
+            {s: [row.__dict__ for row in results[s].values()] for s in scenarios})))
+        return 0
+    if args.jobs > 1 and len(seeds) > 1:
+        run_parallel(argv if argv is not None else sys.argv[1:], seeds, args.jobs, scenarios, results)
+    else:
+        for seed in seeds:
+            run_seed(world, args, seed, scenarios, val, test, cal, methods, factors, results)
 
     elapsed = time.time() - t0
     title = (f"# Merge quality on the demo world ({len(seeds)} seed(s): {seeds}; "
