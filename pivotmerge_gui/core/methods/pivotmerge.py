@@ -20,11 +20,13 @@ Merging, ALM). Everything concrete below is the project's documented reading
    ``residual_rank`` directions; they are combined by an *overlap-normalised sum*
    ``Q_U^{-1/2} (sum_k P_k) Q_V^{-1/2}`` (``Q_U = sum_k U_k U_k^T`` with eigenvalues below 1
    left alone), so identical residuals are averaged and mutually orthogonal (complementary)
-   ones are summed. 1-D tensors: sign-elected disjoint mean.
+   ones are summed. 1-D tensors: sign-elected disjoint mean when filtering is on, else the
+   weighted mean.
 3. **ALM**: ``theta_l = ref_l + lambda_l * tau*_l``. Data-driven (calibration features per
    domain): Levenberg-Marquardt on the few lambdas minimising
-   ``sum_k w_k E_{x in D_k} ||f_merged(x) - f_k(x)||^2`` (forward-mode derivatives; every
-   accepted step lowers the objective, so it never ends above its start at lambda = 1).
+   ``sum_k w_k E_{x in D_k} ||f_merged(x) - f_k(x)||^2`` (forward-mode derivatives; lambdas
+   kept in [0, 4]; every accepted step lowers the objective, so it never ends above its
+   start at lambda = 1).
    Data-free: ``lambda_l = 1 + e_l (rho_l - 1)`` with ``rho_l`` = expert-typical update norm
    / merged update norm (clipped to [1, K]: only what cancellation removed is restored)
    and ``e_l`` the layer's shared-energy fraction (energy of the task vectors inside the
@@ -63,6 +65,7 @@ from .base import MergeJob, MergeMethod, MergeOutput, Param, register
 EXACT_GRAM_LIMIT = 1024  # Gram + eigh when the larger side is at most this
 OVERSAMPLE = 16
 POWER_ITERS = 1
+LAMBDA_MAX = 4.0  # upper bound of a data-driven layer coefficient
 _FIXED_SEED = 20260422  # sketches are seed-independent: same inputs -> same merge
 
 
@@ -556,8 +559,10 @@ class PivotMerge(MergeMethod):
                 rho = min(max(typ / mer, 1.0), float(k_exp))
                 lam[lname] = 1.0 + shared_frac.get(lname, 1.0) * (rho - 1.0)
         if alm_mode == "data":
+            # a layer whose merged update vanished (e.g. 1-D tensors averaged around their own
+            # mean) has no direction to scale: fitting it would only chase rounding noise
             free = [n for n in layer_names if n in forward_layers and n not in user
-                    and merged_sq.get(n, 0.0) > 0.0]
+                    and merged_sq.get(n, 0.0) > 1e-10 * max(typical_sq.get(n, 0.0), 1e-30)]
             fixed = {n: float(user[n]) if n in user else 1.0 for n in layer_names}
             for ev, res in self._fit_lambdas(job, ref, tau_star, free, fixed, cal_x, cal_y, weights):
                 if ev is not None:
@@ -639,12 +644,17 @@ class PivotMerge(MergeMethod):
         """Evenly spaced subsample of each domain's features and the expert's own outputs."""
         xs, ys = [], []
         assert job.calibration is not None
+        group = 1  # families that merge n consecutive tokens (Qwen2-VL) keep whole groups
+        for op in job.experts[0].ops:
+            if op.startswith("merge_tokens:"):
+                group *= int(op.split(":")[1])
         for k, feats in enumerate(job.calibration.features):
             x = feats.to(job.device, job.dtype)
-            n = x.shape[0]
-            if n > max_tokens:
-                idx = torch.linspace(0, n - 1, max_tokens).round().long().to(x.device)
-                x = x[idx]
+            n = x.shape[0] // group
+            if n > max(1, max_tokens // group):
+                m = max(1, max_tokens // group)
+                idx = torch.linspace(0, n - 1, m).round().long().to(x.device)
+                x = x[: n * group].reshape(n, group, *x.shape[1:])[idx].reshape(m * group, *x.shape[1:])
             with torch.no_grad():
                 ys.append(job.experts[k].forward(x))
             xs.append(x)
@@ -709,7 +719,7 @@ class PivotMerge(MergeMethod):
         """Levenberg-Marquardt on the free per-layer lambdas (forward-mode Jacobian).
 
         Objective: sum_k w_k mean_{x in D_k} ||f(x) - f_k(x)||^2, starting from lambda = 1;
-        only steps that lower it are accepted."""
+        only steps that lower it are accepted; lambdas are kept in [0, LAMBDA_MAX]."""
         # fitted in fp32 whatever the compute dtype (a few scalars; bf16 steps would stall)
         ref_state = {k: v.detach().float() for k, v in ref.state().items()}
         tau = {k: v.detach().float() for k, v in tau_star.items()}
@@ -766,10 +776,13 @@ class PivotMerge(MergeMethod):
                 jtj += wk * jac.t() @ jac
                 jtr += wk * jac.t() @ res
             improved = False
+            damp = jtj.diag().clamp(min=1e-9 * float(jtj.diag().max().clamp(min=1e-30)))
             for _ in range(8):
-                a = jtj + mu * torch.diag(jtj.diag().clamp(min=1e-12))
+                a = jtj + mu * torch.diag(damp)
                 step = torch.linalg.solve(a, -jtr)
-                cand = lam + step.to(lam.dtype).to(lam.device)
+                # coefficients stay in [0, LAMBDA_MAX]: a negative or huge lambda only fits
+                # the calibration features, it does not merge experts
+                cand = (lam + step.to(lam.dtype).to(lam.device)).clamp(0.0, LAMBDA_MAX)
                 val = objective(cand)
                 if val < cur:
                     lam, mu, improved = cand, max(mu / 10, 1e-9), True
