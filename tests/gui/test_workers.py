@@ -6,8 +6,6 @@ import threading
 import time
 
 import pytest
-from PySide6.QtCore import QThread
-
 from pivotmerge_gui.core.errors import CheckpointError
 from pivotmerge_gui.core.progress import ProgressEvent
 from pivotmerge_gui.gui.workers import GeneratorWorker
@@ -15,11 +13,10 @@ from pivotmerge_gui.gui.workers import GeneratorWorker
 
 def _collect(worker: GeneratorWorker) -> dict:
     got: dict = {"progress": [], "threads": set()}
-    main = QThread.currentThread()
 
     def on_progress(ev):
         got["progress"].append(ev)
-        got["threads"].add(QThread.currentThread() is main)
+        got["threads"].add(threading.current_thread() is threading.main_thread())
 
     worker.progressed.connect(on_progress)
     worker.finished.connect(lambda r: got.__setitem__("finished", r))
