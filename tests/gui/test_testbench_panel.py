@@ -1,0 +1,113 @@
+"""TestBenchPanel: demo pairs x projectors, results as they come, chart, scores, cancel, drops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl
+from PySide6.QtGui import QDropEvent
+
+from pivotmerge_gui.core.errors import PivotMergeError
+from pivotmerge_gui.core.evaluation import evaluate
+from pivotmerge_gui.gui.testbench_panel import TestBenchPanel
+
+kit = pytest.importorskip("pivotmerge_gui.demo.kit")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def panel(qtbot):
+    try:
+        kit.load_world()
+    except PivotMergeError as e:
+        pytest.skip(str(e))
+    p = TestBenchPanel()
+    qtbot.addWidget(p)
+    p.set_experts(kit.load_experts("shared"), kit.load_projector_file(kit.base_path("shared")))
+    yield p
+    if p.worker is not None:
+        p.cancel()
+        p.worker.wait(10_000)
+
+
+def test_run_fills_grid_and_chart_matching_the_metrics(qtbot, panel):
+    experts = kit.load_experts("shared")
+    merged = kit.load_projector_file(kit.joint_path())
+    panel.set_merged(merged, "Joint")
+    panel.load_demo_samples("val", 2)
+    assert panel.grid.rowCount() == 8 and not panel.grid.item(0, 0).icon().isNull()
+    assert panel.selected_names() == ["shapes", "text", "count", "texture", "Joint"]
+    streamed = []
+    panel.bench_finished.connect(lambda _: streamed.append(sum(len(v) for v in panel._partial.values())))
+    with qtbot.waitSignal(panel.bench_finished, timeout=60_000) as sig:
+        panel.run()
+    res = sig.args[0]
+    assert streamed == [8 * 5]  # every per-pair result arrived through progress before the end
+    assert panel.grid.columnCount() == 6
+    sets = kit.load_world().caption_sets("val", 2)
+    want = evaluate(kit.load_world().backend, experts["text"], sets, parts=("nll", "generate"))
+    assert res.metrics["text"].mean.token_accuracy == pytest.approx(want.mean.token_accuracy)
+    cell = panel.grid.item(2, 2).text()  # pair 2 (text domain) x the text expert
+    assert cell.startswith(res.results["text"][2].caption)
+    doms, vals = panel.chart_values()
+    assert doms == ["shapes", "text", "count", "texture", "mean"]
+    assert vals["Joint"][-1] == pytest.approx(res.metrics["Joint"].mean.token_accuracy)
+    panel.metric_combo.setCurrentIndex(panel.metric_combo.findData("nll"))
+    assert panel.chart_values()[1]["text"][1] == pytest.approx(want.per_domain["text"].nll, rel=1e-5)
+    qtbot.waitUntil(lambda: not panel.is_busy(), timeout=10_000)
+    assert panel.run_button.isEnabled() and not panel.cancel_button.isEnabled()
+
+
+def test_alignment_scores_signal_carries_scores_and_calibration(qtbot, panel):
+    panel.load_demo_samples("val", 2)
+    with qtbot.waitSignal(panel.alignment_scores_ready, timeout=60_000) as sig:
+        panel.compute_alignment_scores()
+    scores, cal = sig.args
+    assert scores.experts == ["shapes", "text", "count", "texture"] and scores.reference == "base"
+    assert len(cal.features) == 4 and cal.features[0].shape == (2 * 16, 48)
+    assert cal.domains == scores.domains
+
+
+def test_cancel_stops_the_run(qtbot, panel):
+    panel.load_demo_samples("val", 64)
+    w = panel.run()
+    with qtbot.waitSignal(w.cancelled, timeout=30_000):
+        panel.cancel()
+    qtbot.waitUntil(lambda: not panel.is_busy(), timeout=10_000)
+    assert panel.result is None and panel.status.text() == "Cancelled."
+
+
+def test_user_pairs_projector_files_drop_and_errors(qtbot, panel, tmp_path):
+    from pivotmerge_gui.core.evaluation.pairs import tensor_to_pil
+
+    data = kit.load_world().dataset("test", 1)
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for dom, d in data.items():
+        tensor_to_pil(d.images[0]).save(folder / f"{dom}.png")
+        (folder / f"{dom}.txt").write_text(d.captions[0])
+    urls = [QUrl.fromLocalFile(str(folder)), QUrl.fromLocalFile(str(kit.experts("shared")["count"]))]
+    mime = QMimeData()
+    mime.setUrls(urls)
+    ev = QDropEvent(QPointF(5, 5), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton,
+                    Qt.KeyboardModifier.NoModifier)
+    panel.dropEvent(ev)
+    assert len(panel.pairs) == 4 and {p.domain for p in panel.pairs} == {"mine"}
+    assert list(panel.files) == ["count'"]  # a dropped file named like an expert stays apart
+    assert "count'" in panel.projectors()
+    assert not panel.add_pairs(tmp_path / "nothing-here")
+    assert "no such file or folder" in panel.last_error
+    bad = tmp_path / "broken.bin"
+    bad.write_bytes(b"garbage")
+    panel.add_projector_file(bad)
+    assert "broken.bin" in panel.last_error
+    with qtbot.waitSignal(panel.bench_finished, timeout=60_000) as sig:
+        panel.run()
+    assert len(sig.args[0].pairs) == 4
