@@ -131,7 +131,7 @@ class AutoTunePanel(QWidget):
                                          symbolSize=7, symbolBrush="#1f77b4", name="best so far")
         self.mean_curve = self.plot.plot([], [], pen=pg.mkPen("#aaaaaa", width=1.5, style=Qt.PenStyle.DashLine),
                                          name="generation mean")
-        self.start_line = pg.InfiniteLine(angle=0, movable=False, label="untuned {value:.4f}",
+        self.start_line = pg.InfiniteLine(angle=0, movable=False, label="untuned",
                                           labelOpts={"position": 0.08, "color": "#d62728", "anchors": [(0, 1), (0, 1)]},
                                           pen=pg.mkPen("#d62728", width=1.2, style=Qt.PenStyle.DotLine))
         self.start_line.setVisible(False)
