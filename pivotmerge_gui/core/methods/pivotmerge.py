@@ -271,7 +271,8 @@ class TaskStack:
         return self.thetas[i] @ x - self.ref @ x
 
     def tmul(self, i: int, y: torch.Tensor) -> torch.Tensor:  # tau_i^T @ y
-        return self.thetas[i].t() @ y - self.ref.t() @ y
+        yt = y.t()  # (y^T theta)^T reads theta row-major: ~2x faster than theta^T @ y on CPU
+        return (yt @ self.thetas[i] - yt @ self.ref).t()
 
     def coords(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """C_k = U^T tau_k V for every k, [K, r, r] (fp32)."""
