@@ -239,8 +239,8 @@ class MergeObjective:
         self.experts, self.method, self.params = list(experts), method, dict(params or {})
         self.backend, self.metric = backend, metric
         self.layers = list(self.experts[0].layer_names)
-        self._kw: dict[str, Any] = dict(base=base, weights=weights, calibration=calibration, names=names,
-                                        seed=seed, device=device)
+        self._kw: dict[str, Any] = {"base": base, "weights": weights, "calibration": calibration,
+                                    "names": names, "seed": seed, "device": device}
         self._merge = merge_projectors
         default = merge_projectors(self.experts, method, self.params, **self._kw)
         self.default_projector = default.projector

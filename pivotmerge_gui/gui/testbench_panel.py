@@ -524,11 +524,11 @@ class TestBenchPanel(QWidget):
         self.plot.setXRange(-0.6, len(doms) - 0.4, padding=0)
 
     # ------------------------------------------------------------------ drag and drop / dialogs
-    def dragEnterEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
+    def dragEnterEvent(self, event: Any) -> None:
         if event.mimeData().hasUrls():
             event.acceptProposedAction()
 
-    def dropEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
+    def dropEvent(self, event: Any) -> None:
         for url in event.mimeData().urls():
             p = Path(url.toLocalFile())
             if p.is_dir() or p.suffix.lower() == ".jsonl":

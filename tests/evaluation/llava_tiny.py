@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import torch
 
-WORDS = ("USER ASSISTANT : caption image the a red blue green square circle dot at top bottom "
-         "left right of and is there are one two three text reading").split()
+WORDS = ["USER", "ASSISTANT", ":", "caption", "image", "the", "a", "red", "blue", "green", "square", "circle", "dot", "at", "top", "bottom", "left", "right", "of", "and", "is", "there", "are", "one", "two", "three", "text", "reading"]
 IMAGE_TOKEN = 127
 VOCAB = 128
 
@@ -30,7 +29,12 @@ def tiny_tokenizer():
 
 
 def tiny_llava(seed: int = 0):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     vc = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                           image_size=8, patch_size=2, projection_dim=16)

@@ -8,12 +8,13 @@ import torch
 from pivotmerge_gui.core.errors import PivotMergeError
 from pivotmerge_gui.core.evaluation.bench import drain
 from pivotmerge_gui.core.evaluation.layer_scores import (
-    caption_sets_from_pairs,
     calibration_from_sets,
+    caption_sets_from_pairs,
     layer_alignment_scores,
     match_domains,
 )
 from pivotmerge_gui.core.evaluation.pairs import pairs_from_caption_sets
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():

@@ -10,12 +10,12 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
-from pivotmerge_gui.core.errors import Cancelled, HubError  # noqa: E402
-from pivotmerge_gui.core.evaluation.llava_hf import LlavaHFBackend, ProjectorMismatch  # noqa: E402
-from pivotmerge_gui.core.io import load_projector  # noqa: E402
-from tests.conftest import make_mlp_projector  # noqa: E402
+from pivotmerge_gui.core.errors import Cancelled, HubError
+from pivotmerge_gui.core.evaluation.llava_hf import LlavaHFBackend, ProjectorMismatch
+from pivotmerge_gui.core.io import load_projector
+from tests.conftest import make_mlp_projector
 
-from .llava_tiny import IMAGE_TOKEN, PROMPT, tiny_image_processor, tiny_llava, tiny_tokenizer  # noqa: E402
+from .llava_tiny import IMAGE_TOKEN, PROMPT, tiny_image_processor, tiny_llava, tiny_tokenizer
 
 CAPTIONS = ["a red square at the top left", "there are two blue dots", "text reading a"]
 
@@ -79,9 +79,8 @@ def test_swap_back_restores_the_original_weights_also_on_error(backend):
     p = make_mlp_projector(16, 32, 32, seed=7)
     with backend.swapped(p) as mm:
         torch.testing.assert_close(mm.linear_1.weight, p.state()["0.weight"])
-    with pytest.raises(RuntimeError, match="boom"):
-        with backend.swapped(p):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), backend.swapped(p):
+        raise RuntimeError("boom")
     after = backend.projector_module.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -100,9 +99,9 @@ def test_original_llava_mm_projector_file_maps_onto_linear_1_2(tmp_path, backend
 
 
 def test_incompatible_projector_is_a_typed_error(backend):
-    with pytest.raises(ProjectorMismatch, match="linear_1.weight"):
-        with backend.swapped(make_mlp_projector(16, 24, 32, seed=0)):
-            pass
+    with pytest.raises(ProjectorMismatch, match="linear_1.weight"), \
+            backend.swapped(make_mlp_projector(16, 24, 32, seed=0)):
+        pass
 
 
 def test_generation_streams_and_matches_the_returned_captions(backend, pixels):

@@ -91,7 +91,7 @@ def default_max_new_tokens(backend: CaptionBackend, captions: Sequence[str]) -> 
     """The metrics' rule (longest reference in words + 2), times the back end's
     ``tokens_per_word`` (1 for the word-level demo; subword tokenizers need more)."""
     words = max((len(normalize_caption(c)) for c in captions), default=0) + 2
-    return max(1, int(round(words * float(getattr(backend, "tokens_per_word", 1.0)))))
+    return max(1, round(words * float(getattr(backend, "tokens_per_word", 1.0))))
 
 
 def encode_pairs(backend: CaptionBackend, pairs: Sequence[Pair], batch: int = 64,
