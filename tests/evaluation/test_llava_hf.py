@@ -152,3 +152,23 @@ def test_from_pretrained_local_folder_and_offline_hub_id(tmp_path, parts, pixels
                                ref.caption_nll(p, ref.encode_images(pixels), CAPTIONS)[0])
     with pytest.raises(HubError, match="no-such-org/no-such-llava"):
         LlavaHFBackend.from_pretrained("no-such-org/no-such-llava", device="cpu")
+
+
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.cuda,
+                                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]),
+])
+def test_half_precision_model_matches_fp32(parts, pixels, device):
+    """The fp16 path (what CUDA runs by default): fp32 projector weights are cast into the
+    fp16 module, features cross the boundary, and the NLL stays close to fp32's."""
+    model, tok, ip = parts
+    b32 = LlavaHFBackend(copy.deepcopy(model), tok, ip, prompt=PROMPT)
+    b16 = LlavaHFBackend(copy.deepcopy(model), tok, ip, prompt=PROMPT, device=device, dtype=torch.float16)
+    assert b16.dtype == torch.float16 and b16.device.type == device
+    p = make_mlp_projector(16, 32, 32, seed=5)
+    want = b32.caption_nll(p, b32.encode_images(pixels), CAPTIONS)[0]
+    got = b16.caption_nll(p, b16.encode_images(pixels), CAPTIONS)[0]
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    assert b16.projector_module.linear_1.weight.dtype == torch.float16
+    assert len(b16.generate(p, b16.encode_images(pixels), 4)) == 3
