@@ -19,7 +19,7 @@ T0 = time.perf_counter()
 
 log = logging.getLogger("pivotmerge_gui.gui")
 
-VIEWS = ("layers", "spectra", "similarity", "report", "bench")
+VIEWS = ("layers", "spectra", "similarity", "report", "bench", "autotune")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     app = QApplication.instance() or QApplication(sys.argv[:1])
     app.setApplicationName("PivotMerge Studio")
     app.setOrganizationName("PivotMerge")
+    app.setDesktopFileName("pivotmerge-studio")  # matches the installed .desktop entry
+    _set_icon(app)
     window = MainWindow(restore_layout=not args.screenshot)  # screenshots use the default layout
     if args.method:
         window.initial_method = args.method
@@ -84,6 +86,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     return app.exec()
 
 
+def _set_icon(app) -> None:  # type: ignore[no-untyped-def]
+    """The app icon from the bundled resources (a missing icon is not worth failing for)."""
+    from PySide6.QtGui import QIcon
+
+    from pivotmerge_gui.assets import ICON_SIZES, app_icon_path
+
+    try:
+        icon = QIcon()
+        for size in ICON_SIZES:
+            icon.addFile(str(app_icon_path(size)))
+        app.setWindowIcon(icon)
+    except (FileNotFoundError, ValueError) as exc:
+        log.warning("app icon not found: %s", exc)
+
+
 def _arm_screenshot(app, window, path: Path, view: str, merge: bool, timeout: float,  # type: ignore[no-untyped-def]
                     bench: bool = False) -> None:
     """Poll until the window is idle (and merged / benched if asked), then grab it and quit."""
@@ -107,7 +124,8 @@ def _arm_screenshot(app, window, path: Path, view: str, merge: bool, timeout: fl
                 state["merged"] = True  # cannot merge; capture the reason
         if idle and state["merged"] and not state["benched"]:
             state["benched"] = True
-            window.run_bench()
+            window.bench_panel.load_demo_samples(window.bench_panel.split, window.bench_panel.n_spin.value())
+            window.bench_panel.run()
             idle = False
         if idle and state["merged"]:
             state["settle"] += 1

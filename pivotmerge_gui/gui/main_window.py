@@ -22,6 +22,7 @@ from PySide6.QtWidgets import (
     QFileDialog,
     QMainWindow,
     QMessageBox,
+    QScrollArea,
     QSplitter,
     QTabWidget,
     QWidget,
@@ -34,12 +35,13 @@ from pivotmerge_gui.core.progress import ProgressEvent
 from .dialogs import HubDialog, SaveDialog
 from .errors import ErrorDialog, describe_exception
 from .models import ExpertEntry, ExpertListModel, expand_paths, paths_from_mime
-from .panels.bench import TestBenchPanel
+from .autotune_panel import AutoTunePanel
 from .panels.inspect import LayersPanel, SimilarityPanel, SpectraPanel
 from .panels.merge import MergePanel
 from .panels.model_list import ModelListPanel
 from .panels.report import ReportPanel
 from .settings import AppSettings, log_dir
+from .testbench_panel import TestBenchPanel
 from .workers import GeneratorWorker, WorkContext, stop_all
 
 log = logging.getLogger("pivotmerge_gui.gui")
@@ -111,12 +113,14 @@ class MainWindow(QMainWindow):
         self.similarity_panel = SimilarityPanel()
         self.report_panel = ReportPanel()
         self.bench_panel = TestBenchPanel()
+        # Auto-tune lists the merge methods when built (imports torch): it joins after start-up.
+        self.autotune_panel: AutoTunePanel | None = None
         self.tabs = QTabWidget()
         self.tabs.addTab(self.layers_panel, "Layers")
         self.tabs.addTab(self.spectra_panel, "Spectra")
         self.tabs.addTab(self.similarity_panel, "Similarity")
         self.tabs.addTab(self.report_panel, "Merge report")
-        self.tabs.addTab(self.bench_panel, "Test bench")
+        self.tabs.addTab(_scrolled(self.bench_panel), "Test bench")
         self.merge_panel = MergePanel()
 
         self.splitter = QSplitter(Qt.Orientation.Horizontal)
@@ -165,8 +169,9 @@ class MainWindow(QMainWindow):
         self.merge_panel.merge_requested.connect(self.start_merge)
         self.merge_panel.cancel_requested.connect(self.cancel_merge)
         self.merge_panel.save_requested.connect(self.save_merged)
-        self.bench_panel.run_requested.connect(self.run_bench)
-        self.bench_panel.cancel_requested.connect(self.cancel_bench)
+        self.bench_panel.alignment_scores_ready.connect(self._alignment_scores_ready)
+        self.bench_panel.busy_changed.connect(lambda busy: None if busy else self._check_idle())
+        self.merge_panel.changed.connect(self._sync_autotune_method)
 
         self.resize(1680, 960)
         geo = self.settings.geometry() if restore_layout else None
@@ -200,7 +205,7 @@ class MainWindow(QMainWindow):
         quit_action = m.addAction("&Quit", self.close)
         quit_action.setShortcut(QKeySequence.StandardKey.Quit)
         v = self.menuBar().addMenu("&View")
-        for i, name in enumerate(("Layers", "Spectra", "Similarity", "Merge report", "Test bench")):
+        for i, name in enumerate(("Layers", "Spectra", "Similarity", "Merge report", "Test bench", "Auto-tune")):
             a = QAction(name, self)
             a.setShortcut(QKeySequence(f"Ctrl+{i + 1}"))
             a.triggered.connect(lambda _=False, i=i: self.tabs.setCurrentIndex(i))
@@ -253,6 +258,11 @@ class MainWindow(QMainWindow):
         default = self.initial_method or str(self.settings.value("merge/method", "pivotmerge"))
         self.merge_panel.set_methods(methods, default=default)
         self.merge_panel.set_devices(devices)
+        self.autotune_panel = AutoTunePanel()
+        self.autotune_panel.busy_changed.connect(lambda busy: None if busy else self._check_idle())
+        self.autotune_panel.apply_requested.connect(self._apply_tuned)
+        self.tabs.addTab(_scrolled(self.autotune_panel), "Auto-tune")
+        self._sync_side_panels()
         self.statusBar().showMessage(f"Merge engine ready: {len(methods)} methods.", 5000)
         if self._pending_recipe is not None:
             recipe, base_dir = self._pending_recipe
@@ -409,6 +419,7 @@ class MainWindow(QMainWindow):
         self._analysis_dirty = True
         self._analysis_timer.start()
         self._schedule_validation()
+        self._sync_side_panels()
         n = len(self.experts.entries)
         bad = sum(e.status == "error" for e in self.experts.entries)
         loading = sum(e.status == "loading" for e in self.experts.entries)
@@ -614,7 +625,7 @@ class MainWindow(QMainWindow):
             self.plan, self._plan_key = None, None
             self.merge_panel.set_validation(False, str(exc))
             return
-        key = recipe.to_yaml()
+        key = self._setup_key(recipe)
         if key == self._plan_key and self.plan is not None:
             self._show_plan_ok(self.plan)
             return
@@ -625,18 +636,28 @@ class MainWindow(QMainWindow):
         loaded = {e.spec: e.projector for e in self.experts.entries if e.ready}
         if self.base_entry is not None and self.base_entry.ready:
             loaded[self.base_entry.spec] = self.base_entry.projector
+        calibration = self._memory_calibration()
         self._validation_key = key
 
         def job(ctx: WorkContext) -> Any:
             from pivotmerge_gui.core.pipeline import plan
 
-            return plan(recipe, loaded=loaded, cancel=ctx.cancel)
+            return plan(recipe, loaded=loaded, calibration=calibration, cancel=ctx.cancel)
 
         w = GeneratorWorker(job, name="validate")
         w.finished.connect(lambda p, key=key: self._validated(key, p, None, ""))
         w.failed.connect(lambda exc, tb, key=key: self._validated(key, None, exc, tb))
         w.stopped.connect(lambda w=w: self._validation_stopped(w))
         self._validation_worker = w.start()
+
+    def _memory_calibration(self) -> Any:
+        """Calibration features held in memory (from the test bench), unless a file is set."""
+        return self.merge_panel.calibration_object if self.merge_panel.calibration_path is None else None
+
+    def _setup_key(self, recipe: Any) -> str:
+        """Identity of a setup: the recipe text plus any in-memory calibration."""
+        cal = self._memory_calibration()
+        return recipe.to_yaml() + (f"\n# calibration object {id(cal)}" if cal is not None else "")
 
     def _validated(self, key: str, plan: Any, exc: BaseException | None, tb: str) -> None:
         if key != self._validation_key:
@@ -673,7 +694,7 @@ class MainWindow(QMainWindow):
         if self.merge_worker is not None or self.plan is None:
             return
         try:
-            key = self.current_recipe().to_yaml()
+            key = self._setup_key(self.current_recipe())
         except PivotMergeError as exc:
             self.merge_panel.set_validation(False, str(exc))
             return
@@ -739,58 +760,45 @@ class MainWindow(QMainWindow):
             self.merge_panel.coefficients.set_used(layer_lambdas(result.report))
         else:
             self.merge_panel.coefficients.set_used({})
+        self._sync_side_panels()
         self._analysis_timer.start()
 
-    # ------------------------------------------------------------------ test bench
-    bench_worker: GeneratorWorker | None = None
+    # ------------------------------------------------------------------ test bench / auto-tune
+    def _sync_side_panels(self) -> None:
+        """Hand the loaded experts (and the merged result) to the test bench and auto-tune."""
+        experts = {e.name: e.projector for e in self.experts.ready_entries()}
+        base = self.base_entry.projector if self.base_entry is not None and self.base_entry.ready else None
+        if not self.bench_panel.is_busy():
+            new = set(experts) - set(self.bench_panel.experts)
+            self.bench_panel.set_experts(experts, base)
+            self.bench_panel.set_merged(self.merge_result.projector if self.merge_result is not None else None)
+            # experts that just finished loading start ticked, like the first ones
+            lst = self.bench_panel.projector_list
+            for i in range(lst.count()):
+                item = lst.item(i)
+                if item.data(Qt.ItemDataRole.UserRole) in new:
+                    item.setCheckState(Qt.CheckState.Checked)
+        if self.autotune_panel is not None and not self.autotune_panel.is_busy():
+            self.autotune_panel.set_experts(experts, base, self.merge_panel.calibration_object)
+            self._sync_autotune_method()
 
-    def run_bench(self) -> GeneratorWorker | None:
-        """Score the ready experts and the merged result on the demo world (worker)."""
-        if self.bench_worker is not None:
-            return None
-        projectors = {e.name: e.projector for e in self.experts.ready_entries()}
-        if self.merge_result is not None:
-            projectors["Merged"] = self.merge_result.projector
-        if not projectors:
-            self.bench_panel.status.setText("Load experts (or open the demo experts) first.")
-            return None
-        split, n = self.bench_panel.split, self.bench_panel.pairs_per_domain
+    def _sync_autotune_method(self) -> None:
+        method = self.merge_panel.method
+        if method is not None and self.autotune_panel is not None and not self.autotune_panel.is_busy():
+            self.autotune_panel.set_method(method.name, self.merge_panel.form.values())
 
-        def job(ctx: WorkContext) -> Any:
-            from pivotmerge_gui.core.evaluation.bench import run_bench
-            from pivotmerge_gui.core.evaluation.pairs import pairs_from_caption_sets
-            from pivotmerge_gui.demo import kit
+    def _alignment_scores_ready(self, scores: Any, calibration: Any) -> None:
+        """Calibration features from the test bench pairs feed data-driven methods."""
+        self.merge_panel.set_calibration_object(calibration, "from the test bench pairs (in memory)")
+        self.statusBar().showMessage("Calibration features from the test bench are set for the merge.", 8000)
 
-            world = kit.load_world()
-            sets = world.caption_sets(split, n)
-            d_in = next(iter(sets.values())).features.shape[-1]
-            wrong = [name for name, p in projectors.items() if p.in_features != d_in]
-            if wrong:
-                raise PivotMergeError(
-                    f"the test bench scores projectors of the demo world (input width {d_in}); "
-                    f"{', '.join(wrong)} take {projectors[wrong[0]].in_features}-wide features. "
-                    "Open the demo experts (File > Open demo experts) to try it.")
-            return run_bench(world.backend, projectors, pairs_from_caption_sets(sets), cancel=ctx.cancel)
-
-        self.bench_panel.set_running(True)
-        w = GeneratorWorker(job, name="bench")
-        w.progressed.connect(lambda ev: self.bench_panel.show_progress(ev.fraction, ev.message or ev.stage))
-        w.finished.connect(self.bench_panel.set_result)
-        w.failed.connect(lambda exc, tb: self.bench_panel.status.setText(
-            "Test bench failed: " + describe_exception(exc, tb)[0]))
-        w.cancelled.connect(lambda: self.bench_panel.status.setText("Test bench cancelled."))
-        w.stopped.connect(self._bench_stopped)
-        self.bench_worker = w.start()
-        return w
-
-    def cancel_bench(self) -> None:
-        if self.bench_worker is not None:
-            self.bench_worker.cancel()
-
-    def _bench_stopped(self) -> None:
-        self.bench_worker = None
-        self.bench_panel.set_running(False)
-        self._check_idle()
+    def _apply_tuned(self, setting: Any) -> None:
+        """Auto-tune's best per-layer coefficients become slider overrides (and the recipe's)."""
+        self.merge_panel.coefficients.set_overrides(dict(setting.layer_coefficients))
+        if setting.parameters:
+            self.merge_panel.form.set_values(dict(setting.parameters))
+        self.statusBar().showMessage("Auto-tuned coefficients applied to the merge form.", 8000)
+        self._schedule_validation()
 
     # ------------------------------------------------------------------ save
     def save_merged(self) -> None:
@@ -852,7 +860,8 @@ class MainWindow(QMainWindow):
                 and self._analysis_worker is None and not self._analysis_dirty
                 and not self._analysis_timer.isActive() and self._validation_worker is None
                 and not self._validate_timer.isActive() and self.merge_worker is None
-                and self.bench_worker is None
+                and not self.bench_panel.is_busy()
+                and not (self.autotune_panel is not None and self.autotune_panel.is_busy())
                 and self._save_worker is None)
 
     def _check_idle(self) -> None:
@@ -865,6 +874,15 @@ class MainWindow(QMainWindow):
         self.settings.sync()
         stop_all(5000)
         super().closeEvent(event)
+
+
+def _scrolled(panel: QWidget) -> QScrollArea:
+    """A tab page that scrolls instead of imposing its minimum width on the window."""
+    area = QScrollArea()
+    area.setWidget(panel)
+    area.setWidgetResizable(True)
+    area.setFrameShape(QScrollArea.Shape.NoFrame)
+    return area
 
 
 def pivot_param_value(method: Any, index: int) -> Any:

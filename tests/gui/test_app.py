@@ -64,3 +64,18 @@ def test_command_line_screenshot_of_the_real_window(tmp_path, expert_files):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     img = QImage(str(png))
     assert (img.width(), img.height()) == (1200, 800)
+
+
+def test_save_dialog_offers_every_output_format_and_returns_the_choice(qtbot, tmp_path):
+    from pivotmerge_gui.core.io import FORMATS
+    from pivotmerge_gui.gui.dialogs import SaveDialog
+
+    dlg = SaveDialog(str(tmp_path / "out"), "LLaVA (mlp2x_gelu)")
+    qtbot.addWidget(dlg)
+    offered = [dlg.format.itemData(i) for i in range(dlg.format.count())]
+    assert offered[0] == "auto" and set(offered[1:]) <= set(FORMATS) | {"auto"}
+    assert {"llava-bin", "safetensors", "hf-llava"} <= set(offered)
+    dlg.format.setCurrentIndex(offered.index("hf-llava"))
+    dlg.dtype.setCurrentIndex(dlg.dtype.findData("bfloat16"))
+    dlg.overwrite.setChecked(True)
+    assert dlg.values() == (tmp_path / "out", "hf-llava", "bfloat16", True)

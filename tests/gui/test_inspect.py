@@ -123,36 +123,50 @@ def test_analysis_runs_in_background_and_the_merged_result_joins_the_views(qtbot
     assert window.analysis.names == ["expert0", "expert1"]
 
 
-def test_test_bench_scores_experts_and_merged_on_the_demo_world(qtbot, window):
+def test_window_feeds_the_test_bench_and_autotune_and_applies_tuned_coefficients(qtbot, window):
+    from pivotmerge_gui.core.tuning import TuneSetting
     from pivotmerge_gui.demo import kit
 
     window.add_paths([str(p) for p in kit.expert_paths("shared")[:2]])
     wait_idle(qtbot, window)
+    names = kit.expert_names()[:2]
+    assert list(window.bench_panel.experts) == names and list(window.autotune_panel.experts) == names
     assert window.merge_panel.set_method_name("linear")
     wait_idle(qtbot, window)
     with qtbot.waitSignal(window.merge_finished, timeout=60_000):
         window.merge_panel.merge_button.click()
     wait_idle(qtbot, window)
-    window.bench_panel.n_spin.setValue(2)
-    w = window.run_bench()
-    with qtbot.waitSignal(w.stopped, timeout=120_000):
+    assert window.bench_panel.merged is not None and window.bench_panel.merged[0] == "Merged"
+    assert "Merged" in window.bench_panel.projectors()
+    # scoring the merged result before saving, through the bench's own worker
+    window.bench_panel.load_demo_samples("val", 1)
+    w = window.bench_panel.run()
+    assert w is not None
+    with qtbot.waitSignal(window.bench_panel.bench_finished, timeout=120_000) as blocker:
         pass
-    assert w.outcome == "finished", window.bench_panel.status.text()
-    rows = window.bench_panel.model.rows
-    names = kit.expert_names()[:2]
-    assert [r["projector"] for r in rows] == names + ["Merged"]
-    for r in rows:
-        assert 0.0 <= r["mean token_accuracy"] <= 1.0 and r["mean nll"] > 0
-    assert len(window.bench_panel.result.pairs) == 2 * len(kit.expert_names())
-    assert "reference" in window.bench_panel.samples.toPlainText()
-
-
-def test_test_bench_refuses_projectors_of_another_model(qtbot, window, expert_files):
-    window.add_paths([str(expert_files["e0"])])
+    result = blocker.args[0]
+    assert "Merged" in result.projectors and all(n in result.projectors for n in names)
     wait_idle(qtbot, window)
-    window.bench_panel.n_spin.setValue(1)
-    w = window.run_bench()
-    with qtbot.waitSignal(w.stopped, timeout=60_000):
-        pass
-    assert w.outcome == "failed"
-    assert "demo world" in window.bench_panel.status.text() and "expert0" in window.bench_panel.status.text()
+    # auto-tune's best setting lands in the per-layer overrides and the recipe
+    layer = window.merge_panel.coefficients.layers[0]
+    window.autotune_panel.apply_requested.emit(TuneSetting({layer: 0.75}))
+    assert window.current_recipe().layer_coefficients == {layer: 0.75}
+
+
+def test_in_memory_calibration_from_the_test_bench_enables_regmean(qtbot, window, expert_files):
+    import torch
+
+    from pivotmerge_gui.core.methods.base import Calibration
+
+    window.add_paths([str(expert_files["e0"]), str(expert_files["e1"])])
+    wait_idle(qtbot, window)
+    needs = [m.name for m in window.methods if m.needs_calibration]
+    assert window.merge_panel.set_method_name(needs[0])
+    wait_idle(qtbot, window)
+    assert not window.merge_panel.merge_button.isEnabled()
+    g = torch.Generator().manual_seed(0)
+    cal = Calibration([torch.randn(16, 8, generator=g) for _ in range(2)], ["a", "b"])
+    window.bench_panel.alignment_scores_ready.emit(None, cal)
+    wait_idle(qtbot, window)
+    assert window.merge_panel.merge_button.isEnabled(), window.merge_reason
+    assert window.current_recipe().calibration is None  # in memory, not in the recipe

@@ -366,6 +366,7 @@ class MergePanel(QWidget):
         mb.addWidget(self.form)
 
         self.calibration_path: str | None = None
+        self.calibration_object: Any = None
         self.calibration_label = QLabel()
         self.calibration_label.setWordWrap(True)
         self.calibration_choose = QPushButton("Choose…")
@@ -504,12 +505,24 @@ class MergePanel(QWidget):
         return True
 
     def set_calibration(self, path: str | None, emit: bool = True) -> None:
+        """A calibration features file (goes into the recipe); clears in-memory features."""
         self.calibration_path = path
+        self.calibration_object = None
         self.calibration_label.setText(Path(path).name if path else "none")
         self.calibration_label.setToolTip(path or "")
         self.calibration_clear.setEnabled(path is not None)
         if emit:
             self._emit_changed()
+
+    def set_calibration_object(self, calibration: Any, label: str) -> None:
+        """Calibration features held in memory (e.g. from the test bench); not in the recipe."""
+        self.calibration_path = None
+        self.calibration_object = calibration
+        self.calibration_label.setText(label)
+        self.calibration_label.setToolTip("Used for this session's merges; save them to a file to "
+                                          "put them in a recipe")
+        self.calibration_clear.setEnabled(True)
+        self._emit_changed()
 
     def _choose_calibration(self) -> None:
         f, _ = QFileDialog.getOpenFileName(self, "Calibration features", "",
