@@ -370,8 +370,12 @@ class TestBenchPanel(QWidget):
 
         def job(ctx: WorkContext) -> Any:
             from pivotmerge_gui.core.evaluation.bench import run_bench
+            from pivotmerge_gui.core.progress import ProgressEvent
 
-            return run_bench(self._get_backend(), projs, pairs, cancel=ctx.cancel)
+            def token(update: Any) -> None:  # streaming back ends: the caption as it grows
+                ctx.emit(ProgressEvent("token", -1.0, "", update))
+
+            return run_bench(self._get_backend(), projs, pairs, cancel=ctx.cancel, on_token=token)
 
         return self._start(job, "bench", self._bench_done)
 
@@ -430,6 +434,9 @@ class TestBenchPanel(QWidget):
             w.setEnabled(not busy)
 
     def _progress(self, ev: Any) -> None:
+        if ev.stage == "token":
+            self._stream_cell(ev.payload)
+            return
         self.progress.setValue(int(max(0.0, min(1.0, ev.fraction)) * 1000))
         if ev.message:
             self.status.setText(ev.message)
@@ -486,6 +493,13 @@ class TestBenchPanel(QWidget):
         it.setBackground(QColor(int(255 - 110 * acc), 255, int(255 - 110 * acc)) if acc >= 0.5
                          else QColor(255, int(205 + 90 * acc), int(205 + 90 * acc)))
         self.grid.setItem(r.index, col, it)
+
+    def _stream_cell(self, update: Any) -> None:
+        if update.projector not in self._columns or update.index >= self.grid.rowCount():
+            return
+        it = QTableWidgetItem(update.text + " …")
+        it.setForeground(QColor("#777777"))
+        self.grid.setItem(update.index, 1 + self._columns.index(update.projector), it)
 
     def chart_values(self) -> tuple[list[str], dict[str, list[float]]]:
         """Domains (+ "mean") and, per projector, the selected metric (what the chart shows)."""

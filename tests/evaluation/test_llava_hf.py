@@ -172,3 +172,23 @@ def test_half_precision_model_matches_fp32(parts, pixels, device):
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
     assert b16.projector_module.linear_1.weight.dtype == torch.float16
     assert len(b16.generate(p, b16.encode_images(pixels), 4)) == 3
+
+
+def test_bench_streams_tokens_and_scores_pil_pairs(backend):
+    from pivotmerge_gui.core.evaluation.bench import drain, run_bench
+    from pivotmerge_gui.core.evaluation.pairs import Pair, tensor_to_pil
+
+    g = torch.Generator().manual_seed(4)
+    pairs = [Pair(c, "d", tensor_to_pil(torch.rand(3, 8, 8, generator=g))) for c in CAPTIONS]
+    projs = {"a": make_mlp_projector(16, 32, 32, seed=5), "b": make_mlp_projector(16, 32, 32, seed=6)}
+    updates = []
+    res = drain(run_bench(backend, projs, pairs, max_new_tokens=4, on_token=updates.append))
+    assert {(u.projector, u.index) for u in updates} <= {(n, i) for n in projs for i in range(3)}
+    assert len(updates) > 0
+    last = {(u.projector, u.index): u.text for u in updates}
+    for name, rows in res.results.items():
+        for r in rows:
+            assert last.get((name, r.index), "") == r.caption
+    feats = backend.encode_images([p.image for p in pairs])
+    nll, cnt = backend.caption_nll(projs["a"], feats, CAPTIONS)
+    assert res.metrics["a"].per_domain["d"].nll == pytest.approx(float(nll.sum() / cnt.sum()), rel=1e-5)

@@ -111,3 +111,28 @@ def test_user_pairs_projector_files_drop_and_errors(qtbot, panel, tmp_path):
     with qtbot.waitSignal(panel.bench_finished, timeout=60_000) as sig:
         panel.run()
     assert len(sig.args[0].pairs) == 4
+
+
+def test_llava_backend_streams_captions_into_the_grid(qtbot):
+    pytest.importorskip("transformers")
+    from pivotmerge_gui.core.evaluation.llava_hf import LlavaHFBackend
+    from pivotmerge_gui.core.evaluation.pairs import Pair, tensor_to_pil
+    from tests.conftest import make_mlp_projector
+    from tests.evaluation.llava_tiny import PROMPT, tiny_image_processor, tiny_llava, tiny_tokenizer
+
+    p = TestBenchPanel()
+    qtbot.addWidget(p)
+    p.backend = LlavaHFBackend(tiny_llava(), tiny_tokenizer(), tiny_image_processor(), prompt=PROMPT)
+    p.backend_spec = "llava:tiny"
+    p.set_experts({"x": make_mlp_projector(16, 32, 32, seed=1), "y": make_mlp_projector(16, 32, 32, seed=2)})
+    g = torch.Generator().manual_seed(0)
+    p.set_pairs([Pair(f"a red dot {i}", "d", tensor_to_pil(torch.rand(3, 8, 8, generator=g))) for i in range(2)])
+    streamed = []
+    original = p._stream_cell
+    p._stream_cell = lambda u: (streamed.append(u), original(u))  # type: ignore[method-assign]
+    with qtbot.waitSignal(p.bench_finished, timeout=60_000) as sig:
+        p.run()
+    assert streamed and {u.projector for u in streamed} <= {"x", "y"}
+    res = sig.args[0]
+    assert p.grid.item(1, 2).text().startswith(res.results["y"][1].caption)
+    qtbot.waitUntil(lambda: not p.is_busy(), timeout=10_000)

@@ -13,7 +13,7 @@ and :func:`~pivotmerge_gui.core.evaluation.metrics.evaluate` agree on the same d
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -51,6 +51,15 @@ class PairResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class TokenUpdate:
+    """A caption growing token by token (back ends that stream, e.g. LLaVA)."""
+
+    projector: str
+    index: int  # index of the pair in the bench's pair list
+    text: str  # the caption so far
 
 
 @dataclass
@@ -120,6 +129,7 @@ def run_bench(
     seed: int = 0,
     batch: int = 16,
     cancel: CancelToken | None = None,
+    on_token: Callable[[TokenUpdate], None] | None = None,
 ) -> Generator[ProgressEvent, None, BenchResult]:
     """Caption and score every pair with every projector (see the module docstring).
 
@@ -127,7 +137,9 @@ def run_bench(
     defaults per domain to :func:`default_max_new_tokens`. ``retrieval`` adds the
     same-domain retrieval accuracy (``n_candidates`` NLL passes per image).
     Progress payloads: ``list[PairResult]`` per chunk; the last event ("done") carries the
-    :class:`BenchResult`, which is also the generator's return value.
+    :class:`BenchResult`, which is also the generator's return value. ``on_token`` receives a
+    :class:`TokenUpdate` per generated token from back ends that stream
+    (``streams_tokens = True``); it is called on the thread running the generator.
     """
     cancel = cancel or CancelToken()
     t_start = time.perf_counter()
@@ -161,7 +173,13 @@ def run_bench(
             sel = torch.tensor(idx, dtype=torch.long)
             refs = [pairs[i].caption for i in idx]
             nll, count = backend.caption_nll(proj, feats[sel], refs, cancel)
-            gen = backend.generate(proj, feats[sel], limits[dom], cancel)
+            if on_token is not None and getattr(backend, "streams_tokens", False):
+                def stream(i: int, text: str, name: str = name, idx: list[int] = idx) -> None:
+                    on_token(TokenUpdate(name, idx[i], text))
+
+                gen = backend.generate(proj, feats[sel], limits[dom], cancel, on_token=stream)  # type: ignore[call-arg]
+            else:
+                gen = backend.generate(proj, feats[sel], limits[dom], cancel)
             chunk_rows = []
             for j, i in enumerate(idx):
                 n_tok = int(count[j])

@@ -114,6 +114,7 @@ class LlavaHFBackend(CaptionBackend):
 
     name = "llava"
     accepts_pil = True  # encode_images takes Pillow images (see pairs.images_for_backend)
+    streams_tokens = True  # generate(..., on_token=) streams captions (see bench.run_bench)
     tokens_per_word = 2.5  # default generation budget per reference word (subword tokens)
 
     def __init__(
