@@ -96,3 +96,33 @@ def test_projector_files_user_pairs_and_text_output(world, tmp_path, capsys):
 def test_typed_errors_exit_2(world, capsys, argv, message):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_llava_backend_from_a_local_folder(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from PIL import Image
+
+    from tests.evaluation.llava_tiny import tiny_image_processor, tiny_llava, tiny_tokenizer
+
+    folder = tmp_path / "tiny-llava"
+    tiny_llava().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    tiny_image_processor().save_pretrained(folder)
+    lines = []
+    for i, colour in enumerate([(255, 0, 0), (0, 0, 255)]):
+        Image.new("RGB", (8, 8), colour).save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "caption": f"a dot {i}", "domain": f"d{i}"}))
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines))
+    g = torch.Generator().manual_seed(0)
+    state = {"model.mm_projector.0.weight": torch.randn(32, 16, generator=g), "model.mm_projector.0.bias": torch.zeros(32),
+             "model.mm_projector.2.weight": torch.randn(32, 32, generator=g), "model.mm_projector.2.bias": torch.zeros(32)}
+    (tmp_path / "exp").mkdir()
+    torch.save(state, tmp_path / "exp" / "mm_projector.bin")
+    out = _run_json(capsys, ["evaluate", str(tmp_path / "exp" / "mm_projector.bin"), "--backend", f"llava:{folder}",
+                             "--pairs", str(tmp_path / "pairs.jsonl"), "--device", "cpu", "--json"])
+    assert out["backend"] == "llava" and [p["name"] for p in out["projectors"]] == ["exp"]
+    entry = out["projectors"][0]
+    assert sorted(entry["per_domain"]) == ["d0", "d1"] and all(r["n_tokens"] > 0 for r in entry["pairs"])
+    assert all(r["nll"] > 0 for r in entry["pairs"])
+    assert main(["evaluate", "--backend", f"llava:{folder}", "--pairs", str(tmp_path / "pairs.jsonl")]) == 2
+    assert "give at least one projector" in capsys.readouterr().err
