@@ -75,3 +75,33 @@ def view_of(analysis: Any) -> AnalysisView:
         similarity_names=list(analysis.similarity_names),
         has_merged=bool(analysis.has_merged),
     )
+
+
+DATA_HELP = ("from the test bench (data-driven): NLL per token on the expert's own domain with "
+             "this layer reset to the reference, minus the expert's NLL; large = the layer carries "
+             "the expert's alignment, ~0 = its update could be dropped, < 0 = it hurts")
+
+
+def with_layer_scores(rows: list[dict[str, Any]], help_: dict[str, str],
+                      scores: Any) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Add the test bench's data-driven alignment scores (``LayerAlignmentScores``) to the
+    layer table: the mean delta NLL over experts and each expert's share of its gain."""
+    if scores is None:
+        return rows, help_
+    per_layer = scores.per_layer()
+    shares = scores.share()
+    out = []
+    for row in rows:
+        row = dict(row)
+        layer = row.get("layer")
+        if layer in per_layer:
+            j = scores.layers.index(layer)
+            row["data_delta_nll"] = float(per_layer[layer])
+            for i, name in enumerate(scores.experts):
+                row[f"data_share[{name}]"] = float(shares[i][j])
+        out.append(row)
+    help_ = dict(help_)
+    help_["data_delta_nll"] = "mean over experts, " + DATA_HELP
+    for name in scores.experts:
+        help_[f"data_share[{name}]"] = f"{name}: delta / gain (share of the whole update's NLL gain), " + DATA_HELP
+    return out, help_

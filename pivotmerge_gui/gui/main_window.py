@@ -790,6 +790,7 @@ class MainWindow(QMainWindow):
     def _alignment_scores_ready(self, scores: Any, calibration: Any) -> None:
         """Calibration features from the test bench pairs feed data-driven methods."""
         self.merge_panel.set_calibration_object(calibration, "from the test bench pairs (in memory)")
+        self.layers_panel.set_layer_scores(scores)
         self.statusBar().showMessage("Calibration features from the test bench are set for the merge.", 8000)
 
     def _apply_tuned(self, setting: Any) -> None:

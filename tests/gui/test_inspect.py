@@ -170,3 +170,20 @@ def test_in_memory_calibration_from_the_test_bench_enables_regmean(qtbot, window
     wait_idle(qtbot, window)
     assert window.merge_panel.merge_button.isEnabled(), window.merge_reason
     assert window.current_recipe().calibration is None  # in memory, not in the recipe
+
+
+def test_data_driven_layer_scores_join_the_layer_table(qtbot, analysis):
+    from pivotmerge_gui.core.evaluation.layer_scores import LayerAlignmentScores
+
+    panel = LayersPanel()
+    qtbot.addWidget(panel)
+    panel.set_analysis(analysis)
+    scores = LayerAlignmentScores(experts=["ocr", "charts"], domains=["ocr", "charts"], layers=["0", "2"],
+                                  delta=[[0.2, 0.1], [0.4, 0.0]], expert_nll=[1.0, 1.0],
+                                  reference_nll=[1.5, 1.4], reference="base", n_pairs=[4, 4])
+    panel.set_layer_scores(scores)
+    rows = panel.model.rows
+    assert rows[0]["data_delta_nll"] == pytest.approx(0.3)
+    assert rows[1]["data_share[charts]"] == pytest.approx(0.0)
+    assert rows[0]["data_share[charts]"] == pytest.approx(0.4 / 0.4)
+    assert "test bench" in panel.model.tooltips["data_delta_nll"]

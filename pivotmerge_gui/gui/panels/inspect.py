@@ -33,7 +33,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from ..analysis_view import AnalysisView, Curve, view_of
+from ..analysis_view import AnalysisView, Curve, view_of, with_layer_scores
 from ..models import LayerTableModel
 
 pg.setConfigOptions(antialias=True, background="w", foreground="k")
@@ -127,11 +127,23 @@ class LayersPanel(_StackedPanel):
         lay.addLayout(top)
         lay.addWidget(self.table, 1)
 
+    layer_scores: Any = None  # data-driven scores from the test bench (LayerAlignmentScores)
+
     def set_view(self, view: AnalysisView) -> None:
         self.view = view
-        self.model.set_rows(view.layer_rows, view.column_help)
+        self._fill()
         self.caption.setText(view.summary)
         self.show_content()
+
+    def set_layer_scores(self, scores: Any) -> None:
+        self.layer_scores = scores
+        if self.view is not None:
+            self._fill()
+
+    def _fill(self) -> None:
+        assert self.view is not None
+        rows, help_ = with_layer_scores(self.view.layer_rows, self.view.column_help, self.layer_scores)
+        self.model.set_rows(rows, help_)
 
     def export_csv(self, path: str | Path) -> None:
         write_csv(path, self.model.columns, [[r.get(c, "") for c in self.model.columns] for r in self.model.rows])
