@@ -12,7 +12,11 @@ What it measures (see ``pivotmerge_gui/demo`` and ``pivotmerge_gui/core/evaluati
 - Scenarios: ``shared`` (all experts from one init, as LLaVA's script does; the init is the
   ``base``) and ``different`` (each expert from its own random init: there is no common
   base). Methods that need a base get the **mean of the experts** as their reference in
-  the different-init scenario; those rows are labelled ``[ref=mean]``.
+  the different-init scenario; those rows are labelled ``[ref=mean]``. Note that task
+  vectors measured from the experts' own mean sum to zero, so every method whose merged
+  update is a scaled sum/mean of the task vectors (Task Arithmetic, Iso-C, SSAM...)
+  returns exactly the weight average there; only non-linear combinations (TIES' sign
+  election, DARE, TSV-M, KnOTS, ...) differ from it.
 - Rows: each expert alone, the jointly trained projector (upper bound), every method of the
   registry at its reference defaults, and "tuned" (its ``is_scale`` parameter swept on the
   **validation** split, reported on test), PivotMerge with each stage switched off in turn,
@@ -26,8 +30,11 @@ What it measures (see ``pivotmerge_gui/demo`` and ``pivotmerge_gui/core/evaluati
   (``platformdirs.user_cache_dir("pivotmerge-gui")/demo-experts``, about a minute per seed
   on 2 cores). Cells show mean +- standard deviation over seeds.
 
-It prints one markdown table per scenario and writes everything (per seed, per domain,
-the chosen scale, PivotMerge's per-layer report) as JSON with ``--json``.
+It prints one markdown table per scenario (plus the best merge and PivotMerge's rank) and
+writes everything (per seed, per domain, the chosen scale, every merge's report with
+PivotMerge's per-layer details) as JSON with ``--json``; ``--from-json`` re-prints the
+tables of a saved run. ``--jobs 3`` runs the seeds in parallel processes (a full run took
+about 10 minutes wall on a busy 2-core machine that way).
 """
 
 from __future__ import annotations
@@ -269,6 +276,34 @@ def run_parallel(argv: list[str], seeds: list[int], jobs: int, scenarios: list[s
                     row.per_seed.extend(r["per_seed"])
 
 
+def summary(rows: dict[str, Row]) -> str:
+    """One line: the best merge by mean test score, and where PivotMerge's rows stand."""
+    scored = []
+    for row in rows.values():
+        ok = [s["test"]["mean"][MAIN] for s in row.per_seed if "test" in s]
+        if row.kind == "merge" and ok:
+            scored.append((*_stat(ok), row.label))
+    if not scored:
+        return ""
+    scored.sort(reverse=True)
+    best = scored[0]
+    parts = [f"best merge: {best[2]} {best[0]:.3f} ± {best[1]:.3f}"]
+    pm = [(i + 1, m, sd, label) for i, (m, sd, label) in enumerate(scored) if label.startswith("pivotmerge")]
+    if pm:
+        rank, m, sd, label = min(pm)
+        parts.append(f"best PivotMerge row: {label} {m:.3f} ± {sd:.3f} (rank {rank} of {len(scored)} merge rows)")
+    return "; ".join(parts)
+
+
+def render(results: dict[str, dict[str, Row]], domains: list[str], seeds: list[int]) -> list[str]:
+    title = (f"# Merge quality on the demo world ({len(seeds)} seed(s): {seeds}; "
+             f"main score: test {MAIN}, mean over domains; cells: mean ± std over seeds)")
+    out_lines = [title, ""]
+    for scenario, rows in results.items():
+        out_lines += [f"## Scenario: {scenario} init", "", table(rows, domains), "", summary(rows), ""]
+    return out_lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, default=None, help="write all results here")
@@ -284,7 +319,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only-seed", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--rows-out", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core box)")
+    ap.add_argument("--from-json", type=Path, default=None,
+                    help="print the tables of an earlier run's --json output and exit")
     args = ap.parse_args(argv)
+    if args.from_json is not None:
+        doc = json.loads(args.from_json.read_text())
+        results = {sc: {r["label"]: Row(r["label"], r["kind"], r["method"], r["variant"], r["per_seed"])
+                        for r in rows} for sc, rows in doc["scenarios"].items()}
+        first = next(r for rows in results.values() for r in rows.values() if r.per_seed)
+        domains = list(first.per_seed[0]["test"]["per_domain"])
+        print("\n".join(render(results, domains, doc["seeds"])))
+        print(f"_elapsed {doc['elapsed_s']:.0f} s; command: {doc['command']}_")
+        return 0
     torch.set_num_threads(args.threads)
     t0 = time.time()
 
@@ -314,11 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             run_seed(world, args, seed, scenarios, val, test, cal, methods, factors, results)
 
     elapsed = time.time() - t0
-    title = (f"# Merge quality on the demo world ({len(seeds)} seed(s): {seeds}; "
-             f"main score: test {MAIN}, mean over domains; cells: mean ± std over seeds)")
-    out_lines = [title, ""]
-    for scenario in scenarios:
-        out_lines += [f"## Scenario: {scenario} init", "", table(results[scenario], world.domains), ""]
+    out_lines = render(results, world.domains, seeds)
     out_lines.append(f"_elapsed {elapsed:.0f} s, torch threads {args.threads}_")
     print("\n".join(out_lines))
     if args.json:
