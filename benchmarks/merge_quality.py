@@ -68,13 +68,26 @@ from pivotmerge_gui.demo import kit
 MAIN = "token_accuracy"
 SCALE_FACTORS_FULL = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 SCALE_FACTORS_QUICK = (0.5, 1.0, 2.0)
-PIVOT_ABLATIONS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("no hidden-unit alignment", {"align_hidden_units": False}),
-    ("no SDF", {"sdf": False}),
-    ("no conflict filtering", {"filter_conflicts": False}),
-    ("no residuals", {"residuals": False}),
-    ("ALM off", {"alm": "off"}),
+# PivotMerge's stage toggles: each ablation row flips one of them from the method's
+# current default ("no X" when X is on by default, "with X" when it is off by default)
+PIVOT_STAGES: tuple[tuple[str, str], ...] = (
+    ("align_hidden_units", "hidden-unit alignment"),
+    ("sdf", "SDF"),
+    ("filter_conflicts", "conflict filtering"),
+    ("residuals", "residuals"),
 )
+
+
+def pivot_ablations(cls: type[MergeMethod]) -> list[tuple[str, dict[str, Any]]]:
+    defaults = {p.name: p.default for p in cls.params}
+    out = []
+    for name, pretty in PIVOT_STAGES:
+        if isinstance(defaults.get(name), bool):
+            on = defaults[name]
+            out.append((f"{'no' if on else 'with'} {pretty}", {name: not on}))
+    if "alm" in defaults and defaults["alm"] != "off":
+        out.append(("ALM off", {"alm": "off"}))
+    return out
 
 
 @dataclass
@@ -183,7 +196,7 @@ def bench_scenario(world: kit.DemoWorld, scenario: str, seed: int, paths: dict[s
             record(f"{label} (tuned {sp.name})", "merge", best[2].projector, cls.name, "tuned",
                    {"params": {sp.name: best[1]}, "val_score": best[0]})
         if cls.name == "pivotmerge":
-            for what, params in PIVOT_ABLATIONS:
+            for what, params in pivot_ablations(cls):
                 r = do(params)
                 record(f"pivotmerge: {what}", "merge", r.projector, cls.name, "ablation",
                        {"params": params, "report": _jsonable(r.report)})
