@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..core.errors import CheckpointError, NeedsBaseError
+from ..core.errors import CheckpointError
 from ..core.evaluation.backend import CaptionSet
 from ..core.evaluation.calibration import calibration_from_features
 from ..core.methods.base import Calibration
@@ -226,14 +226,6 @@ def specialisation_matrix(root: Path | str | None = None, split: str = "val",
     res = evaluate(world.backend, load_projector_file(joint_path(root)), sets, parts=("generate",))
     out["joint"] = {d: round(m.token_accuracy or 0.0, 4) for d, m in res.per_domain.items()}
     return out
-
-
-def require_base(scenario: Scenario, method: str) -> Path:
-    """The base of ``scenario`` or a :class:`NeedsBaseError` naming ``method``."""
-    p = base_path(scenario)
-    if p is None:
-        raise NeedsBaseError(method)
-    return p
 
 
 def _cache_root() -> Path:
