@@ -137,3 +137,36 @@ def test_autotune_on_demo_improves_validation_and_reports_holdout(world):
                               layer_coefficients=res.best.layer_coefficients).projector
     assert obj.score_projector(merged, val) == pytest.approx(res.best_fitness, abs=1e-4)
     assert res.best.recipe_update()["layer_coefficients"] == res.best.layer_coefficients
+
+
+def test_every_method_scale_is_linear_so_layer_coefficients_subsume_it():
+    """Why auto-tune searches only the per-layer coefficients: every registered method's
+    ``is_scale`` parameter multiplies the same update (merged - reference) that the
+    coefficients multiply, so scaling it is one more coefficient vector."""
+    from pivotmerge_gui.core.methods import list_methods
+    from pivotmerge_gui.core.methods.base import Calibration
+    from tests.conftest import make_mlp_projector
+
+    base = make_mlp_projector(6, 10, 8, seed=100)
+    experts = []
+    for k in range(3):
+        d = make_mlp_projector(6, 10, 8, seed=k).state()
+        experts.append(base.with_state({n: base.state()[n] + 0.3 * d[n] for n in d}))
+    g = torch.Generator().manual_seed(0)
+    cal = Calibration([torch.randn(64, 6, generator=g) for _ in range(3)], ["a", "b", "c"])
+    checked = 0
+    for m in list_methods():
+        scale = [p for p in m.params if p.is_scale]
+        if not scale:
+            continue
+        p = scale[0]
+        kw = {"base": base if (m.needs_base or m.uses_base) else None,
+              "calibration": cal if (m.needs_calibration or m.uses_calibration) else None}
+        ref = merge_projectors(experts, m.name, layer_coefficients={"0": 0.0, "2": 0.0}, **kw).projector.state()
+        a = merge_projectors(experts, m.name, {p.name: p.default}, **kw).projector.state()
+        b = merge_projectors(experts, m.name, {p.name: 0.5 * p.default}, **kw).projector.state()
+        for k in a:
+            torch.testing.assert_close(b[k] - ref[k], 0.5 * (a[k] - ref[k]), rtol=1e-4, atol=1e-5,
+                                       msg=lambda s, n=m.name, k=k: f"{n} {k}: {s}")
+        checked += 1
+    assert checked >= 10
