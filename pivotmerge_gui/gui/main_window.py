@@ -15,9 +15,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QByteArray, Qt, QTimer, Signal
-from PySide6.QtGui import QAction, QCloseEvent, QDesktopServices, QDragEnterEvent, QDropEvent, QKeySequence
-from PySide6.QtCore import QUrl
+from PySide6.QtCore import QByteArray, Qt, QTimer, QUrl, Signal
+from PySide6.QtGui import (
+    QAction,
+    QCloseEvent,
+    QDesktopServices,
+    QDragEnterEvent,
+    QDropEvent,
+    QKeySequence,
+)
 from PySide6.QtWidgets import (
     QFileDialog,
     QMainWindow,
@@ -32,10 +38,10 @@ from pivotmerge_gui import __version__
 from pivotmerge_gui.core.errors import PivotMergeError
 from pivotmerge_gui.core.progress import ProgressEvent
 
+from .autotune_panel import AutoTunePanel
 from .dialogs import HubDialog, SaveDialog
 from .errors import ErrorDialog, describe_exception
 from .models import ExpertEntry, ExpertListModel, expand_paths, paths_from_mime
-from .autotune_panel import AutoTunePanel
 from .panels.inspect import LayersPanel, SimilarityPanel, SpectraPanel
 from .panels.merge import MergePanel
 from .panels.model_list import ModelListPanel
@@ -154,6 +160,7 @@ class MainWindow(QMainWindow):
         self._save_worker: GeneratorWorker | None = None
         self._core_worker: GeneratorWorker | None = None
         self._errors_shown: list[str] = []
+        self.last_saved: list[Path] = []
 
         self._analysis_timer = QTimer(self, singleShot=True, interval=250)
         self._analysis_timer.timeout.connect(self._start_analysis)
@@ -393,8 +400,8 @@ class MainWindow(QMainWindow):
             return
         short, details = describe_exception(exc, tb)
         log.warning("cannot load %s: %s", entry.spec, short)
-        changes = dict(status="error", projector=None, message=short,
-                       details="" if isinstance(exc, PivotMergeError) else details)
+        changes = {"status": "error", "projector": None, "message": short,
+                   "details": "" if isinstance(exc, PivotMergeError) else details}
         if target == "base":
             for k, v in changes.items():
                 setattr(entry, k, v)
@@ -536,11 +543,9 @@ class MainWindow(QMainWindow):
         self.merge_panel.form.set_values(params)
         self.merge_panel.apply_settings(recipe.dtype, recipe.out_dtype, recipe.device, recipe.random_seed)
         self.merge_panel.set_calibration(resolve_spec(recipe.calibration, base_dir) if recipe.calibration else None)
-        self._pending_overrides = dict(recipe.layer_coefficients or {})
-        self.merge_panel.coefficients.set_overrides(self._pending_overrides)
+        self.merge_panel.coefficients.set_overrides(dict(recipe.layer_coefficients or {}))
         self._schedule_validation()
 
-    _pending_overrides: dict[str, float] = {}
     initial_method: str | None = None
 
     def open_recipe(self, path: str | Path) -> None:
@@ -839,7 +844,6 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage("Saved: " + ", ".join(str(p) for p in paths), 15000)
         log.info("saved %s", paths)
 
-    last_saved: list[Path] = []
 
     # ------------------------------------------------------------------ errors
     def show_error(self, title: str, exc: BaseException, tb: str | None = None) -> None:

@@ -59,7 +59,7 @@ def test_command_line_screenshot_of_the_real_window(tmp_path, expert_files):
     proc = subprocess.run(
         [sys.executable, "-m", "pivotmerge_gui.gui.app", str(expert_files["e0"]), str(expert_files["e1"]),
          "--method", "linear", "--merge", "--view", "spectra", "--size", "1200x800", "--screenshot", str(png)],
-        capture_output=True, text=True, timeout=180,
+        check=False, capture_output=True, text=True, timeout=180,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     img = QImage(str(png))

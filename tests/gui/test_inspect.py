@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from pivotmerge_gui.core.analysis import iter_analysis
-from pivotmerge_gui.gui.analysis_view import view_of
 from pivotmerge_gui.gui.panels.inspect import LayersPanel, SimilarityPanel, SpectraPanel
 from tests.conftest import make_mlp_projector
 from tests.gui.conftest import wait_idle

@@ -51,7 +51,7 @@ def test_window_is_up_before_torch_is_imported():
         "    app.processEvents(); time.sleep(0.01)\n"
         "print(at_show, 'torch' in sys.modules, w.core_ready)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     # torch was not imported when the window showed; the engine (and torch) came after
     assert proc.stdout.strip().splitlines()[-1] == "(False, True) True True", proc.stdout

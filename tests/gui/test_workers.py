@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+
 from pivotmerge_gui.core.errors import CheckpointError
 from pivotmerge_gui.core.progress import ProgressEvent
 from pivotmerge_gui.gui.workers import GeneratorWorker

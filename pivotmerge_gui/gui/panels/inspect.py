@@ -289,7 +289,7 @@ class SpectraPanel(_StackedPanel):
         if not self._curves or not self.plot.sceneBoundingRect().contains(pos):
             return
         p = self.plot.plotItem.vb.mapSceneToView(pos)
-        i = int(round(p.x()))
+        i = round(p.x())
         self.readout.setText(self.readout_at(i))
 
     def readout_at(self, i: int) -> str:
@@ -349,7 +349,7 @@ def _refill(combo: QComboBox, items: list[str]) -> None:
     combo.clear()
     combo.addItems(items)
     i = combo.findText(current)
-    combo.setCurrentIndex(i if i >= 0 else 0)
+    combo.setCurrentIndex(max(i, 0))
     combo.blockSignals(False)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
@@ -66,7 +66,7 @@ class ParamFormPanel(QWidget):
         self._host: QWidget | None = None
 
     #: Parameters set elsewhere in the window (the pivot is ticked in the expert list).
-    EXTERNAL = {"pivot": "Tick the Pivot column of the expert list (none ticked = automatic)."}
+    EXTERNAL: ClassVar[dict[str, str]] = {"pivot": "Tick the Pivot column of the expert list (none ticked = automatic)."}
 
     def set_method(self, method: Any) -> None:
         if self._host is not None:
