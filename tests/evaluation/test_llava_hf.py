@@ -192,3 +192,41 @@ def test_bench_streams_tokens_and_scores_pil_pairs(backend):
     feats = backend.encode_images([p.image for p in pairs])
     nll, cnt = backend.caption_nll(projs["a"], feats, CAPTIONS)
     assert res.metrics["a"].per_domain["d"].nll == pytest.approx(float(nll.sum() / cnt.sum()), rel=1e-5)
+
+
+class _OldLayout(torch.nn.Module):
+    """transformers < 4.52 module layout: vision tower, projector and language model are
+    attributes of the top-level model (no ``model.model``); built from the new-layout
+    modules so both compute the same function."""
+
+    def __init__(self, new):
+        super().__init__()
+        self.vision_tower = new.model.vision_tower
+        self.multi_modal_projector = new.model.multi_modal_projector
+        self.language_model = new.model.language_model
+        self.lm_head = new.lm_head
+        self.config = new.config
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def forward(self, inputs_embeds, attention_mask):
+        from types import SimpleNamespace
+
+        h = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        return SimpleNamespace(logits=self.lm_head(h))
+
+
+def test_old_transformers_layout_with_top_level_projector(parts, pixels):
+    model, tok, ip = parts
+    new = copy.deepcopy(model)
+    old = _OldLayout(copy.deepcopy(model))
+    b_new = LlavaHFBackend(new, tok, ip, prompt=PROMPT)
+    b_old = LlavaHFBackend(old, tok, ip, prompt=PROMPT)
+    assert b_old.core is old and b_old.projector_module is old.multi_modal_projector
+    assert b_new.core is new.model
+    p = make_mlp_projector(16, 32, 32, seed=9)
+    torch.testing.assert_close(b_old.caption_nll(p, b_old.encode_images(pixels), CAPTIONS)[0],
+                               b_new.caption_nll(p, b_new.encode_images(pixels), CAPTIONS)[0])
+    with b_old.swapped(p) as mm:
+        assert mm is old.multi_modal_projector and torch.equal(mm.linear_2.weight, p.state()["2.weight"])
