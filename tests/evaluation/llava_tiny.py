@@ -11,7 +11,9 @@ IMAGE_TOKEN = 127
 VOCAB = 128
 
 
-def tiny_tokenizer():
+def tiny_tokenizer(image_special: bool = False):
+    """Word-level; ``image_special`` registers ``<image>`` as a special token (as LLaVA's
+    tokenizers do) so a prompt tokenises with the placeholder in one piece."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -24,8 +26,11 @@ def tiny_tokenizer():
     from tokenizers import processors
 
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", pad_token="<pad>")
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                  eos_token="</s>", pad_token="<pad>")
+    if image_special:
+        out.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return out
 
 
 def tiny_llava(seed: int = 0):

@@ -230,3 +230,15 @@ def test_old_transformers_layout_with_top_level_projector(parts, pixels):
                                b_new.caption_nll(p, b_new.encode_images(pixels), CAPTIONS)[0])
     with b_old.swapped(p) as mm:
         assert mm is old.multi_modal_projector and torch.equal(mm.linear_2.weight, p.state()["2.weight"])
+
+
+def test_prompt_tokenised_in_one_piece_when_the_tokenizer_knows_the_image_token(parts, pixels):
+    model, tok, ip = parts
+    tok_img = tiny_tokenizer(image_special=True)
+    assert tok_img("<image>", add_special_tokens=False)["input_ids"] == [IMAGE_TOKEN]
+    b = LlavaHFBackend(model, tok_img, ip, prompt=PROMPT)
+    fallback = LlavaHFBackend(model, tok, ip, prompt=PROMPT)
+    assert b._before == fallback._before and b._after == fallback._after
+    p = make_mlp_projector(16, 32, 32, seed=5)
+    torch.testing.assert_close(b.caption_nll(p, b.encode_images(pixels), CAPTIONS)[0],
+                               _by_hand_nll(model, tok, p, pixels, CAPTIONS), rtol=1e-5, atol=1e-5)

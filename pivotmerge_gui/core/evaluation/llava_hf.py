@@ -147,11 +147,19 @@ class LlavaHFBackend(CaptionBackend):
         self.select_strategy = getattr(cfg, "vision_feature_select_strategy", "default")
         before, after = prompt.split(IMAGE_PLACEHOLDER)
         self.prompt = prompt
-        self._before = list(tokenizer(before, add_special_tokens=True)["input_ids"]) if before else []
-        if not before and getattr(tokenizer, "bos_token_id", None) is not None:
-            self._before = [int(tokenizer.bos_token_id)]
         self._after_text = after
-        self._after = list(tokenizer(after, add_special_tokens=False)["input_ids"]) if after else []
+        self._after_alone = list(tokenizer(after, add_special_tokens=False)["input_ids"]) if after else []
+        whole = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        if whole.count(self.image_token_id) == 1:
+            # the tokenizer knows <image> (LLaVA's do): tokenise the prompt in one piece, as
+            # LlavaProcessor does, and expand the placeholder to one id per visual token
+            k = whole.index(self.image_token_id)
+            self._before, self._after = whole[:k], whole[k + 1:]
+        else:
+            self._before = list(tokenizer(before, add_special_tokens=True)["input_ids"]) if before else []
+            if not before and getattr(tokenizer, "bos_token_id", None) is not None:
+                self._before = [int(tokenizer.bos_token_id)]
+            self._after = list(self._after_alone)
         eos = getattr(tokenizer, "eos_token_id", None)
         if eos is None:
             eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -305,8 +313,9 @@ class LlavaHFBackend(CaptionBackend):
         tok = self.tokenizer
         if self._after_text:
             joint = list(tok(self._after_text + " " + caption, add_special_tokens=False)["input_ids"])
-            if joint[: len(self._after)] == self._after and len(joint) > len(self._after):
-                return joint[len(self._after):]
+            n = len(self._after_alone)
+            if joint[:n] == self._after_alone and len(joint) > n:
+                return joint[n:]
         return list(tok(caption, add_special_tokens=False)["input_ids"])
 
     def _decode(self, ids: Sequence[int]) -> str:
