@@ -27,8 +27,18 @@ if [ ! -f "$repo/pivotmerge_gui/demo/artifacts/manifest.json" ]; then
 fi
 
 step "build the wheel"
-rm -rf "$work/wheel"
-quiet_pip "$py" -m pip wheel "$repo" -w "$work/wheel" --no-deps -q
+# From a copy of the source files: an in-tree build leaves build/lib behind, and a stale
+# build/lib would smuggle deleted modules into later wheels.
+rm -rf "$work/wheel" "$work/src"
+mkdir -p "$work/src"
+if git -C "$repo" rev-parse --git-dir >/dev/null 2>&1; then
+  git -C "$repo" ls-files -z --cached --others --exclude-standard \
+    | (cd "$repo" && tar --null --ignore-failed-read -cf - -T -) | tar -xf - -C "$work/src"
+else
+  (cd "$repo" && tar --exclude=.git --exclude=build --exclude=dist --exclude='*.egg-info' \
+    --exclude=__pycache__ --exclude=.venv -cf - .) | tar -xf - -C "$work/src"
+fi
+quiet_pip "$py" -m pip wheel "$work/src" -w "$work/wheel" --no-deps -q
 wheel="$(ls "$work"/wheel/pivotmerge_gui-*.whl)"
 echo "$wheel ($(du -h "$wheel" | cut -f1))"
 
