@@ -6,8 +6,10 @@ Self-contained ``QWidget`` for a main-window tab. API (GUI thread):
 - ``set_experts(experts: Mapping[str, Projector], base=None, calibration=None)``
 - ``set_method(name: str, params: dict | None = None)``: the merge form's method + parameters
 - ``set_pairs(val_sets, test_sets)``: caption sets (``CaptionSet`` per domain, features
-  encoded) and ``set_backend(backend)``; without them the demo world's validation/test
-  splits are used (``pairs per domain`` spin box)
+  encoded) and ``set_backend(backend)``; or ``set_user_pairs(backend, pairs)`` (e.g. the
+  test bench's pairs: split per domain into validation and held-out halves, encoded in the
+  worker); without them the demo world's validation/test splits are used (``pairs per
+  domain`` spin box)
 - ``run()`` / ``cancel()`` / ``apply()``; ``is_busy()``
 - signals: ``apply_requested(TuneSetting)`` (write ``setting.layer_coefficients`` into
   the merge form's per-layer sliders / ``Recipe.layer_coefficients``),
@@ -60,6 +62,7 @@ class AutoTunePanel(QWidget):
         self.backend: Any = None
         self.val_sets: Any = None
         self.test_sets: Any = None
+        self.user_pairs: Any = None
         self.worker: GeneratorWorker | None = None
         self.records: list[Any] = []
         self.result: Any = None
@@ -173,6 +176,12 @@ class AutoTunePanel(QWidget):
 
     def set_pairs(self, val_sets: Any, test_sets: Any = None) -> None:
         self.val_sets, self.test_sets = val_sets, test_sets
+        self.user_pairs = None
+
+    def set_user_pairs(self, backend: Any, pairs: Any) -> None:
+        """Tune on ``pairs`` (split half/half per domain; the domains must be the experts')."""
+        self.backend, self.user_pairs = backend, list(pairs)
+        self.val_sets = self.test_sets = None
 
     @property
     def method(self) -> str:
@@ -193,13 +202,20 @@ class AutoTunePanel(QWidget):
         params = dict(self.params) if self._params_for == method else {}
         metric = str(self.metric_combo.currentData())
         gens, pop, seed, n = self.gen_spin.value(), self.pop_spin.value(), self.seed_spin.value(), self.n_spin.value()
-        backend, val, test = self.backend, self.val_sets, self.test_sets
+        backend, val, test, user = self.backend, self.val_sets, self.test_sets, self.user_pairs
 
         def job(ctx: WorkContext) -> Any:
             from pivotmerge_gui.core.tuning import autotune
 
             nonlocal backend, val, test
-            if backend is None or val is None:
+            if user is not None and backend is not None:
+                from pivotmerge_gui.core.evaluation.layer_scores import caption_sets_from_pairs
+                from pivotmerge_gui.core.evaluation.pairs import split_pairs
+
+                val_pairs, test_pairs = split_pairs(user, 0.5, seed)
+                val = caption_sets_from_pairs(backend, val_pairs)
+                test = caption_sets_from_pairs(backend, test_pairs) if test_pairs else None
+            elif backend is None or val is None:
                 from pivotmerge_gui.demo import kit
 
                 world = kit.load_world()

@@ -111,3 +111,17 @@ def test_pairs_from_caption_sets():
     sets = {"a": CaptionSet(torch.zeros(3, 3, 4, 4), ["x", "y", "z"]), "b": CaptionSet(torch.ones(1, 3, 4, 4), ["w"])}
     pairs = pairs_from_caption_sets(sets, 2)
     assert [(p.domain, p.caption, p.name) for p in pairs] == [("a", "x", "a #0"), ("a", "y", "a #1"), ("b", "w", "b #0")]
+
+
+def test_split_pairs_per_domain_deterministic():
+    from pivotmerge_gui.core.evaluation.pairs import Pair, split_pairs
+
+    pairs = [Pair(f"c{i}", "a" if i < 6 else "b", None, name=str(i)) for i in range(9)] + [Pair("solo", "c", None)]
+    val, test = split_pairs(pairs, 0.5, seed=1)
+    assert sorted(p.name for p in val + test) == sorted(p.name for p in pairs)
+    assert {p.domain for p in test} == {"a", "b"} and [p.domain for p in val].count("c") == 1
+    assert sum(p.domain == "a" for p in test) == 3 and sum(p.domain == "b" for p in test) in (1, 2)
+    again = split_pairs(pairs, 0.5, seed=1)
+    assert [p.name for p in again[0]] == [p.name for p in val]
+    with pytest.raises(ValueError):
+        split_pairs(pairs, 1.0)

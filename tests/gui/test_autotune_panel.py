@@ -73,3 +73,15 @@ def test_needs_two_experts(qtbot, panel):
     panel.set_experts({"only": kit.load_projector_file(kit.expert_paths("shared")[0])})
     assert not panel.run_button.isEnabled()
     assert panel.run() is None and "two experts" in panel.last_error
+
+
+def test_user_pairs_are_split_into_validation_and_held_out(qtbot, panel):
+    from pivotmerge_gui.core.evaluation.pairs import pairs_from_caption_sets
+
+    world = kit.load_world()
+    panel.set_user_pairs(world.backend, pairs_from_caption_sets(world.caption_sets("test", 4)))
+    panel.gen_spin.setValue(1)
+    panel.pop_spin.setValue(2)
+    with qtbot.waitSignal(panel.tune_finished, timeout=60_000) as sig:
+        panel.run()
+    assert sig.args[0].holdout_fitness is not None and sig.args[0].evaluations == 3

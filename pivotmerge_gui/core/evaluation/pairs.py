@@ -185,6 +185,23 @@ def group_by_domain(pairs: Sequence[Pair]) -> dict[str, list[int]]:
     return out
 
 
+def split_pairs(pairs: Sequence[Pair], test_fraction: float = 0.5, seed: int = 0
+                ) -> tuple[list[Pair], list[Pair]]:
+    """Deterministic per-domain split into (validation, held-out test) pairs, e.g. for
+    auto-tune: every domain with at least two pairs contributes to both sides."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be between 0 and 1, got {test_fraction}")
+    g = torch.Generator().manual_seed(int(seed))
+    val: list[Pair] = []
+    test: list[Pair] = []
+    for idx in group_by_domain(pairs).values():
+        order = [idx[i] for i in torch.randperm(len(idx), generator=g).tolist()]
+        n_test = min(max(1, round(len(idx) * test_fraction)), len(idx) - 1) if len(idx) > 1 else 0
+        test.extend(pairs[i] for i in sorted(order[:n_test]))
+        val.extend(pairs[i] for i in sorted(order[n_test:]))
+    return val, test
+
+
 # --------------------------------------------------------------------- image conversion
 def pil_to_tensor(image: Any, size: int | None = None) -> torch.Tensor:
     """Pillow image -> ``[3, H, W]`` float tensor in ``[0, 1]`` (resized to ``size`` square)."""
