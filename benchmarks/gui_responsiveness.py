@@ -185,8 +185,8 @@ def merge_stalls(n_experts: int, method: str, d_in: int, d_hidden: int, d_out: i
     wait(w.is_idle, 120)
     if not w.merge_panel.merge_button.isEnabled():
         raise SystemExit(f"cannot merge: {w.merge_reason}")
-    done = {}
-    w.merge_finished.connect(lambda r: done.setdefault("result", r))
+    done: list = []
+    w.merge_finished.connect(done.append)
     hb.start()
     gcp.window()
     t0 = time.perf_counter()
@@ -195,13 +195,27 @@ def merge_stalls(n_experts: int, method: str, d_in: int, d_hidden: int, d_out: i
     merge_stats = hb.stop()
     merge_stats.update(gcp.stats())
     merge_stats["seconds"] = round(time.perf_counter() - t0, 2)
-    merge_stats["ok"] = "result" in done
+    merge_stats["ok"] = len(done) == 1
+
+    # Cancel latency on the real merge: cancel mid-run, time until the worker has stopped
+    wait(w.is_idle, 300)
+    cancel_stats: dict = {}
+    if w.merge_panel.merge_button.isEnabled():
+        w.start_merge()
+        t_start = time.perf_counter()
+        wait(lambda: time.perf_counter() - t_start > min(2.0, 0.3 * merge_stats["seconds"]), 60)
+        stage = w.merge_panel.stage_label.text()
+        t_cancel = time.perf_counter()
+        w.cancel_merge()
+        wait(lambda: w.merge_worker is None, 120)
+        cancel_stats = {"cancelled_during": stage, "latency_s": round(time.perf_counter() - t_cancel, 3),
+                        "new_result_after_cancel": len(done) > 1}
     w.close()
     stop_all(60_000)
     return {"method": method, "experts": n_experts, "shape": f"{d_in}->{d_hidden}->{d_out}",
             "params_per_expert": d_hidden * d_in + d_hidden + d_out * d_hidden + d_out,
             "idle_baseline": idle_stats, "during_load_and_analysis": load_stats,
-            "during_merge": merge_stats, "load_average": os.getloadavg()}
+            "during_merge": merge_stats, "cancel": cancel_stats, "load_average": os.getloadavg()}
 
 
 def main() -> int:
@@ -225,7 +239,8 @@ def main() -> int:
     print(f"\ntime to first window: {fw if fw is None else f'{fw:.2f} s'} (target < 2 s); "
           f"longest stall during the merge: {stall} ms (target < 50 ms); idle event loop on this "
           f"machine right now: longest gap {idle} ms, load average {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} CPUs")
+          f"on {os.cpu_count()} CPUs; cancel latency "
+          f"{out['merge']['cancel'].get('latency_s')} s (target < 1 s)")
     return 0
 
 
