@@ -14,12 +14,12 @@ import shutil
 import struct
 import subprocess
 import sys
-import tomllib
 import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from pivotmerge_gui import assets
 
@@ -30,17 +30,55 @@ SETUPTOOLS = PYPROJECT["tool"]["setuptools"]
 
 # Keys of the freedesktop Desktop Entry Specification 1.5 that may appear in our entry.
 KNOWN_KEYS = {
-    "Type", "Version", "Name", "GenericName", "NoDisplay", "Comment", "Icon", "Hidden",
-    "OnlyShowIn", "NotShowIn", "DBusActivatable", "TryExec", "Exec", "Path", "Terminal",
-    "Actions", "MimeType", "Categories", "Implements", "Keywords", "StartupNotify",
-    "StartupWMClass", "PrefersNonDefaultGPU", "SingleMainWindow",
+    "Type",
+    "Version",
+    "Name",
+    "GenericName",
+    "NoDisplay",
+    "Comment",
+    "Icon",
+    "Hidden",
+    "OnlyShowIn",
+    "NotShowIn",
+    "DBusActivatable",
+    "TryExec",
+    "Exec",
+    "Path",
+    "Terminal",
+    "Actions",
+    "MimeType",
+    "Categories",
+    "Implements",
+    "Keywords",
+    "StartupNotify",
+    "StartupWMClass",
+    "PrefersNonDefaultGPU",
+    "SingleMainWindow",
 }
 MAIN_CATEGORIES = {
-    "AudioVideo", "Audio", "Video", "Development", "Education", "Game", "Graphics",
-    "Network", "Office", "Science", "Settings", "System", "Utility",
+    "AudioVideo",
+    "Audio",
+    "Video",
+    "Development",
+    "Education",
+    "Game",
+    "Graphics",
+    "Network",
+    "Office",
+    "Science",
+    "Settings",
+    "System",
+    "Utility",
 }
-BOOLEAN_KEYS = {"NoDisplay", "Hidden", "DBusActivatable", "Terminal", "StartupNotify",
-                "PrefersNonDefaultGPU", "SingleMainWindow"}
+BOOLEAN_KEYS = {
+    "NoDisplay",
+    "Hidden",
+    "DBusActivatable",
+    "Terminal",
+    "StartupNotify",
+    "PrefersNonDefaultGPU",
+    "SingleMainWindow",
+}
 # File types the demo kit writes; the wheel's package-data must carry every one of them.
 DEMO_ARTIFACT_TYPES = ("bin", "safetensors", "json", "txt")
 
@@ -103,7 +141,9 @@ def test_icons_exist_at_every_size_with_matching_pixels() -> None:
 
 
 def test_committed_svg_matches_its_generator() -> None:
-    spec = importlib.util.spec_from_file_location("make_icons", REPO / "packaging" / "make_icons.py")
+    spec = importlib.util.spec_from_file_location(
+        "make_icons", REPO / "packaging" / "make_icons.py"
+    )
     assert spec is not None and spec.loader is not None
     make_icons = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_icons)
@@ -160,8 +200,11 @@ def test_every_python_package_is_listed_for_the_wheel() -> None:
     missing = on_disk - listed
     assert not missing, f"add to [tool.setuptools] packages in pyproject.toml: {sorted(missing)}"
     assert SETUPTOOLS["package-dir"]["pivotmerge_gui.resources"] == "resources"
-    stale = {p for p in listed - {"pivotmerge_gui.resources"}
-             if not (REPO / Path(*p.split("."))).is_dir()}
+    stale = {
+        p
+        for p in listed - {"pivotmerge_gui.resources"}
+        if not (REPO / Path(*p.split("."))).is_dir()
+    }
     assert not stale, f"listed packages without a folder: {sorted(stale)}"
 
 
@@ -195,8 +238,16 @@ def test_built_wheel_contains_resources_and_demo_kit(tmp_path: Path) -> None:
     # Build from a copy so build/ and *.egg-info never land in the work tree.
     source = tmp_path / "src"
     source.mkdir()
-    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "dist", ".git",
-                                    ".venv", ".pytest_cache", ".hypothesis")
+    ignore = shutil.ignore_patterns(
+        "__pycache__",
+        "*.egg-info",
+        "build",
+        "dist",
+        ".git",
+        ".venv",
+        ".pytest_cache",
+        ".hypothesis",
+    )
     for name in ("pyproject.toml", "README.md", "pivotmerge_gui", "resources"):
         item = REPO / name
         if item.is_dir():
@@ -205,9 +256,21 @@ def test_built_wheel_contains_resources_and_demo_kit(tmp_path: Path) -> None:
             shutil.copy2(item, source / name)
     out = tmp_path / "wheel"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(source), "-w", str(out), "--no-deps",
-         "--no-build-isolation", "-q"],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(source),
+            "-w",
+            str(out),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     (wheel,) = out.glob("pivotmerge_gui-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -250,7 +313,9 @@ def test_packaging_scripts_are_executable_and_parse() -> None:
     for script in ("build.sh", "check_wheel.sh", "linux/install-desktop-entry.sh"):
         path = REPO / "packaging" / script
         assert path.stat().st_mode & 0o111, f"{script} is not executable"
-        result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+        result = subprocess.run(
+            ["bash", "-n", str(path)], capture_output=True, text=True, check=False
+        )
         assert result.returncode == 0, f"{script}: {result.stderr}"
     spec_source = (REPO / "packaging" / "pivotmerge-studio.spec").read_text(encoding="utf-8")
     compile(spec_source, "pivotmerge-studio.spec", "exec")
@@ -266,8 +331,9 @@ def test_install_desktop_entry_script_installs_and_removes(tmp_path: Path) -> No
     exe.chmod(0o755)
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "share")}
     script = str(REPO / "packaging" / "linux" / "install-desktop-entry.sh")
-    subprocess.run(["bash", script, "--bundle", str(bundle)], env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["bash", script, "--bundle", str(bundle)], env=env, check=True, capture_output=True
+    )
     share = tmp_path / "share"
     installed = share / "applications" / "pivotmerge-studio.desktop"
     text = installed.read_text(encoding="utf-8")
@@ -280,6 +346,11 @@ def test_install_desktop_entry_script_installs_and_removes(tmp_path: Path) -> No
     subprocess.run(["bash", script, "--uninstall"], env=env, check=True, capture_output=True)
     assert not installed.exists()
     assert not list((share / "icons").rglob("pivotmerge-studio.*"))
-    bad = subprocess.run(["bash", script, "--bundle", str(tmp_path)], env=env,
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        ["bash", script, "--bundle", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert bad.returncode == 1 and "not an executable" in bad.stderr
