@@ -145,9 +145,14 @@ def main() -> int:
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--width", type=int, default=D_HID, help="hidden and output width (LLaVA-1.5-7B: 4096)")
     ap.add_argument("--repeat", type=int, default=1, help="merges per process (memory must not grow)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--child", nargs=3, metavar=("METHOD", "INPUTS_JSON", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         method, inputs_json, out = args.child
         print(json.dumps(run_one(method, json.loads(Path(inputs_json).read_text()), Path(out), args.device, args.repeat)))
         return 0
@@ -164,7 +169,7 @@ def main() -> int:
         (root / "inputs.json").write_text(json.dumps(inputs))
         for name in names:
             proc = subprocess.run(
-                [sys.executable, __file__, "--device", args.device, "--repeat", str(args.repeat), "--child", name, str(root / "inputs.json"), str(root / "out" / name)],
+                [sys.executable, __file__, "--device", args.device, "--repeat", str(args.repeat), "--threads", str(args.threads), "--child", name, str(root / "inputs.json"), str(root / "out" / name)],
                 capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
             )
             if proc.returncode != 0:
@@ -178,9 +183,9 @@ def main() -> int:
 
     import torch
 
-    meta = {"experts": args.experts, "shape": f"{D_IN}->{args.width}->{args.width} bf16", "repeat": args.repeat, "torch": torch.__version__,
+    meta = {"threads": args.threads or "default", "experts": args.experts, "shape": f"{D_IN}->{args.width}->{args.width} bf16", "repeat": args.repeat, "torch": torch.__version__,
             "cpus": os.cpu_count(), "machine": platform.machine(), "device": args.device}
-    print(f"{args.experts} experts {D_IN}->{args.width}->{args.width} bf16, device {args.device}, torch {torch.__version__}, {os.cpu_count()} CPUs")
+    print(f"{args.experts} experts {D_IN}->{args.width}->{args.width} bf16, device {args.device}, threads {args.threads or 'default'}, torch {torch.__version__}, {os.cpu_count()} CPUs")
     print("| method | load s | merge s | save s | end to end s | peak RSS MB |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
