@@ -66,7 +66,7 @@ def test_registered_metadata():
     for n in ("align_hidden_units", "sdf", "filter_conflicts", "residuals"):
         assert names[n]["type"] == "bool"
     assert names["scale"]["is_scale"]
-    assert set(names["alm"]["choices"]) == {"auto", "data", "data-free", "off"}
+    assert set(names["alm"]["choices"]) == {"auto", "data", "data-lambda", "data-free", "off"}
 
 
 def test_identical_experts_merge_to_themselves():
