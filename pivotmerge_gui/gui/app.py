@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", default="shared", help="demo scenario (with --demo): shared or different")
     p.add_argument("--base", help="base (shared init) checkpoint")
     p.add_argument("--recipe", help="open a recipe YAML")
+    p.add_argument("--no-restore", action="store_true",
+                   help="start empty instead of reopening the autosaved last session")
     p.add_argument("--screenshot", metavar="PNG", help="save a PNG of the window once idle, then exit")
     p.add_argument("--view", choices=VIEWS, default="layers", help="view shown (for --screenshot)")
     p.add_argument("--merge", action="store_true", help="run the merge before the screenshot")
@@ -55,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     app.setDesktopFileName("pivotmerge-studio")  # matches the installed .desktop entry
     _set_icon(app)
     window = MainWindow(restore_layout=not args.screenshot)  # screenshots use the default layout
+    window.autosave_enabled = not args.screenshot  # unattended screenshots leave the session alone
     if args.method:
         window.initial_method = args.method
     bridge = ExceptionHookBridge(window)
@@ -77,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             window.set_base(args.base)
         if args.recipe:
             window.open_recipe(args.recipe)
+        if not (args.demo or args.paths or args.base or args.recipe or args.screenshot or args.no_restore):
+            window.restore_session()
 
     from PySide6.QtCore import QTimer
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import warnings
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -46,7 +47,7 @@ from .panels.inspect import LayersPanel, SimilarityPanel, SpectraPanel
 from .panels.merge import MergePanel
 from .panels.model_list import ModelListPanel
 from .panels.report import ReportPanel
-from .settings import AppSettings, log_dir
+from .settings import AppSettings, log_dir, session_file
 from .testbench_panel import TestBenchPanel
 from .workers import GeneratorWorker, WorkContext, stop_all
 
@@ -166,13 +167,19 @@ class MainWindow(QMainWindow):
         self._analysis_timer.timeout.connect(self._start_analysis)
         self._validate_timer = QTimer(self, singleShot=True, interval=150)
         self._validate_timer.timeout.connect(self.validate_now)
+        # the session is autosaved shortly after every change, so a killed app loses nothing
+        self._autosave_timer = QTimer(self, singleShot=True, interval=1000)
+        self._autosave_timer.timeout.connect(self.autosave_session)
+        self.autosave_enabled = True
 
         self.list_panel.paths_added.connect(self.add_paths)
         self.list_panel.hub_requested.connect(self.add_from_hub)
         self.list_panel.base_chosen.connect(self.set_base)
         self.list_panel.base_cleared.connect(lambda: self.set_base(None))
         self.experts.experts_changed.connect(self._experts_changed)
+        self.experts.experts_changed.connect(self._schedule_autosave)
         self.merge_panel.changed.connect(self._schedule_validation)
+        self.merge_panel.changed.connect(self._schedule_autosave)
         self.merge_panel.merge_requested.connect(self.start_merge)
         self.merge_panel.cancel_requested.connect(self.cancel_merge)
         self.merge_panel.save_requested.connect(self.save_merged)
@@ -348,6 +355,7 @@ class MainWindow(QMainWindow):
             self.list_panel.set_base(self.base_entry)
             self._queue_load(self.base_entry.uid, spec, "base")
         self._experts_changed()
+        self._schedule_autosave()
 
     def _queue_load(self, uid: int, spec: str, target: str) -> None:
         self._load_queue.append((uid, spec, target))
@@ -547,6 +555,46 @@ class MainWindow(QMainWindow):
         self._schedule_validation()
 
     initial_method: str | None = None
+
+    # ------------------------------------------------------------------ session
+    def _schedule_autosave(self) -> None:
+        if self.autosave_enabled:
+            self._autosave_timer.start()
+
+    def autosave_session(self) -> None:
+        """Write the current setup (experts, base, method, settings) as a recipe to the
+        session file, atomically; an empty list removes it. Runs on the GUI thread: the
+        document is a few hundred bytes."""
+        if not self.autosave_enabled or not self.core_ready:
+            return
+        path = session_file()
+        if not self.experts.entries:
+            path.unlink(missing_ok=True)
+            return
+        try:
+            from pivotmerge_gui.core.io.atomic import atomic_write_text
+
+            text = self.current_recipe().to_yaml()
+            atomic_write_text(path, text, overwrite=True)
+        except (PivotMergeError, OSError) as exc:  # never disturb the user over an autosave
+            log.warning("session autosave skipped: %s", exc)
+
+    def restore_session(self) -> bool:
+        """Reopen the autosaved session, if any (experts load in the background)."""
+        from pivotmerge_gui.core.recipe import Recipe
+
+        path = session_file()
+        if not path.is_file():
+            return False
+        try:
+            recipe = Recipe.load(path)
+        except PivotMergeError as exc:
+            log.warning("autosaved session unreadable, set aside: %s", exc)
+            path.replace(path.with_suffix(".bad.yml"))
+            return False
+        self.apply_recipe(recipe)
+        self.statusBar().showMessage(f"Restored the last session ({len(recipe.models)} experts).", 8000)
+        return True
 
     def open_recipe(self, path: str | Path) -> None:
         from pivotmerge_gui.core.recipe import Recipe
@@ -877,8 +925,30 @@ class MainWindow(QMainWindow):
         self.settings.save_window(self.saveGeometry(), self.saveState())
         self.settings.set_value("window/splitter", self.splitter.saveState())
         self.settings.sync()
+        if self.autosave_enabled and self._autosave_timer.isActive():
+            self._autosave_timer.stop()
+            self.autosave_session()
         stop_all(5000)
+        self._disconnect_workers()
         super().closeEvent(event)
+
+    def _disconnect_workers(self) -> None:
+        """Drop this window's connections to its workers: a finished worker's queued
+        signals must not reach a window that is being destroyed."""
+        workers = [self._core_worker, self._analysis_worker, self._validation_worker, self.merge_worker,
+                   self._save_worker, getattr(self, "_demo_worker", None), *self._loads.values()]
+        for timer in (self._analysis_timer, self._validate_timer, self._autosave_timer):
+            timer.stop()
+        for w in workers:
+            if w is None:
+                continue
+            for sig in (w.progressed, w.finished, w.failed, w.cancelled, w.stopped):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    try:
+                        sig.disconnect()
+                    except (RuntimeError, TypeError):
+                        pass
 
 
 def _scrolled(panel: QWidget) -> QScrollArea:

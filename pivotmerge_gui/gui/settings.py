@@ -21,6 +21,11 @@ def config_dir() -> Path:
     return platformdirs.user_config_path(APP_NAME, appauthor=False)
 
 
+def session_file() -> Path:
+    """The autosaved session (the current setup as a recipe), restored after a crash or kill."""
+    return platformdirs.user_state_path(APP_NAME, appauthor=False) / "session.yml"
+
+
 def log_dir() -> Path:
     return platformdirs.user_log_path(APP_NAME, appauthor=False)
 
