@@ -107,7 +107,7 @@ def run_one(method: str, inputs: dict, out_dir: Path, device: str, repeat: int =
     merge_times = []
     for _ in range(repeat):
         t2 = time.perf_counter()
-        result = pipeline.run(plan)
+        result = pipeline.run(plan, release_inputs=repeat == 1)  # as the CLI does
         if plan.device.type == "cuda":
             import torch
 

@@ -241,11 +241,11 @@ def test_cli_cpu_fallback_after_oom(world, monkeypatch, capsys):
     real_execute = pipeline.execute
     calls = []
 
-    def flaky(plan, cancel=None):
+    def flaky(plan, cancel=None, **kw):
         calls.append(str(plan.device))
         if len(calls) == 1:
             raise DeviceOutOfMemory("cuda:0")
-        return (yield from real_execute(plan, cancel))
+        return (yield from real_execute(plan, cancel, **kw))
 
     monkeypatch.setattr(pipeline, "execute", flaky)
     assert cli_main(["merge", str(recipe), str(tmp / "a"), "-q"]) == 2
@@ -254,3 +254,15 @@ def test_cli_cpu_fallback_after_oom(world, monkeypatch, capsys):
     assert cli_main(["merge", str(recipe), str(tmp / "b"), "-q", "--cpu-fallback"]) == 0
     assert calls == ["cpu", "cpu"] and (tmp / "b" / "mm_projector.bin").exists()
     assert "retrying on the CPU" in capsys.readouterr().err
+
+
+def test_release_inputs_gives_the_same_result_and_frees_the_plan(world):
+    _, _, _, paths, base_path = world
+    r = _recipe(paths, "ties", base_model=base_path)
+    kept = pipeline.run(pipeline.plan(r))
+    plan = pipeline.plan(r)
+    released = pipeline.run(plan, release_inputs=True)
+    assert plan.experts == [] and plan.base is None
+    assert released.input_hashes == kept.input_hashes and released.protected == kept.protected
+    for k, v in kept.projector.state().items():
+        torch.testing.assert_close(released.projector.state()[k], v)

@@ -108,7 +108,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     cancel = CancelToken()
 
     def drain(p):
-        gen = pipeline.execute(p, cancel)
+        gen = pipeline.execute(p, cancel, release_inputs=True)
         while True:
             try:
                 show(next(gen))

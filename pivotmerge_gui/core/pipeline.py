@@ -216,12 +216,12 @@ def plan(
 
 # --------------------------------------------------------------------------- execute
 def execute(
-    plan: Plan, cancel: CancelToken | None = None
+    plan: Plan, cancel: CancelToken | None = None, *, release_inputs: bool = False
 ) -> Generator[ProgressEvent, None, MergeResult]:
     """Run a planned merge; yields progress and returns (and emits as payload) the result."""
     cancel = cancel or CancelToken()
     try:
-        return (yield from _execute(plan, cancel))
+        return (yield from _execute(plan, cancel, release_inputs))
     except torch.cuda.OutOfMemoryError:
         raise DeviceOutOfMemory(str(plan.device)) from None
     finally:
@@ -231,11 +231,23 @@ def execute(
             torch.cuda.empty_cache()
 
 
-def _execute(plan: Plan, cancel: CancelToken) -> Generator[ProgressEvent, None, MergeResult]:
+def _execute(
+    plan: Plan, cancel: CancelToken, release_inputs: bool
+) -> Generator[ProgressEvent, None, MergeResult]:
     t0 = time.perf_counter()
     yield ProgressEvent("prepare", 0.0, f"moving {len(plan.experts)} experts to {plan.device}")
+    # what the result needs from the inputs, taken before they may be released
+    template = plan.experts[0].to("meta")  # structure, keys and dtypes only
+    input_hashes = {n: e.sha256 for n, e in zip(plan.names, plan.experts)}
+    if plan.base is not None:
+        input_hashes["base"] = plan.base.sha256
+    protected = [Path(f) for p in [*plan.experts, *([plan.base] if plan.base else [])] for f in p.files]
     experts = [e.to(plan.device, plan.dtype) for e in plan.experts]
     base = plan.base.to(plan.device, plan.dtype) if plan.base is not None else None
+    if release_inputs:
+        # one-shot callers (CLI, benchmarks) need not keep the stored-dtype copies beside the
+        # compute-dtype ones: for bf16 inputs this is a third of the inputs' memory
+        plan.experts, plan.base = [], None
     calibration = None
     if plan.calibration is not None:
         from .calibration import calibration_device
@@ -291,11 +303,7 @@ def _execute(plan: Plan, cancel: CancelToken) -> Generator[ProgressEvent, None, 
             f"the {plan.method.pretty_name} merge produced NaN/Inf in {', '.join(bad)}; "
             "try a smaller scale or the float64 compute dtype"
         )
-    template = plan.experts[0]
     out_state = {k: state[k].detach().to("cpu", plan.out_dtype).contiguous() for k in template.state()}
-    input_hashes = {n: e.sha256 for n, e in zip(plan.names, plan.experts)}
-    if plan.base is not None:
-        input_hashes["base"] = plan.base.sha256
     merged = template.with_state(
         out_state,
         source=f"merged ({plan.method.name})",
@@ -322,15 +330,14 @@ def _execute(plan: Plan, cancel: CancelToken) -> Generator[ProgressEvent, None, 
         "method_report": _jsonable(output.report),
         "elapsed_s": round(elapsed, 4),
     }
-    protected = [Path(f) for p in [*plan.experts, *([plan.base] if plan.base else [])] for f in p.files]
     result = MergeResult(merged, report, plan.recipe, input_hashes, elapsed, list(plan.names), protected)
     yield ProgressEvent("done", 1.0, f"merged in {elapsed:.2f} s", result)
     return result
 
 
-def run(plan_: Plan, cancel: CancelToken | None = None) -> MergeResult:
+def run(plan_: Plan, cancel: CancelToken | None = None, *, release_inputs: bool = False) -> MergeResult:
     """Drain :func:`execute` (for callers that need no progress)."""
-    gen = execute(plan_, cancel)
+    gen = execute(plan_, cancel, release_inputs=release_inputs)
     while True:
         try:
             next(gen)
