@@ -19,7 +19,8 @@ from pivotmerge_gui.core.progress import CancelToken, ProgressEvent
 from tests.conftest import make_mlp_projector
 
 PM = get_method("pivotmerge")
-ALL_OFF = dict(align_hidden_units=False, sdf=False, filter_conflicts=False, residuals=False, alm="off")
+ALL_OFF = {"align_hidden_units": False, "sdf": False, "filter_conflicts": False, "residuals": False,
+           "alm": "off"}
 
 
 def run(experts, params=None, **kw):
@@ -244,7 +245,7 @@ def test_randomized_subspace_matches_exact_on_low_rank():
     assert info["rank"] <= 18
     c = torch.matmul(torch.matmul(u.t(), taus), v)
     assert float(c.pow(2).sum() / taus.pow(2).sum()) > 0.99
-    u2, v2, info2 = shared_subspace(taus[:, :300, :400].contiguous(), 0.999, 0)
+    u2, _v2, info2 = shared_subspace(taus[:, :300, :400].contiguous(), 0.999, 0)
     assert info2["method"] == "exact-gram"
     torch.testing.assert_close(u2.t() @ u2, torch.eye(u2.shape[1]), atol=1e-5, rtol=0)
 
@@ -291,7 +292,7 @@ def test_data_alm_is_bounded_and_handles_merge_tokens_and_vectors():
 
     def merger(seed):
         g = torch.Generator().manual_seed(seed)
-        t = lambda *s: torch.randn(*s, generator=g) * 0.1  # noqa: E731
+        t = lambda *s: torch.randn(*s, generator=g) * 0.1
         return Projector("qwen2-vl-merger",
                          [Layer("ln", "layernorm", {"weight": 1 + t(8), "bias": t(8)}),
                           Layer("0", "linear", {"weight": t(32, 32), "bias": t(32)}),

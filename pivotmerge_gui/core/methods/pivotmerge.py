@@ -219,7 +219,7 @@ def _sketch_side(
     copy or a transposed view) by randomized subspace iteration on M = [tau_1 ... tau_K]
     (Halko et al. 2011). Returns (eigenvalues desc, eigenvectors [m, p]); the big products
     run in ``t``'s dtype, QR and the small eigenproblem in fp32/fp64."""
-    k, m, n = t.shape
+    k, _m, n = t.shape
     omega = _randn((k, n, p), salt, t.device, t.dtype)
     # explicit (batched) matmuls: einsum would copy the transposed 4096x4096 stacks
     q = _orth(torch.matmul(t, omega).float().sum(0))
@@ -555,7 +555,7 @@ class PivotMerge(MergeMethod):
         merged_sq: dict[str, float] = {}
         for ti, key in enumerate(keys):
             job.cancel.raise_if_cancelled()
-            lname, role = key.rsplit(".", 1)
+            lname = key.rsplit(".", 1)[0]
             yield ProgressEvent("sdf", 0.32 + 0.5 * ti / len(keys), f"PivotMerge: merging {key}")
             r0 = ref_state[key].to(job.dtype)
             entry: dict[str, Any] = {"tensor": key, "shape": list(r0.shape)}
@@ -970,7 +970,7 @@ class PivotMerge(MergeMethod):
                 for j in range(n_free):
                     e = torch.zeros_like(lam)
                     e[j] = 1.0
-                    out, tan = jvp(lambda l: forward(l, x), (lam,), (e,))
+                    out, tan = jvp(lambda l, x=x: forward(l, x), (lam,), (e,))
                     if res is None:
                         res = (out - y).double().flatten()
                     cols.append(tan.double().flatten())
