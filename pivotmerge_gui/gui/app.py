@@ -87,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     QTimer.singleShot(0, open_inputs)
     if args.screenshot:
-        _arm_screenshot(app, window, Path(args.screenshot), args.view, args.merge, args.timeout, args.bench)
+        _arm_screenshot(app, window, Path(args.screenshot), args.view, args.merge, args.timeout, args.bench,
+                        expect_experts=bool(args.demo or args.paths or args.recipe))
     return app.exec()
 
 
@@ -107,7 +108,7 @@ def _set_icon(app) -> None:  # type: ignore[no-untyped-def]
 
 
 def _arm_screenshot(app, window, path: Path, view: str, merge: bool, timeout: float,  # type: ignore[no-untyped-def]
-                    bench: bool = False) -> None:
+                    bench: bool = False, expect_experts: bool = True) -> None:
     """Poll until the window is idle (and merged / benched if asked), then grab it and quit."""
     from PySide6.QtCore import QTimer
 
@@ -116,7 +117,8 @@ def _arm_screenshot(app, window, path: Path, view: str, merge: bool, timeout: fl
 
     def tick() -> None:
         elapsed = time.perf_counter() - started
-        idle = window.is_idle() and bool(window.experts.entries or not window.core_ready)
+        # with inputs asked for, wait until they are listed; with none, an idle engine will do
+        idle = window.is_idle() and window.core_ready and bool(window.experts.entries or not expect_experts)
         if idle and not state["merged"]:
             if not state["merge_started"] and window.merge_panel.merge_button.isEnabled():
                 state["merge_started"] = True
