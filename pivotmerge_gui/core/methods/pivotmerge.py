@@ -76,8 +76,8 @@ Merging, ALM). Everything concrete below is the project's documented reading
    above (1: 0.736, 3: 0.715); with few tokens (8 / 16 per domain: 32 / 64 tokens for 49-65
    unknowns per output, the regime of a 4096-wide layer fitted on a few hundred tokens)
    0.3 is best or within 0.003 of it (8: 0.600 vs 0.583 at 0.1; 16: 0.629 vs 0.632 at
-   0.1), so 0.3 is the default (the former ``trace(G)/d`` scaling, at its best value for
-   256 tokens, fell to 0.42-0.52 there). 1024 instead of 256 tokens per domain gained
+   0.1), so 0.3 is the default (the former ``trace(G)/d`` scaling, at its best values for
+   256 tokens, fell to 0.38-0.53 there). 1024 instead of 256 tokens per domain gained
    +0.006 on validation (former scaling), within the seed spread, at 4x the cost:
    ``alm_tokens`` stays 256. Refitting only the last layer (the first keeps the data-free
    merge) scored 0.750 / 0.728 on validation against 0.744 / 0.740 for every layer: no
