@@ -266,3 +266,42 @@ def test_release_inputs_gives_the_same_result_and_frees_the_plan(world):
     assert released.input_hashes == kept.input_hashes and released.protected == kept.protected
     for k, v in kept.projector.state().items():
         torch.testing.assert_close(released.projector.state()[k], v)
+
+
+def test_nonfinite_inputs_block_unless_allowed(world, capsys):
+    tmp, base, experts, paths, _ = world
+    nan = experts[0].with_state({k: v.clone() for k, v in experts[0].state().items()})
+    nan.layer("0").bias[1] = float("inf")
+    nan_path = _save(nan, tmp / "inf" / "mm_projector.bin")
+    r = _recipe([paths[1], nan_path])
+    with pytest.raises(MethodError, match="--allow-nonfinite"):
+        pipeline.plan(r)
+    p = pipeline.plan(r, allow_nonfinite=True)
+    assert any("NaN/Inf" in w for w in p.warnings)
+    res = pipeline.run(p)
+    assert any("allowed by the user" in w for w in res.report["warnings"])
+    recipe = tmp / "inf.yml"
+    recipe.write_text(r.to_yaml())
+    assert cli_main(["merge", str(recipe), str(tmp / "o_inf"), "-q"]) == 2
+    assert cli_main(["merge", str(recipe), str(tmp / "o_inf"), "-q", "--allow-nonfinite"]) == 0
+
+
+def test_mixed_precision_experts_merge_in_compute_dtype_and_keep_the_most_precise(world):
+    tmp, base, experts, _, _ = world
+    paths = [
+        _save(experts[0], tmp / "m16" / "mm_projector.bin", torch.float16),
+        _save(experts[1], tmp / "mbf" / "mm_projector.bin", torch.bfloat16),
+        _save(experts[2], tmp / "m32" / "mm_projector.bin", torch.float32),
+    ]
+    p = pipeline.plan(_recipe(paths))
+    assert any("mixed dtypes" in w and "float16" in w and "bfloat16" in w for w in p.warnings)
+    res = pipeline.run(p)
+    assert res.projector.dtype == torch.float32
+    expected = torch.stack([
+        experts[0].layer("0").weight.half().float(),
+        experts[1].layer("0").weight.bfloat16().float(),
+        experts[2].layer("0").weight,
+    ]).mean(0)
+    torch.testing.assert_close(res.projector.layer("0").weight, expected)
+    two = pipeline.plan(_recipe(paths[:2]))  # fp16 + bf16: neither holds the other's values
+    assert pipeline.run(two).projector.dtype == torch.float32

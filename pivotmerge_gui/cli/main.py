@@ -103,7 +103,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from ..core.errors import DeviceOutOfMemory
 
     base_dir = recipe_path.resolve().parent
-    plan = pipeline.plan(recipe, base_dir=base_dir, device=args.device, allow_low_memory=args.allow_low_memory)
+    plan = pipeline.plan(recipe, base_dir=base_dir, device=args.device, allow_low_memory=args.allow_low_memory,
+                         allow_nonfinite=args.allow_nonfinite)
     show = _progress_printer(args.quiet)
     cancel = CancelToken()
 
@@ -122,7 +123,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
             if not args.cpu_fallback:
                 raise
             print(f"pivotmerge: {e}; retrying on the CPU", file=sys.stderr)
-            plan = pipeline.plan(recipe, base_dir=base_dir, device="cpu", allow_low_memory=args.allow_low_memory)
+            plan = pipeline.plan(recipe, base_dir=base_dir, device="cpu", allow_low_memory=args.allow_low_memory,
+                                 allow_nonfinite=args.allow_nonfinite)
             result = drain(plan)
     except KeyboardInterrupt:
         cancel.cancel()
@@ -212,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace an earlier output in OUT_DIR (inputs are never overwritten)")
     s.add_argument("--cpu-fallback", action="store_true", help="retry on the CPU if the GPU runs out of memory")
     s.add_argument("--allow-low-memory", action="store_true", help="run even if the memory estimate exceeds what is free")
+    s.add_argument("--allow-nonfinite", action="store_true", help="merge even if an input holds NaN/Inf (a warning is recorded)")
     s.add_argument("--json", action="store_true", help="machine-readable report on stdout")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     s.set_defaults(func=cmd_merge)

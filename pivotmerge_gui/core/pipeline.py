@@ -80,6 +80,7 @@ class Plan:
     calibration: Calibration | None = None
     warnings: list[str] = field(default_factory=list)
     estimated_peak_bytes: int = 0
+    allow_nonfinite: bool = False
 
 
 @dataclass
@@ -113,6 +114,7 @@ def plan(
     device: str | None = None,
     cancel: CancelToken | None = None,
     allow_low_memory: bool = False,
+    allow_nonfinite: bool = False,
 ) -> Plan:
     """Validate a recipe completely and load its inputs. Raises typed errors only."""
     from .io import load_projector
@@ -169,11 +171,14 @@ def plan(
             bad = [b for b in proj.metadata.get("nonfinite_tensors", "").split(",") if b]
         else:
             bad = nonfinite_tensors(proj)
-        if bad:
+        if bad and not allow_nonfinite:
             raise MethodError(
                 f"{name} ({proj.source}): tensor(s) {', '.join(bad)} contain NaN or Inf; "
-                "merging them would spread the damage to every output weight"
+                "merging them would spread the damage to every output weight (allow it "
+                "explicitly with --allow-nonfinite if this is intended)"
             )
+        if bad:
+            warnings.append(f"{name}: NaN/Inf in {', '.join(bad)} (allowed by the user)")
         warnings.extend(f"{name}: {w}" for w in proj.metadata.get("warnings", "").split("\n") if w)
 
     peak = estimate_peak_bytes(experts, base, dtype, method)
@@ -193,8 +198,16 @@ def plan(
                 f"available on {dev}; other programs may be pushed into swap"
             )
 
+    dtypes = {p.dtype for p in experts}
+    if len(dtypes) > 1:
+        listed = ", ".join(f"{n}: {dtype_name(p.dtype)}" for n, p in zip(names, experts))
+        warnings.append(f"experts have mixed dtypes ({listed}); all are merged in {dtype_name(dtype)}")
     if recipe.out_dtype == "auto":
-        out_dtype = experts[0].dtype
+        # the experts' dtype; with mixed dtypes the widest one, so nothing is lost (fp16
+        # and bf16 hold different values: together they need float32)
+        widest = max(torch.finfo(d).bits for d in dtypes)
+        candidates = [d for d in dtypes if torch.finfo(d).bits == widest]
+        out_dtype = candidates[0] if len(candidates) == 1 else torch.float32
     else:
         out_dtype = parse_dtype(recipe.out_dtype)
     return Plan(
@@ -211,6 +224,7 @@ def plan(
         calibration=calibration,
         warnings=warnings,
         estimated_peak_bytes=peak,
+        allow_nonfinite=allow_nonfinite,
     )
 
 
@@ -298,7 +312,7 @@ def _execute(
     if missing:  # a method bug, not a user error: fail loudly
         raise RuntimeError(f"method {plan.method.name} returned no tensor for {missing}")
     bad = [k for k, t in state.items() if not all_finite(t)]
-    if bad:
+    if bad and not plan.allow_nonfinite:
         raise MethodError(
             f"the {plan.method.pretty_name} merge produced NaN/Inf in {', '.join(bad)}; "
             "try a smaller scale or the float64 compute dtype"
