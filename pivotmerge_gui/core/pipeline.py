@@ -175,7 +175,7 @@ def plan(
             raise MethodError(
                 f"{name} ({proj.source}): tensor(s) {', '.join(bad)} contain NaN or Inf; "
                 "merging them would spread the damage to every output weight (allow it "
-                "explicitly with --allow-nonfinite if this is intended)"
+                "explicitly if intended: --allow-nonfinite in the CLI, 'Allow NaN/Inf in inputs' in the app)"
             )
         if bad:
             warnings.append(f"{name}: NaN/Inf in {', '.join(bad)} (allowed by the user)")

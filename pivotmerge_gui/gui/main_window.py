@@ -690,12 +690,14 @@ class MainWindow(QMainWindow):
         if self.base_entry is not None and self.base_entry.ready:
             loaded[self.base_entry.spec] = self.base_entry.projector
         calibration = self._memory_calibration()
+        allow_nonfinite = self.merge_panel.allow_nonfinite_check.isChecked()
         self._validation_key = key
 
         def job(ctx: WorkContext) -> Any:
             from pivotmerge_gui.core.pipeline import plan
 
-            return plan(recipe, loaded=loaded, calibration=calibration, cancel=ctx.cancel)
+            return plan(recipe, loaded=loaded, calibration=calibration, cancel=ctx.cancel,
+                        allow_nonfinite=allow_nonfinite)
 
         w = GeneratorWorker(job, name="validate")
         w.finished.connect(lambda p, key=key: self._validated(key, p, None, ""))
@@ -710,7 +712,8 @@ class MainWindow(QMainWindow):
     def _setup_key(self, recipe: Any) -> str:
         """Identity of a setup: the recipe text plus any in-memory calibration."""
         cal = self._memory_calibration()
-        return recipe.to_yaml() + (f"\n# calibration object {id(cal)}" if cal is not None else "")
+        return (recipe.to_yaml() + (f"\n# calibration object {id(cal)}" if cal is not None else "")
+                + f"\n# allow non-finite {self.merge_panel.allow_nonfinite_check.isChecked()}")
 
     def _validated(self, key: str, plan: Any, exc: BaseException | None, tb: str) -> None:
         if key != self._validation_key:

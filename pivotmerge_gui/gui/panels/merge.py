@@ -352,12 +352,17 @@ class MergePanel(QWidget):
         self.seed_spin = QSpinBox()
         self.seed_spin.setRange(0, 2**31 - 1)
         self.seed_spin.setToolTip("Random seed for randomized methods (same seed, same result)")
+        self.allow_nonfinite_check = QCheckBox("Allow NaN/Inf in inputs")
+        self.allow_nonfinite_check.setToolTip(
+            "Experts holding NaN or Inf block the merge, since the damage spreads to every "
+            "merged weight. Tick to merge anyway (the report records a warning).")
         run_box = QGroupBox("Run on")
         rf = QFormLayout(run_box)
         rf.addRow("Device", self.device_combo)
         rf.addRow("Compute dtype", self.dtype_combo)
         rf.addRow("Output dtype", self.out_dtype_combo)
         rf.addRow("Seed", self.seed_spin)
+        rf.addRow("", self.allow_nonfinite_check)
 
         method_box = QGroupBox("Method")
         mb = QVBoxLayout(method_box)
@@ -439,6 +444,7 @@ class MergePanel(QWidget):
         for combo in (self.device_combo, self.dtype_combo, self.out_dtype_combo):
             combo.currentIndexChanged.connect(self._emit_changed)
         self.seed_spin.valueChanged.connect(self._emit_changed)
+        self.allow_nonfinite_check.toggled.connect(self._emit_changed)
         self.merge_button.clicked.connect(self.merge_requested.emit)
         self.cancel_button.clicked.connect(self.cancel_requested.emit)
         self.save_button.clicked.connect(self.save_requested.emit)
