@@ -49,19 +49,19 @@ def estimate_peak_bytes(
     """A deliberately pessimistic estimate of the merge's peak memory on its device.
 
     Counted: the experts (and base) in the compute dtype, one output copy, the method's
-    declared extra model-sized copies (``extra_model_copies``, e.g. pivot-aligned experts) and
-    a per-tensor workspace of a few stacks of the largest tensor across all experts (task
-    vectors, masks, Gram matrices). Inputs already resident on the CPU are counted for CPU
-    merges because they stay loaded.
+    declared extra model-sized copies (``extra_model_copies``) and its declared scratch space
+    (``workspace_stacks`` stacks of the largest tensor across all experts: task vectors,
+    masks) plus two square Gram matrices of the widest dimension. Inputs already resident on
+    the CPU are counted for CPU merges because they stay loaded. Measured at 16 experts of a
+    1024->8192->8192 bf16 projector: PivotMerge estimate 10.1 GiB, peak RSS 9.2 GiB.
     """
     c = torch.finfo(dtype).bits // 8
     k = len(experts) + (1 if base is not None else 0)
     params = experts[0].num_params
     largest = max(t.numel() for t in experts[0].state().values())
     widest = max(max(t.shape) for t in experts[0].state().values())
-    extra = float(getattr(method, "extra_model_copies", 0.0))
-    compute = (k + 1 + extra * len(experts)) * params * c
-    workspace = 3 * len(experts) * largest * c + 2 * widest * widest * c
+    compute = (k + 1 + method.extra_model_copies * len(experts)) * params * c
+    workspace = method.workspace_stacks * len(experts) * largest * c + 2 * widest * widest * c
     return int(compute + workspace)
 
 

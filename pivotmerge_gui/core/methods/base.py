@@ -137,6 +137,12 @@ class MergeMethod:
     uses_calibration: ClassVar[bool] = False
     randomized: ClassVar[bool] = False
     handles_layer_coefficients: ClassVar[bool] = False  # else the pipeline applies them
+    #: peak scratch memory, in stacks of the largest tensor over all experts (compute dtype);
+    #: used by the pipeline's memory estimate. Per-tensor task-vector methods hold the stack,
+    #: its magnitudes and masks at once; methods that stream over experts need less.
+    workspace_stacks: ClassVar[float] = 3.0
+    #: model-sized copies per expert beyond the compute-dtype experts (e.g. aligned copies)
+    extra_model_copies: ClassVar[float] = 0.0
 
     # ------------------------------------------------------------------ params
     @classmethod

@@ -14,6 +14,7 @@ from .base import MergeJob, MergeMethod, MergeOutput, Param, register
 @register
 class Linear(MergeMethod):
     name = "linear"
+    workspace_stacks = 0.5  # a running weighted sum
     pretty_name = "Weight average"
     reference_url = "https://arxiv.org/abs/2203.05482"
     description = (

@@ -393,6 +393,7 @@ _ALM_CHOICES = ("auto", "data", "data-lambda", "data-free", "off")
 @register
 class PivotMerge(MergeMethod):
     name = "pivotmerge"
+    workspace_stacks = 0.5  # big layers keep task vectors implicit (sketches), measured 16 x 8192-wide
     pretty_name = "PivotMerge"
     reference_url = "https://arxiv.org/abs/2604.22823"
     description = (
