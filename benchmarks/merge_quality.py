@@ -61,7 +61,7 @@ from pivotmerge_gui.core.evaluation import (
 )
 from pivotmerge_gui.core.methods import list_methods
 from pivotmerge_gui.core.methods.base import Calibration, MergeMethod
-from pivotmerge_gui.core.pipeline import merge_projectors
+from pivotmerge_gui.core.pipeline import jsonable, merge_projectors
 from pivotmerge_gui.core.projector import Projector, mean_projector
 from pivotmerge_gui.demo import kit
 
@@ -178,7 +178,7 @@ def bench_scenario(world: kit.DemoWorld, scenario: str, seed: int, paths: dict[s
             t = time.time()
             res = do({})
             record(f"{label} (default)", "merge", res.projector, cls.name, "default",
-                   {"params": {}, "merge_s": round(time.time() - t, 3), "report": _jsonable(res.report)})
+                   {"params": {}, "merge_s": round(time.time() - t, 3), "report": jsonable(res.report)})
         except PivotMergeError as exc:
             rows.setdefault(f"{label} (default)", Row(f"{label} (default)", "merge", cls.name, "default")
                             ).per_seed.append({"seed": seed, "error": str(exc)})
@@ -199,24 +199,10 @@ def bench_scenario(world: kit.DemoWorld, scenario: str, seed: int, paths: dict[s
             for what, params in pivot_ablations(cls):
                 r = do(params)
                 record(f"pivotmerge: {what}", "merge", r.projector, cls.name, "ablation",
-                       {"params": params, "report": _jsonable(r.report)})
+                       {"params": params, "report": jsonable(r.report)})
             r = do({"alm": "data"}, cal)
             record("pivotmerge: ALM data-driven (calibration)", "merge", r.projector, cls.name,
-                   "calibrated", {"params": {"alm": "data"}, "report": _jsonable(r.report)})
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)
+                   "calibrated", {"params": {"alm": "data"}, "report": jsonable(r.report)})
 
 
 def _stat(values: list[float]) -> tuple[float, float]:
@@ -363,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Row]] = {s: {} for s in scenarios}
     if args.only_seed is not None:  # worker of --jobs: one seed, raw rows to a file
         run_seed(world, args, args.only_seed, scenarios, val, test, cal, methods, factors, results)
-        args.rows_out.write_text(json.dumps(_jsonable(
+        args.rows_out.write_text(json.dumps(jsonable(
             {s: [row.__dict__ for row in results[s].values()] for s in scenarios})))
         return 0
     if args.jobs > 1 and len(seeds) > 1:
@@ -388,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             "scenarios": {s: [row.__dict__ for row in results[s].values()] for s in scenarios},
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(_jsonable(doc), indent=1))
+        args.json.write_text(json.dumps(jsonable(doc), indent=1))
     return 0
 
 

@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import IncompatibleExperts
 from .projector import Projector, check_compatible
 
 # bf16 inputs rounded to nearest (unit roundoff 2^-9), products accumulated in fp32 and
@@ -132,7 +131,7 @@ def identity_info(projector: Projector) -> AlignmentInfo:
 
 
 # --------------------------------------------------------------------------- helpers
-@lru_cache(maxsize=None)
+@cache
 def _bf16_is_fast(device_type: str) -> bool:
     """Whether bf16 matrix products beat fp32 clearly here (CUDA: yes; CPU: AMX/avx512-bf16).
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import time
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -162,7 +163,7 @@ def plan(
             raise RecipeError(
                 f"layer_coefficients: unknown layer '{name}'; layers are {', '.join(layer_names)}"
             )
-        if not (value == value) or abs(value) > 100:
+        if not math.isfinite(value) or abs(value) > 100:
             raise RecipeError(f"layer_coefficients: '{name}' = {value} is not a sane coefficient")
 
     warnings = []
@@ -341,7 +342,7 @@ def _execute(
         "layer_coefficients_applied": applied or None,
         "warnings": list(plan.warnings),
         "estimated_peak_gib": round(plan.estimated_peak_bytes / 2**30, 3),
-        "method_report": _jsonable(output.report),
+        "method_report": jsonable(output.report),
         "elapsed_s": round(elapsed, 4),
     }
     result = MergeResult(merged, report, plan.recipe, input_hashes, elapsed, list(plan.names), protected)
@@ -518,17 +519,17 @@ def model_card(result: MergeResult, recipe: Recipe, filename: str) -> str:
     return "\n".join(lines)
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu().tolist()
     if isinstance(obj, float):
-        return round(obj, 6) if obj == obj else None
+        return round(obj, 6) if math.isfinite(obj) else None
     if isinstance(obj, (str, int, bool)) or obj is None:
         return obj
     if hasattr(obj, "item"):
-        return _jsonable(obj.item())
+        return jsonable(obj.item())
     return str(obj)

@@ -65,7 +65,7 @@ class Recipe(_Strict):
     def _plain_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
         for k, val in v.items():
             if not isinstance(k, str):
-                raise ValueError(f"parameter names must be strings, got {k!r}")
+                raise ValueError(f"parameter names must be strings, got {k!r}")  # noqa: TRY004 - pydantic wants ValueError
             if isinstance(val, float) and not math.isfinite(val):
                 raise ValueError(f"parameter '{k}' is {val}; only finite numbers are allowed")
         return v

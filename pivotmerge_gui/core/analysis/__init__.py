@@ -48,6 +48,7 @@ TOP_SINGULAR_VALUES = 256
 POWER_ITERS = 4
 
 __all__ = [
+    "COLUMN_HELP",
     "Analysis",
     "LayerAnalysis",
     "Spectrum",
@@ -56,7 +57,6 @@ __all__ = [
     "iter_analysis",
     "singular_values",
     "stable_rank",
-    "COLUMN_HELP",
 ]
 
 

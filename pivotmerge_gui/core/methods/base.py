@@ -14,6 +14,7 @@ Most baselines are per-tensor and subclass :class:`TensorMergeMethod`.
 from __future__ import annotations
 
 import importlib
+import math
 import pkgutil
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,11 +56,10 @@ class Param:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ParameterError(method, self.name, f"expected a number, got {value!r}")
             value = float(value)
-            if value != value:
-                raise ParameterError(method, self.name, "NaN is not allowed")
-        elif t is str:
-            if not isinstance(value, str):
-                raise ParameterError(method, self.name, f"expected a string, got {value!r}")
+            if not math.isfinite(value):
+                raise ParameterError(method, self.name, f"{value} is not allowed (finite numbers only)")
+        elif t is str and not isinstance(value, str):
+            raise ParameterError(method, self.name, f"expected a string, got {value!r}")
         if self.choices is not None and value not in self.choices:
             raise ParameterError(method, self.name, f"{value!r} is not one of {list(self.choices)}")
         if self.min is not None and value < self.min:

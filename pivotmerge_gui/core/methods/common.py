@@ -24,7 +24,7 @@ def trim_top_k(stack: torch.Tensor, density: float) -> torch.Tensor:
         return stack
     flat = stack.reshape(stack.shape[0], -1)
     n = flat.shape[1]
-    k = max(1, int(round(density * n)))
+    k = max(1, round(density * n))
     if k >= n:
         return stack
     # threshold = k-th largest magnitude per row
