@@ -89,13 +89,19 @@ def _load_job(spec: str) -> Callable[[WorkContext], Any]:
     return job
 
 
+DEMO_CALIBRATION_IMAGES = 64  # unlabelled training images per domain, as in the benchmark
+
+
 def _demo_job(scenario: str) -> Callable[[WorkContext], Any]:
-    def job(ctx: WorkContext) -> tuple[list[str], list[str], str | None]:
+    def job(ctx: WorkContext) -> tuple[list[str], list[str], str | None, Any]:
         from pivotmerge_gui.demo import kit
 
         paths = [str(p) for p in kit.expert_paths(scenario)]
         base = kit.base_path(scenario)
-        return paths, list(kit.expert_names()), str(base) if base is not None else None
+        # the demo ships its own unlabelled visual features per domain, so PivotMerge's
+        # data-driven ALM and RegMean work out of the box (expert order = domain order)
+        calibration = kit.calibration(scenario, split="train", n=DEMO_CALIBRATION_IMAGES)
+        return paths, list(kit.expert_names()), str(base) if base is not None else None, calibration
 
     return job
 
@@ -321,14 +327,19 @@ class MainWindow(QMainWindow):
     def open_demo(self, scenario: str = "shared", with_base: bool = True) -> GeneratorWorker:
         """Add the built-in demo experts (and their base) of a scenario; the kit is located
         on a worker because it imports torch."""
-        def done(result: tuple[list[str], list[str], str | None]) -> None:
-            paths, names, base = result
+        def done(result: tuple[list[str], list[str], str | None, Any]) -> None:
+            paths, names, base, calibration = result
             known = {e.spec for e in self.experts.entries}
+            fresh = not known
             for p, n in zip(paths, names):
                 if str(Path(p).resolve()) not in known:
                     self.add_spec(str(Path(p).resolve()), name=n)
             if with_base and base is not None:
                 self.set_base(base)
+            if fresh and self.merge_panel.calibration_path is None and self.merge_panel.calibration_object is None:
+                self.merge_panel.set_calibration_object(
+                    calibration, f"demo features: {DEMO_CALIBRATION_IMAGES} unlabelled training "
+                                 "images per domain (in memory)")
 
         w = GeneratorWorker(_demo_job(scenario), name="demo")
         w.finished.connect(done)
