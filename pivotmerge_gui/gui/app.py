@@ -41,8 +41,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def preload_before_qt() -> None:
+    """Import pydantic (through the recipe module) before PySide6.
+
+    Importing PySide6 replaces ``__import__`` with shiboken's hook, which reads the source
+    of every module imported afterwards (``inspect.getsource`` -> ``hasattr(module,
+    "__wrapped__")``). On pydantic, half-initialised in a worker thread, that attribute
+    lookup runs pydantic's migration ``__getattr__``, which imports a module that is still
+    initialising: the merge engine then failed to load with a circular-import error (seen
+    on a first start in a fresh virtual environment). Loaded first, pydantic never passes
+    through the hook. Cheap (no torch)."""
+    import pivotmerge_gui.core.recipe  # noqa: F401  (imports pydantic and yaml)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    preload_before_qt()
 
     from PySide6.QtWidgets import QApplication
 

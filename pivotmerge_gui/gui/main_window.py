@@ -157,6 +157,7 @@ class MainWindow(QMainWindow):
         self._plan_key: str | None = None
         self._validation_key: str | None = None
         self._pending_recipe: tuple[Any, Path | None] | None = None
+        self._pending_demos: list[tuple[str, bool]] = []
         self._load_queue: deque[tuple[int, str, str]] = deque()
         self._loads: dict[int, GeneratorWorker] = {}
         self._analysis_worker: GeneratorWorker | None = None
@@ -264,7 +265,19 @@ class MainWindow(QMainWindow):
         w = GeneratorWorker(_core_job, name="core-loader")
         w.finished.connect(self._core_loaded)
         w.failed.connect(lambda exc, tb: self.show_error("The merge engine failed to load", exc, tb))
+        w.stopped.connect(self._core_stopped)
         self._core_worker = w.start()
+
+    def _core_stopped(self) -> None:
+        """The engine's imports are done (or failed): start what waited for them. Loads and
+        the demo import torch & co. too; running those imports on several threads at once
+        can hand a thread a half-initialised module (seen: pydantic under shiboken's import
+        hook), so they wait for the engine's import thread."""
+        self._core_worker = None
+        pending, self._pending_demos = self._pending_demos, []
+        for scenario, with_base in pending:
+            self.open_demo(scenario, with_base)
+        self._pump_loads()
 
     def _core_loaded(self, result: tuple[list[Any], list[Any]]) -> None:
         methods, devices = result
@@ -324,9 +337,13 @@ class MainWindow(QMainWindow):
         self.settings.add_recent(spec)
         return entry
 
-    def open_demo(self, scenario: str = "shared", with_base: bool = True) -> GeneratorWorker:
+    def open_demo(self, scenario: str = "shared", with_base: bool = True) -> GeneratorWorker | None:
         """Add the built-in demo experts (and their base) of a scenario; the kit is located
-        on a worker because it imports torch."""
+        on a worker because it imports torch (after the engine's imports: returns None and
+        opens later while those run)."""
+        if self._core_worker is not None:
+            self._pending_demos.append((scenario, with_base))
+            return None
         def done(result: tuple[list[str], list[str], str | None, Any]) -> None:
             paths, names, base, calibration = result
             known = {e.spec for e in self.experts.entries}
@@ -373,6 +390,8 @@ class MainWindow(QMainWindow):
         self._pump_loads()
 
     def _pump_loads(self) -> None:
+        if self._core_worker is not None:
+            return  # the engine is importing; see _core_stopped
         while self._load_queue and len(self._loads) < MAX_PARALLEL_LOADS:
             uid, spec, target = self._load_queue.popleft()
             w = GeneratorWorker(_load_job(spec), name=f"load-{uid}")
@@ -924,6 +943,7 @@ class MainWindow(QMainWindow):
     def is_idle(self) -> bool:
         """True when no load, analysis, validation or merge is pending or running."""
         return (self.core_ready and not self._loads and not self._load_queue and self._demo_worker is None
+                and not self._pending_demos
                 and self._analysis_worker is None and not self._analysis_dirty
                 and not self._analysis_timer.isActive() and self._validation_worker is None
                 and not self._validate_timer.isActive() and self.merge_worker is None

@@ -79,3 +79,23 @@ def test_save_dialog_offers_every_output_format_and_returns_the_choice(qtbot, tm
     dlg.dtype.setCurrentIndex(dlg.dtype.findData("bfloat16"))
     dlg.overwrite.setChecked(True)
     assert dlg.values() == (tmp_path / "out", "hf-llava", "bfloat16", True)
+
+
+def test_pydantic_is_loaded_before_qt_installs_its_import_hook():
+    """Regression: shiboken's import hook inspects every later module; pydantic imported
+    under it in a worker thread failed with a circular import on a fresh install."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from pivotmerge_gui.gui.app import preload_before_qt\n"
+        "assert 'PySide6' not in sys.modules\n"
+        "preload_before_qt()\n"
+        "assert 'pydantic' in sys.modules and 'torch' not in sys.modules\n"
+        "names = list(sys.modules)\n"
+        "import PySide6.QtWidgets\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
