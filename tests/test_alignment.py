@@ -138,3 +138,25 @@ def test_align_all_and_incompatible():
         align_all([a, b], pivot_index=2)
     d = infos[0].to_dict()
     assert d["pairs"][0]["permutation"] is not None and not d["is_identity"]
+
+
+def test_identity_certificate_skips_the_gram_matrix_when_hopeless():
+    """The cheap O(units x features) gate: experts far from the pivot never pay for the
+    pivot's Gram matrix; experts close to it still get the certificate; results agree."""
+    from pivotmerge_gui.core.alignment import _identity_certified
+
+    pivot = make_mlp_projector(16, 64, 24, seed=1)
+    g = torch.Generator().manual_seed(5)
+    near = pivot.with_state({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in pivot.state().items()})
+    far = pivot.with_state({k: v + 1.0 * torch.randn(v.shape, generator=g) for k, v in pivot.state().items()})
+    pair = pivot.hidden_pairs()[0]
+    cache: dict = {}
+    ok, _ = _identity_certified(far, pivot, pair, cache)
+    assert not ok and cache == {}  # gated: no Gram computed
+    ok, _ = _identity_certified(near, pivot, pair, cache)
+    assert ok and len(cache) == 1
+    # the gated expert still gets the exact optimum from the solver
+    aligned, info = align_to_pivot(far, pivot)
+    assert info.pairs[0].solver != "certificate-identity"
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(aligned.forward(x), far.forward(x), atol=1e-4, rtol=1e-5)
