@@ -354,9 +354,12 @@ class MainWindow(QMainWindow):
             if with_base and base is not None:
                 self.set_base(base)
             if fresh and self.merge_panel.calibration_path is None and self.merge_panel.calibration_object is None:
-                self.merge_panel.set_calibration_object(
+                by_spec = {e.spec: e.uid for e in self.experts.entries}
+                uids = [by_spec.get(str(Path(p).resolve())) for p in paths]
+                self.set_memory_calibration(
                     calibration, f"demo features: {DEMO_CALIBRATION_IMAGES} unlabelled training "
-                                 "images per domain (in memory)")
+                                 "images per domain (in memory)",
+                    None if None in uids else uids)
 
         w = GeneratorWorker(_demo_job(scenario), name="demo")
         w.finished.connect(done)
@@ -719,7 +722,15 @@ class MainWindow(QMainWindow):
         loaded = {e.spec: e.projector for e in self.experts.entries if e.ready}
         if self.base_entry is not None and self.base_entry.ready:
             loaded[self.base_entry.spec] = self.base_entry.projector
-        calibration = self._memory_calibration()
+        try:
+            calibration = self._memory_calibration()
+        except PivotMergeError as exc:
+            method = self.merge_panel.method
+            if method is not None and (method.needs_calibration or method.uses_calibration):
+                self.plan, self._plan_key = None, None
+                self.merge_panel.set_validation(False, str(exc))
+                return
+            calibration = None  # this method does not use calibration features
         allow_nonfinite = self.merge_panel.allow_nonfinite_check.isChecked()
         self._validation_key = key
 
@@ -735,13 +746,56 @@ class MainWindow(QMainWindow):
         w.stopped.connect(lambda w=w: self._validation_stopped(w))
         self._validation_worker = w.start()
 
-    def _memory_calibration(self) -> Any:
-        """Calibration features held in memory (from the test bench), unless a file is set."""
-        return self.merge_panel.calibration_object if self.merge_panel.calibration_path is None else None
+    _calibration_uids: list[int] | None = None
+    _calibration_view: tuple[Any, tuple[int, ...], Any] | None = None
+
+    def set_memory_calibration(self, calibration: Any, label: str, uids: list[int] | None) -> None:
+        """Hold calibration features in memory. ``uids``: the experts (list entries) whose
+        domains ``calibration.features`` belong to, in that order, so the features follow
+        their experts when the list is reordered or shrunk; None = by position."""
+        self._calibration_uids = list(uids) if uids is not None else None
+        self._calibration_view = None
+        self.merge_panel.set_calibration_object(calibration, label)
+
+    def _memory_calibration(self, entries: list[ExpertEntry] | None = None) -> Any:
+        """Calibration features held in memory (demo, test bench) for ``entries`` (default:
+        the whole expert list) in their current order, unless a file is set.
+
+        Feature sets follow their experts (by entry uid) through reordering and removal.
+        Raises PivotMergeError when an expert has no feature set (added after the features
+        were computed)."""
+        cal = self.merge_panel.calibration_object if self.merge_panel.calibration_path is None else None
+        if cal is None or self._calibration_uids is None:
+            return cal
+        entries = self.experts.entries if entries is None else entries
+        order = tuple(e.uid for e in entries)
+        if order == tuple(self._calibration_uids):
+            return cal
+        view = self._calibration_view
+        if view is not None and view[0] is cal and view[1] == order:
+            return view[2]  # same object for the same order: validation results stay cached
+        pos = {u: i for i, u in enumerate(self._calibration_uids)}
+        missing = [e.name for e in entries if e.uid not in pos]
+        if missing:
+            raise PivotMergeError(
+                "the calibration features in memory have no set for " + ", ".join(missing)
+                + " (added after they were computed): compute alignment scores again in the "
+                "Test bench, choose a calibration file, or clear them")
+        from pivotmerge_gui.core.methods.base import Calibration
+
+        idx = [pos[u] for u in order]
+        doms = list(cal.domains)
+        mapped = Calibration([cal.features[i] for i in idx],
+                             [doms[i] for i in idx] if len(doms) == len(cal.features) else [])
+        self._calibration_view = (cal, order, mapped)
+        return mapped
 
     def _setup_key(self, recipe: Any) -> str:
         """Identity of a setup: the recipe text plus any in-memory calibration."""
-        cal = self._memory_calibration()
+        try:
+            cal = self._memory_calibration()
+        except PivotMergeError as exc:
+            cal = str(exc)
         return (recipe.to_yaml() + (f"\n# calibration object {id(cal)}" if cal is not None else "")
                 + f"\n# allow non-finite {self.merge_panel.allow_nonfinite_check.isChecked()}")
 
@@ -865,7 +919,11 @@ class MainWindow(QMainWindow):
                 if item.data(Qt.ItemDataRole.UserRole) in new:
                     item.setCheckState(Qt.CheckState.Checked)
         if self.autotune_panel is not None and not self.autotune_panel.is_busy():
-            self.autotune_panel.set_experts(experts, base, self.merge_panel.calibration_object)
+            try:
+                calibration = self._memory_calibration(self.experts.ready_entries())
+            except PivotMergeError:
+                calibration = None
+            self.autotune_panel.set_experts(experts, base, calibration)
             self._sync_autotune_method()
 
     def _sync_autotune_method(self) -> None:
@@ -875,7 +933,11 @@ class MainWindow(QMainWindow):
 
     def _alignment_scores_ready(self, scores: Any, calibration: Any) -> None:
         """Calibration features from the test bench pairs feed data-driven methods."""
-        self.merge_panel.set_calibration_object(calibration, "from the test bench pairs (in memory)")
+        by_name = {e.name: e.uid for e in self.experts.ready_entries()}
+        uids = [by_name.get(n) for n in getattr(scores, "names", [])]
+        self.set_memory_calibration(
+            calibration, "from the test bench pairs (in memory)",
+            uids if uids and None not in uids and len(uids) == len(calibration.features) else None)
         self.layers_panel.set_layer_scores(scores)
         self.statusBar().showMessage("Calibration features from the test bench are set for the merge.", 8000)
 

@@ -25,6 +25,8 @@ from PySide6.QtCore import (
 from PySide6.QtGui import QBrush, QColor
 
 CHECKPOINT_SUFFIXES = (".bin", ".safetensors", ".pt", ".pth", ".ckpt")
+#: MIME type of rows dragged inside the expert list (their uids, comma-separated)
+EXPERT_ROWS_MIME = "application/x-pivotmerge-expert-rows"
 _uids = itertools.count(1)
 
 Index = QModelIndex | QPersistentModelIndex
@@ -200,6 +202,36 @@ class ExpertListModel(QAbstractTableModel):
         self.experts_changed.emit()
         return new
 
+    def move_rows_to(self, rows: Sequence[int], dest: int) -> list[int]:
+        """Move ``rows`` (any set, kept in their order) to sit before row ``dest`` of the
+        current list (``dest`` = row count: to the end). Returns their new rows.
+
+        Done as single-row moves towards the front, each a ``beginMoveRows``, so views keep
+        their selection and scroll position (no model reset)."""
+        n = len(self._entries)
+        moving = sorted({r for r in rows if 0 <= r < n})
+        if not moving:
+            return []
+        dest = min(max(int(dest), 0), n)
+        moving_set = set(moving)
+        keep = [i for i in range(n) if i not in moving_set]
+        order = [i for i in keep if i < dest] + moving + [i for i in keep if i >= dest]
+        final = [self._entries[i].uid for i in order]
+        changed = False
+        for p, uid in enumerate(final):
+            r = self.row_of(uid)
+            if r == p:
+                continue  # r > p otherwise: rows before p are already final
+            if not self.beginMoveRows(QModelIndex(), r, r, QModelIndex(), p):
+                continue
+            self._entries.insert(p, self._entries.pop(r))
+            self.endMoveRows()
+            changed = True
+        if changed:
+            self.experts_changed.emit()
+        first = order.index(moving[0])
+        return list(range(first, first + len(moving)))
+
     def set_pivot(self, uid: int | None) -> None:
         self.pivot_uid = uid
         if self._entries:
@@ -250,7 +282,7 @@ class ExpertListModel(QAbstractTableModel):
         base = Qt.ItemFlag.ItemIsDropEnabled
         if not index.isValid():
             return base
-        f = base | Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsSelectable
+        f = base | Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsSelectable | Qt.ItemFlag.ItemIsDragEnabled
         col = index.column()
         if col in (self.NAME, self.WEIGHT):
             f |= Qt.ItemFlag.ItemIsEditable
@@ -325,19 +357,48 @@ class ExpertListModel(QAbstractTableModel):
         self.experts_changed.emit()
         return True
 
-    # ------------------------------------------------------------------ drops
+    # ------------------------------------------------------------------ drag and drop
+    # Files and folders dropped from outside become ``paths_dropped``; rows dragged inside
+    # the list carry their uids (EXPERT_ROWS_MIME) and are moved, never copied or removed.
     def supportedDropActions(self) -> Qt.DropAction:
-        return Qt.DropAction.CopyAction
+        return Qt.DropAction.CopyAction | Qt.DropAction.MoveAction
+
+    def supportedDragActions(self) -> Qt.DropAction:
+        return Qt.DropAction.MoveAction
 
     def mimeTypes(self) -> list[str]:
-        return ["text/uri-list"]
+        return ["text/uri-list", EXPERT_ROWS_MIME]
+
+    def mimeData(self, indexes: Sequence[Index]) -> QMimeData:
+        rows = sorted({i.row() for i in indexes if i.isValid() and 0 <= i.row() < len(self._entries)})
+        mime = QMimeData()
+        mime.setData(EXPERT_ROWS_MIME, ",".join(str(self._entries[r].uid) for r in rows).encode("ascii"))
+        return mime
+
+    def dragged_rows(self, data: QMimeData) -> list[int]:
+        """Rows of this list named by an internal drag (uids no longer here are skipped)."""
+        if not data.hasFormat(EXPERT_ROWS_MIME):
+            return []
+        raw = bytes(data.data(EXPERT_ROWS_MIME).data()).decode("ascii", "replace")
+        rows = []
+        for part in raw.split(","):
+            if part.strip().isdigit():
+                r = self.row_of(int(part))
+                if r >= 0:
+                    rows.append(r)
+        return rows
 
     def canDropMimeData(self, data: QMimeData, action: Qt.DropAction, row: int, column: int,
                         parent: Index) -> bool:
-        return bool(paths_from_mime(data))
+        return bool(paths_from_mime(data)) or bool(self.dragged_rows(data))
 
     def dropMimeData(self, data: QMimeData, action: Qt.DropAction, row: int, column: int,
                      parent: Index) -> bool:
+        moved = self.dragged_rows(data)
+        if moved:
+            dest = row if row >= 0 else (parent.row() if parent.isValid() else len(self._entries))
+            self.move_rows_to(moved, dest)
+            return True
         paths = paths_from_mime(data)
         if not paths:
             return False

@@ -232,3 +232,29 @@ def test_calibration_file_enables_methods_that_need_it(qtbot, window, expert_fil
     wait_idle(qtbot, window)
     assert window.merge_panel.merge_button.isEnabled(), window.merge_reason
     assert window.current_recipe().calibration == str(cal)
+
+
+def test_dragging_rows_reorders_the_expert_list(qtbot, window, expert_files):
+    _add(window, qtbot, expert_files["e0"], expert_files["e1"], expert_files["e2"])
+    view = window.list_panel.view
+    model = window.experts
+    before = [e.name for e in model.entries]
+    view.selectRow(0)
+    mime = model.mimeData(view.selectionModel().selectedIndexes())
+    target = view.visualRect(model.index(2, 1))
+    pos = target.center() + QPoint(0, target.height() // 4)  # lower half of the last row
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        enter = QDragEnterEvent(pos, Qt.DropAction.MoveAction, mime,
+                                Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier)
+    QApplication.sendEvent(view.viewport(), enter)
+    assert enter.isAccepted()
+    drop = QDropEvent(pos.toPointF(), Qt.DropAction.MoveAction, mime,
+                      Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier)
+    QApplication.sendEvent(view.viewport(), drop)
+    assert drop.isAccepted()
+    # nothing was removed or duplicated; the first expert is now last, and selected
+    assert [e.name for e in model.entries] == before[1:] + before[:1]
+    assert window.list_panel.selected_rows() == [2]
+    wait_idle(qtbot, window)
+    assert all(e.status == "ready" for e in model.entries)

@@ -98,3 +98,36 @@ def test_format_value():
     assert format_value(1e-6) == "1.000e-06"
     assert format_value(True) == "yes"
     assert format_value(None) == ""
+
+
+def test_expert_list_model_moves_dragged_rows_and_keeps_the_pivot(qtbot):
+    model = ExpertListModel()
+    for name in "abcde":
+        model.add(ExpertEntry(spec=f"/{name}.bin", name=name))
+    model.set_pivot(model.entry(1).uid)
+    names = lambda: "".join(e.name for e in model.entries)  # noqa: E731
+    # a drag carries the rows' uids in the model's own MIME type, never file URLs
+    mime = model.mimeData([model.index(0, 1), model.index(0, 3), model.index(2, 0)])
+    assert model.dragged_rows(mime) == [0, 2]
+    assert not mime.hasUrls()
+    assert model.canDropMimeData(mime, Qt.DropAction.MoveAction, 4, 0, model.index(-1, -1))
+    with qtbot.waitSignal(model.experts_changed):
+        assert model.dropMimeData(mime, Qt.DropAction.MoveAction, 4, 0, model.index(-1, -1))
+    assert names() == "bdace"  # a and c, in their order, before e
+    assert model.entry(model.pivot_index()).name == "b"  # the pivot follows its expert
+    assert model.move_rows_to([4], 0) == [0] and names() == "ebdac"
+    assert model.move_rows_to([0, 1], 5) == [3, 4] and names() == "daceb"
+    # dropped onto an item (row -1, parent = that item): inserted before it
+    assert model.dropMimeData(model.mimeData([model.index(4, 0)]), Qt.DropAction.MoveAction, -1, -1,
+                              model.index(1, 0))
+    assert names() == "dbace"
+    # no-ops: nothing moved, no signal; stale uids are ignored
+    with qtbot.assertNotEmitted(model.experts_changed):
+        assert model.move_rows_to([1], 1) == [1]
+        assert model.move_rows_to([1], 2) == [1]
+        assert model.move_rows_to([], 0) == []
+    stale = model.mimeData([model.index(0, 0)])
+    model.remove_rows([0])
+    assert model.dragged_rows(stale) == []
+    assert not model.dropMimeData(stale, Qt.DropAction.MoveAction, 0, 0, model.index(-1, -1))
+    assert names() == "bace"

@@ -26,12 +26,17 @@ FILE_FILTER = ("Projector checkpoints (" + " ".join(f"*{s}" for s in CHECKPOINT_
 
 
 class ExpertTableView(QTableView):
-    """Table of experts accepting file drops. GUI thread."""
+    """Table of experts accepting file drops, with rows reordered by dragging. GUI thread."""
+
+    rows_moved = Signal(list)  # new rows of the experts moved by a drag
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.setAcceptDrops(True)
-        self.setDragDropMode(QAbstractItemView.DragDropMode.DropOnly)
+        self.setDragEnabled(True)
+        self.setDragDropMode(QAbstractItemView.DragDropMode.DragDrop)
+        self.setDefaultDropAction(Qt.DropAction.MoveAction)
+        self.setDragDropOverwriteMode(False)
         self.setDropIndicatorShown(True)
         self.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
@@ -42,22 +47,46 @@ class ExpertTableView(QTableView):
         self.verticalHeader().setVisible(False)
         self.setWordWrap(False)
 
+    def _internal_rows(self, event) -> list[int]:  # type: ignore[no-untyped-def]
+        model = self.model()
+        return model.dragged_rows(event.mimeData()) if isinstance(model, ExpertListModel) else []
+
+    def drop_row(self, pos) -> int:  # type: ignore[no-untyped-def]
+        """The row a drop at viewport position ``pos`` inserts before (row count: the end)."""
+        idx = self.indexAt(pos)
+        if not idx.isValid():
+            return self.model().rowCount()
+        rect = self.visualRect(idx)
+        return idx.row() + (1 if pos.y() > rect.center().y() else 0)
+
     # Drops anywhere on the view (also below the last row) go to the model.
     def dragEnterEvent(self, event: QDragEnterEvent) -> None:
-        if paths_from_mime(event.mimeData()):
+        if paths_from_mime(event.mimeData()) or self._internal_rows(event):
             event.acceptProposedAction()
         else:
             super().dragEnterEvent(event)
 
     def dragMoveEvent(self, event) -> None:  # type: ignore[no-untyped-def]
-        if paths_from_mime(event.mimeData()):
+        if paths_from_mime(event.mimeData()) or self._internal_rows(event):
+            super().dragMoveEvent(event)  # draws the drop indicator
             event.acceptProposedAction()
         else:
             super().dragMoveEvent(event)
 
     def dropEvent(self, event: QDropEvent) -> None:
         model = self.model()
-        if isinstance(model, ExpertListModel) and paths_from_mime(event.mimeData()):
+        rows = self._internal_rows(event)
+        if isinstance(model, ExpertListModel) and rows:
+            new_rows = model.move_rows_to(rows, self.drop_row(event.position().toPoint()))
+            # the model moved the rows itself: report a copy so the drag source does not
+            # also try to remove them
+            event.setDropAction(Qt.DropAction.CopyAction)
+            event.accept()
+            self.stopAutoScroll()
+            self.setState(QAbstractItemView.State.NoState)
+            self.viewport().update()
+            self.rows_moved.emit(new_rows)
+        elif isinstance(model, ExpertListModel) and paths_from_mime(event.mimeData()):
             model.dropMimeData(event.mimeData(), Qt.DropAction.CopyAction, -1, -1, self.rootIndex())
             event.acceptProposedAction()
         else:
@@ -82,16 +111,19 @@ class ModelListPanel(QWidget):
         self.settings = settings
         self.base_entry: ExpertEntry | None = None
 
-        title = QLabel("<b>Experts</b> — drop projector files or folders here")
+        title = QLabel("<b>Experts</b> — drop checkpoints here, drag rows to reorder")
+        title.setWordWrap(True)
         self.view = ExpertTableView()
         self.view.setModel(model)
+        self.view.rows_moved.connect(self._select_rows)
         hh = self.view.horizontalHeader()
         hh.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         hh.setSectionResizeMode(ExpertListModel.NAME, QHeaderView.ResizeMode.Interactive)
         hh.setStretchLastSection(True)
         self.view.setColumnWidth(ExpertListModel.NAME, 110)
-        self.view.setToolTip("Drop checkpoint files or folders here. Double-click a name or "
-                             "weight to edit it; tick Pivot to choose the frame of reference.")
+        self.view.setToolTip("Drop checkpoint files or folders here; drag rows to reorder. "
+                             "Double-click a name or weight to edit it; tick Pivot to choose "
+                             "the frame of reference.")
 
         bar = QHBoxLayout()
         bar.setSpacing(4)
@@ -210,6 +242,13 @@ class ModelListPanel(QWidget):
 
     def remove_selected(self) -> None:
         self.model.remove_rows(self.selected_rows())
+
+    def _select_rows(self, rows: list[int]) -> None:
+        sel = self.view.selectionModel()
+        sel.clearSelection()
+        for r in rows:
+            sel.select(self.model.index(r, 0),
+                       QItemSelectionModel.SelectionFlag.Select | QItemSelectionModel.SelectionFlag.Rows)
 
     def _move(self, delta: int) -> None:
         rows = self.selected_rows()
