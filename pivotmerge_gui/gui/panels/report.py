@@ -9,12 +9,36 @@ from typing import Any
 from PySide6.QtWidgets import QTextBrowser, QVBoxLayout, QWidget
 
 
-def _fmt(v: Any) -> str:
+_MAX_LIST = 16  # scalars shown of a long list (the rest is counted)
+_MAX_DEPTH = 3  # nesting rendered as tables; deeper values are shown as truncated JSON
+
+
+def _fmt(v: Any, depth: int = 0) -> str:
+    """HTML for one report value: scalars as text, lists and dicts as nested tables."""
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if isinstance(v, float):
         return f"{v:.4g}"
-    if isinstance(v, (dict, list)):
+    if isinstance(v, (int, str)):
+        return html.escape(str(v))
+    if depth >= _MAX_DEPTH:
         text = json.dumps(v, default=str)
-        return html.escape(text if len(text) < 400 else text[:400] + " …")
+        return html.escape(text if len(text) < 200 else text[:200] + " …")
+    if isinstance(v, (list, tuple)):
+        if not v:
+            return "none"
+        if all(isinstance(x, dict) for x in v):
+            return _html_table(list(v), depth + 1)
+        shown = ", ".join(_fmt(x, depth + 1) for x in v[:_MAX_LIST])
+        return shown + (f", … ({len(v)} in all)" if len(v) > _MAX_LIST else "")
+    if isinstance(v, dict):
+        if not v:
+            return "none"
+        rows = "".join(f"<tr><th align=left>{html.escape(str(k)).replace('_', ' ')}</th>"
+                       f"<td>{_fmt(x, depth + 1)}</td></tr>" for k, x in v.items())
+        return f"<table cellspacing=0 cellpadding=2 border=1>{rows}</table>"
     return html.escape(str(v))
 
 
@@ -69,12 +93,13 @@ def _table_rows(v: Any) -> list[dict[str, Any]] | None:
     return None
 
 
-def _html_table(rows: list[dict[str, Any]]) -> str:
+def _html_table(rows: list[dict[str, Any]], depth: int = 0) -> str:
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    head = "".join(f"<th>{html.escape(k).replace('_', ' ')}</th>" for k in keys)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(k, ''))}</td>" for k in keys) + "</tr>" for r in rows)
+    head = "".join(f"<th>{html.escape(str(k)).replace('_', ' ')}</th>" for k in keys)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(k, ''), depth)}</td>" for k in keys) + "</tr>"
+                   for r in rows)
     return f"<table cellspacing=0 cellpadding=3 border=1><tr>{head}</tr>{body}</table>"
 
 
