@@ -159,10 +159,25 @@ def test_cli_merge_inspect_methods_analyze(world, tmp_path, capsys):
     # the written recipe runs again from anywhere
     assert cli_main(["merge", str(tmp / "cli_out" / "recipe.yml"), str(tmp / "cli_out2"), "-q"]) == 0
     capsys.readouterr()
-    # an existing output needs --overwrite: one clear line, exit 2
-    assert cli_main(["merge", str(recipe), str(tmp / "cli_out"), "-q"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("pivotmerge: error:") and "Traceback" not in err
+    # an existing output needs --overwrite: one clear line, exit 2, refused before merging
+    from pivotmerge_gui.core import pipeline
+
+    ran = []
+    real_execute = pipeline.execute
+    pipeline.execute = lambda *a, **k: ran.append(1) or real_execute(*a, **k)
+    try:
+        assert cli_main(["merge", str(recipe), str(tmp / "cli_out"), "-q"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("pivotmerge: error:") and "Traceback" not in err
+        assert "mm_projector.bin: already exists" in err and ran == []
+        # nor may an output folder be an input's folder (the input is never overwritten)
+        assert cli_main(["merge", str(recipe), str(Path(paths[0]).parent), "-q", "--overwrite"]) == 2
+        assert "refusing to overwrite the input" in capsys.readouterr().err and ran == []
+        assert cli_main(["merge", str(recipe), str(tmp / "cli_out"), "--overwrite"]) == 0
+        assert ran == [1]
+        assert capsys.readouterr().out.startswith(f"merged {len(paths)} experts with PivotMerge")
+    finally:
+        pipeline.execute = real_execute
     assert cli_main(["inspect", paths[0], "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info[0]["family"].startswith("llava")

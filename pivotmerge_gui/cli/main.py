@@ -105,6 +105,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     base_dir = recipe_path.resolve().parent
     plan = pipeline.plan(recipe, base_dir=base_dir, device=args.device, allow_low_memory=args.allow_low_memory,
                          allow_nonfinite=args.allow_nonfinite)
+    pipeline.check_output_dir(plan, args.out_dir, overwrite=args.overwrite)  # refuse before the work
+    n_experts = len(plan.experts)
     show = _progress_printer(args.quiet)
     cancel = CancelToken()
 
@@ -135,7 +137,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         print(json.dumps({"outputs": [str(p) for p in paths], "report": result.report}, indent=2, default=str))
     else:
         rep = result.report
-        print(f"merged {len(plan.experts)} experts with {rep['method_pretty']} in {result.elapsed_s:.2f} s on {rep['device']}")
+        print(f"merged {n_experts} experts with {rep['method_pretty']} in {result.elapsed_s:.2f} s on {rep['device']}")
         for w in rep["warnings"]:
             print(f"warning: {w}")
         for p in paths:

@@ -404,6 +404,19 @@ def merge_projectors(
 OUTPUT_FILES = ("recipe.yml", "README.md")
 
 
+def check_output_dir(plan: Plan, out_dir: str | Path, *, fmt: str | None = None, overwrite: bool = False) -> list[Path]:
+    """Before a merge: raise :class:`~.errors.OutputError` if :func:`save_result` would
+    refuse ``out_dir`` (an input would be overwritten, or an earlier output without
+    ``overwrite``), so a long merge does not end in a refusal. Returns the planned paths."""
+    from .io import output_filename
+    from .io.atomic import check_writable
+
+    out_dir = Path(out_dir)
+    protected = [Path(f) for p in [*plan.experts, *([plan.base] if plan.base else [])] for f in p.files]
+    names = [output_filename(plan.experts[0], fmt or plan.recipe.output_format), *OUTPUT_FILES]
+    return [check_writable(out_dir / n, protected=protected, overwrite=overwrite) for n in names]
+
+
 def save_result(
     result: MergeResult,
     out_dir: str | Path,
