@@ -46,3 +46,25 @@ def make_mlp_projector(
 @pytest.fixture
 def mlp_projector_factory():
     return make_mlp_projector
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run torch single-threaded: the demo models are tiny, and on a busy 2-core machine two
+    intra-op threads per process make them an order of magnitude slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def demo_world():
+    """The shipped demo world (encoder, LM, data); skips where its artifacts are not built."""
+    kit = pytest.importorskip("pivotmerge_gui.demo.kit")
+    from pivotmerge_gui.core.errors import PivotMergeError
+
+    try:
+        return kit.load_world()
+    except PivotMergeError as e:
+        pytest.skip(str(e))

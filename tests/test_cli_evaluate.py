@@ -8,27 +8,14 @@ import pytest
 import torch
 
 from pivotmerge_gui.cli.main import main
-from pivotmerge_gui.core.errors import PivotMergeError
 from pivotmerge_gui.core.evaluation import evaluate
 
 kit = pytest.importorskip("pivotmerge_gui.demo.kit")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The demo model is tiny: one thread avoids oversubscription on a loaded CI box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def world():
-    try:
-        return kit.load_world()
-    except PivotMergeError as e:
-        pytest.skip(str(e))
 
 
 def _run_json(capsys, argv):
@@ -36,15 +23,15 @@ def _run_json(capsys, argv):
     return json.loads(capsys.readouterr().out)
 
 
-def test_demo_experts_end_to_end_match_a_direct_computation(world, capsys):
+def test_demo_experts_end_to_end_match_a_direct_computation(demo_world, capsys):
     out = _run_json(capsys, ["evaluate", "--backend", "demo", "--split", "val", "--max-pairs", "6", "--json"])
     names = [p["name"] for p in out["projectors"]]
-    assert names == world.domains and out["backend"] == "demo"
-    assert len(out["pairs"]) == 6 * len(world.domains)
-    sets = world.caption_sets("val", 6)
+    assert names == demo_world.domains and out["backend"] == "demo"
+    assert len(out["pairs"]) == 6 * len(demo_world.domains)
+    sets = demo_world.caption_sets("val", 6)
     experts = kit.load_experts("shared")
     for entry in out["projectors"]:
-        want = evaluate(world.backend, experts[entry["name"]], sets, parts=("nll", "generate"))
+        want = evaluate(demo_world.backend, experts[entry["name"]], sets, parts=("nll", "generate"))
         for dom, m in want.per_domain.items():
             got = entry["per_domain"][dom]
             assert got["nll"] == pytest.approx(m.nll, rel=1e-5)
@@ -54,9 +41,9 @@ def test_demo_experts_end_to_end_match_a_direct_computation(world, capsys):
         assert entry["mean"]["nll"] == pytest.approx(want.mean.nll, rel=1e-5)
         # per-pair rows: the references are the data's, the captions the greedy ones
         rows = entry["pairs"]
-        assert [r["reference"] for r in rows] == [c for d in world.domains for c in sets[d].captions]
+        assert [r["reference"] for r in rows] == [c for d in demo_world.domains for c in sets[d].captions]
         limit = max(len(c.split()) for c in sets["text"].captions) + 2  # the metrics' rule
-        gen = world.backend.generate(experts[entry["name"]], sets["text"].features, limit)
+        gen = demo_world.backend.generate(experts[entry["name"]], sets["text"].features, limit)
         assert [r["caption"] for r in rows if r["domain"] == "text"] == gen
     # each expert captions its own domain best (and well)
     for entry in out["projectors"]:
@@ -66,10 +53,10 @@ def test_demo_experts_end_to_end_match_a_direct_computation(world, capsys):
         assert own > max(others)
 
 
-def test_projector_files_user_pairs_and_text_output(world, tmp_path, capsys):
+def test_projector_files_user_pairs_and_text_output(demo_world, tmp_path, capsys):
     from pivotmerge_gui.core.evaluation.pairs import tensor_to_pil
 
-    data = world.dataset("test", 2)
+    data = demo_world.dataset("test", 2)
     folder = tmp_path / "pairs"
     for dom, d in data.items():
         (folder / dom).mkdir(parents=True)
@@ -79,7 +66,7 @@ def test_projector_files_user_pairs_and_text_output(world, tmp_path, capsys):
     text_expert = str(kit.experts("shared")["text"])
     out = _run_json(capsys, ["evaluate", text_expert, "--pairs", str(folder), "--json"])
     assert [p["name"] for p in out["projectors"]] == ["text"]
-    assert sorted(out["projectors"][0]["per_domain"]) == sorted(world.domains)
+    assert sorted(out["projectors"][0]["per_domain"]) == sorted(demo_world.domains)
     # PNG round trip is lossless up to 8-bit quantisation: the text expert still reads text
     assert out["projectors"][0]["per_domain"]["text"]["token_accuracy"] >= 0.5
     assert main(["evaluate", text_expert, "--split", "test", "--max-pairs", "2", "--retrieval"]) == 0
@@ -93,7 +80,7 @@ def test_projector_files_user_pairs_and_text_output(world, tmp_path, capsys):
     (["evaluate", "--max-pairs", "0"], "--max-pairs must be at least 1"),
     (["evaluate", "--backend", "llava:no-such-org/no-such-llava", "--pairs", "x.jsonl"], "no-such-org/no-such-llava"),
 ])
-def test_typed_errors_exit_2(world, capsys, argv, message):
+def test_typed_errors_exit_2(demo_world, capsys, argv, message):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pivotmerge_gui.core.errors import Cancelled, PivotMergeError
+from pivotmerge_gui.core.errors import Cancelled
 from pivotmerge_gui.core.evaluation.bench import drain
 from pivotmerge_gui.core.pipeline import merge_projectors
 from pivotmerge_gui.core.progress import CancelToken
@@ -79,31 +79,19 @@ def test_cmaes_rejects_bad_sizes():
 
 
 # ------------------------------------------------------------------ merges (demo world)
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The demo model is tiny: one thread avoids oversubscription on a loaded CI box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 kit = pytest.importorskip("pivotmerge_gui.demo.kit")
 
 
-@pytest.fixture(scope="module")
-def world():
-    try:
-        return kit.load_world()
-    except PivotMergeError as e:
-        pytest.skip(str(e))
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
-def test_affine_fast_path_equals_a_pipeline_merge(world, method):
+def test_affine_fast_path_equals_a_pipeline_merge(demo_world, method):
     experts = list(kit.load_experts("shared").values())
     base = kit.load_projector_file(kit.base_path("shared"))
-    obj = MergeObjective(experts, method, backend=world.backend, base=base)
+    obj = MergeObjective(experts, method, backend=demo_world.backend, base=base)
     assert obj.affine and obj.mode == "affine"
     x = np.array([0.6, 1.4])
     want = merge_projectors(experts, method, base=base, layer_coefficients={"0": 0.6, "2": 1.4}).projector
@@ -112,12 +100,12 @@ def test_affine_fast_path_equals_a_pipeline_merge(world, method):
         torch.testing.assert_close(got.state()[k], v, rtol=1e-5, atol=1e-6)
 
 
-def test_autotune_on_demo_improves_validation_and_reports_holdout(world):
+def test_autotune_on_demo_improves_validation_and_reports_holdout(demo_world):
     experts = kit.load_experts("shared")
     base = kit.load_projector_file(kit.base_path("shared"))
-    val, test = world.caption_sets("val", 6), world.caption_sets("test", 6)
+    val, test = demo_world.caption_sets("val", 6), demo_world.caption_sets("test", 6)
     events = []
-    gen = autotune(list(experts.values()), "task_arithmetic", backend=world.backend, val_sets=val,
+    gen = autotune(list(experts.values()), "task_arithmetic", backend=demo_world.backend, val_sets=val,
                    test_sets=test, base=base, names=list(experts), generations=2, population=4, seed=0)
     while True:
         try:
@@ -132,7 +120,7 @@ def test_autotune_on_demo_improves_validation_and_reports_holdout(world):
     assert res.holdout_fitness is not None and res.holdout_initial_fitness is not None
     assert isinstance(res.generalises, bool)
     # the reported fitness is what the pipeline's merge of the best setting scores
-    obj = MergeObjective(list(experts.values()), "task_arithmetic", backend=world.backend, base=base)
+    obj = MergeObjective(list(experts.values()), "task_arithmetic", backend=demo_world.backend, base=base)
     merged = merge_projectors(list(experts.values()), "task_arithmetic", base=base,
                               layer_coefficients=res.best.layer_coefficients).projector
     assert obj.score_projector(merged, val) == pytest.approx(res.best_fitness, abs=1e-4)

@@ -15,32 +15,19 @@ from pivotmerge_gui.core.evaluation.layer_scores import (
 )
 from pivotmerge_gui.core.evaluation.pairs import pairs_from_caption_sets
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The demo model is tiny: one thread avoids oversubscription on a loaded CI box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 kit = pytest.importorskip("pivotmerge_gui.demo.kit")
 
 
-@pytest.fixture(scope="module")
-def world():
-    try:
-        return kit.load_world()
-    except PivotMergeError as e:  # artifacts not built in this checkout
-        pytest.skip(str(e))
 
 
-def test_scores_definition_and_signs(world):
+def test_scores_definition_and_signs(demo_world):
     experts = kit.load_experts("shared")
     base = kit.load_projector_file(kit.base_path("shared"))
-    sets = world.caption_sets("val", 8)
-    events = list(layer_alignment_scores(world.backend, experts, sets, base=base))
+    sets = demo_world.caption_sets("val", 8)
+    events = list(layer_alignment_scores(demo_world.backend, experts, sets, base=base))
     res = events[-1].payload
     assert events[-1].stage == "done" and [e.fraction for e in events] == sorted(e.fraction for e in events)
     assert res.experts == list(experts) and res.domains == list(experts) and res.layers == ["0", "2"]
@@ -55,8 +42,8 @@ def test_scores_definition_and_signs(world):
     for role in ("weight", "bias"):
         st[f"2.{role}"] = base.state()[f"2.{role}"]
     s = sets["text"]
-    nll, cnt = world.backend.caption_nll(e.with_state(st), s.features, s.captions)
-    own, cnt0 = world.backend.caption_nll(e, s.features, s.captions)
+    nll, cnt = demo_world.backend.caption_nll(e.with_state(st), s.features, s.captions)
+    own, cnt0 = demo_world.backend.caption_nll(e, s.features, s.captions)
     want = float(nll.sum() / cnt.sum()) - float(own.sum() / cnt0.sum())
     assert res.delta[1][1] == pytest.approx(want, rel=1e-6, abs=1e-7)
     assert len(res.table()) == 8 and res.share()[1][1] == pytest.approx(res.delta[1][1] / res.gain[1])
@@ -64,10 +51,10 @@ def test_scores_definition_and_signs(world):
     assert set(d["per_layer"]) == {"0", "2"}
 
 
-def test_expert_equal_to_reference_scores_zero(world):
+def test_expert_equal_to_reference_scores_zero(demo_world):
     e = kit.load_projector_file(kit.expert_paths("shared")[0])
-    sets = world.caption_sets("val", 4)
-    res = drain(layer_alignment_scores(world.backend, {"shapes": e}, sets, base=e))
+    sets = demo_world.caption_sets("val", 4)
+    res = drain(layer_alignment_scores(demo_world.backend, {"shapes": e}, sets, base=e))
     assert res.delta == [[0.0, 0.0]] and res.gain == [0.0] and res.share() == [[0.0, 0.0]]
 
 
@@ -81,17 +68,17 @@ def test_domain_matching():
         match_domains(["x"], ["p"], ["r"])
 
 
-def test_calibration_from_pairs_equals_the_kits(world):
-    sets = world.caption_sets("val", 6)
+def test_calibration_from_pairs_equals_the_kits(demo_world):
+    sets = demo_world.caption_sets("val", 6)
     pairs = pairs_from_caption_sets(sets)
-    again = caption_sets_from_pairs(world.backend, pairs)
-    assert list(again) == world.domains
-    order = list(reversed(world.domains))
-    cal = calibration_from_sets(world.backend, again, order, max_tokens=None)
+    again = caption_sets_from_pairs(demo_world.backend, pairs)
+    assert list(again) == demo_world.domains
+    order = list(reversed(demo_world.domains))
+    cal = calibration_from_sets(demo_world.backend, again, order, max_tokens=None)
     want = kit.calibration("shared", "val", 6)
     assert cal.domains == order
     for d, f in zip(order, cal.features):
         assert f.shape == (6 * 16, 48)
-        torch.testing.assert_close(f, want.features[world.domains.index(d)])
+        torch.testing.assert_close(f, want.features[demo_world.domains.index(d)])
     with pytest.raises(PivotMergeError, match="no calibration pairs for domain"):
-        calibration_from_sets(world.backend, again, ["nope"])
+        calibration_from_sets(demo_world.backend, again, ["nope"])

@@ -3,34 +3,23 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from pivotmerge_gui.core.errors import PivotMergeError
 from pivotmerge_gui.gui.autotune_panel import AutoTunePanel
 
 kit = pytest.importorskip("pivotmerge_gui.demo.kit")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
-def panel(qtbot):
-    try:
-        world = kit.load_world()
-    except PivotMergeError as e:
-        pytest.skip(str(e))
+def panel(qtbot, demo_world):
     p = AutoTunePanel()
     qtbot.addWidget(p)
     p.set_experts(kit.load_experts("shared"), kit.load_projector_file(kit.base_path("shared")))
     p.set_method("task_arithmetic", {"scaling": 1.0})
-    p.set_backend(world.backend)
-    p.set_pairs(world.caption_sets("val", 4), world.caption_sets("test", 4))
+    p.set_backend(demo_world.backend)
+    p.set_pairs(demo_world.caption_sets("val", 4), demo_world.caption_sets("test", 4))
     yield p
     if p.worker is not None:
         p.cancel()
@@ -75,11 +64,10 @@ def test_needs_two_experts(qtbot, panel):
     assert panel.run() is None and "two experts" in panel.last_error
 
 
-def test_user_pairs_are_split_into_validation_and_held_out(qtbot, panel):
+def test_user_pairs_are_split_into_validation_and_held_out(qtbot, panel, demo_world):
     from pivotmerge_gui.core.evaluation.pairs import pairs_from_caption_sets
 
-    world = kit.load_world()
-    panel.set_user_pairs(world.backend, pairs_from_caption_sets(world.caption_sets("test", 4)))
+    panel.set_user_pairs(demo_world.backend, pairs_from_caption_sets(demo_world.caption_sets("test", 4)))
     panel.gen_spin.setValue(1)
     panel.pop_spin.setValue(2)
     with qtbot.waitSignal(panel.tune_finished, timeout=60_000) as sig:

@@ -7,27 +7,17 @@ import torch
 from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl
 from PySide6.QtGui import QDropEvent
 
-from pivotmerge_gui.core.errors import PivotMergeError
 from pivotmerge_gui.core.evaluation import evaluate
 from pivotmerge_gui.gui.testbench_panel import TestBenchPanel
 
 kit = pytest.importorskip("pivotmerge_gui.demo.kit")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
-def panel(qtbot):
-    try:
-        kit.load_world()
-    except PivotMergeError as e:
-        pytest.skip(str(e))
+def panel(qtbot, demo_world):
     p = TestBenchPanel()
     qtbot.addWidget(p)
     p.set_experts(kit.load_experts("shared"), kit.load_projector_file(kit.base_path("shared")))
@@ -37,7 +27,7 @@ def panel(qtbot):
         p.worker.wait(10_000)
 
 
-def test_run_fills_grid_and_chart_matching_the_metrics(qtbot, panel):
+def test_run_fills_grid_and_chart_matching_the_metrics(qtbot, panel, demo_world):
     experts = kit.load_experts("shared")
     merged = kit.load_projector_file(kit.joint_path())
     panel.set_merged(merged, "Joint")
@@ -51,8 +41,8 @@ def test_run_fills_grid_and_chart_matching_the_metrics(qtbot, panel):
     res = sig.args[0]
     assert streamed == [8 * 5]  # every per-pair result arrived through progress before the end
     assert panel.grid.columnCount() == 6
-    sets = kit.load_world().caption_sets("val", 2)
-    want = evaluate(kit.load_world().backend, experts["text"], sets, parts=("nll", "generate"))
+    sets = demo_world.caption_sets("val", 2)
+    want = evaluate(demo_world.backend, experts["text"], sets, parts=("nll", "generate"))
     assert res.metrics["text"].mean.token_accuracy == pytest.approx(want.mean.token_accuracy)
     cell = panel.grid.item(2, 2).text()  # pair 2 (text domain) x the text expert
     assert cell.startswith(res.results["text"][2].caption)
@@ -84,10 +74,10 @@ def test_cancel_stops_the_run(qtbot, panel):
     assert panel.result is None and panel.status.text() == "Cancelled."
 
 
-def test_user_pairs_projector_files_drop_and_errors(qtbot, panel, tmp_path):
+def test_user_pairs_projector_files_drop_and_errors(qtbot, panel, tmp_path, demo_world):
     from pivotmerge_gui.core.evaluation.pairs import tensor_to_pil
 
-    data = kit.load_world().dataset("test", 1)
+    data = demo_world.dataset("test", 1)
     folder = tmp_path / "mine"
     folder.mkdir()
     for dom, d in data.items():

@@ -8,7 +8,6 @@ from typing import Any
 
 from PySide6.QtWidgets import QTextBrowser, QVBoxLayout, QWidget
 
-
 _MAX_LIST = 16  # scalars shown of a long list (the rest is counted)
 _MAX_DEPTH = 3  # nesting rendered as tables; deeper values are shown as truncated JSON
 
