@@ -425,14 +425,8 @@ class MainWindow(QMainWindow):
             return
         projector, desc = result
         warn = projector.metadata.get("warnings", "") if hasattr(projector, "metadata") else ""
-        changes = dict(status="ready", projector=projector, message=warn, details="", **desc)
-        if target == "base":
-            for k, v in changes.items():
-                setattr(entry, k, v)
-            self.list_panel.set_base(entry)
-            self._experts_changed()
-        else:
-            self.experts.update_entry(uid, **changes)
+        self._update_loaded(entry, target, status="ready", projector=projector, message=warn,
+                            details="", **desc)
         log.info("loaded %s (%s, %s)", entry.spec, desc.get("family"), desc.get("shapes"))
 
     def _load_failed(self, uid: int, target: str, exc: BaseException, tb: str) -> None:
@@ -441,15 +435,18 @@ class MainWindow(QMainWindow):
             return
         short, details = describe_exception(exc, tb)
         log.warning("cannot load %s: %s", entry.spec, short)
-        changes = {"status": "error", "projector": None, "message": short,
-                   "details": "" if isinstance(exc, PivotMergeError) else details}
+        self._update_loaded(entry, target, status="error", projector=None, message=short,
+                            details="" if isinstance(exc, PivotMergeError) else details)
+
+    def _update_loaded(self, entry: ExpertEntry, target: str, **changes: Any) -> None:
+        """Apply a load's outcome to the base slot or to an expert row."""
         if target == "base":
             for k, v in changes.items():
                 setattr(entry, k, v)
             self.list_panel.set_base(entry)
             self._experts_changed()
         else:
-            self.experts.update_entry(uid, **changes)
+            self.experts.update_entry(entry.uid, **changes)
 
     def _load_stopped(self, uid: int) -> None:
         self._loads.pop(uid, None)
