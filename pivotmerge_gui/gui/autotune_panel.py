@@ -322,10 +322,11 @@ def demo(screenshot: str | None = None, method: str = "task_arithmetic", generat
     PNG when done and quit."""
     import sys
 
-    from PySide6.QtCore import QTimer
     from PySide6.QtWidgets import QApplication
 
     from pivotmerge_gui.demo import kit
+
+    from .standalone import run_panel
 
     app = QApplication.instance() or QApplication(sys.argv)
     panel = AutoTunePanel()
@@ -335,15 +336,7 @@ def demo(screenshot: str | None = None, method: str = "task_arithmetic", generat
                       kit.calibration("shared"))
     panel.set_method(method)
     panel.gen_spin.setValue(generations)
-    panel.show()
-    if screenshot:
-        def shoot() -> None:
-            panel.grab().save(screenshot)
-            app.quit()
-
-        panel.tune_finished.connect(lambda _: QTimer.singleShot(300, shoot))
-    QTimer.singleShot(200, panel.run)
-    return app.exec()
+    return run_panel(app, panel, panel.tune_finished, screenshot)
 
 
 if __name__ == "__main__":

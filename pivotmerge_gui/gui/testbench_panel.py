@@ -568,11 +568,12 @@ def demo(screenshot: str | None = None, n_per_domain: int = 3) -> int:
     run the bench; with ``screenshot`` save a PNG when done and quit."""
     import sys
 
-    from PySide6.QtCore import QTimer
     from PySide6.QtWidgets import QApplication
 
     from pivotmerge_gui.core.pipeline import merge_projectors
     from pivotmerge_gui.demo import kit
+
+    from .standalone import run_panel
 
     app = QApplication.instance() or QApplication(sys.argv)
     experts = kit.load_experts("shared")
@@ -585,15 +586,7 @@ def demo(screenshot: str | None = None, n_per_domain: int = 3) -> int:
     panel.set_experts(experts, base)
     panel.set_merged(merged, "PivotMerge")
     panel.load_demo_samples("test", n_per_domain)
-    panel.show()
-    if screenshot:
-        def shoot() -> None:
-            panel.grab().save(screenshot)
-            app.quit()
-
-        panel.bench_finished.connect(lambda _: QTimer.singleShot(300, shoot))
-    QTimer.singleShot(200, panel.run)
-    return app.exec()
+    return run_panel(app, panel, panel.bench_finished, screenshot)
 
 
 if __name__ == "__main__":
