@@ -719,15 +719,14 @@ class MainWindow(QMainWindow):
         loaded = {e.spec: e.projector for e in self.experts.entries if e.ready}
         if self.base_entry is not None and self.base_entry.ready:
             loaded[self.base_entry.spec] = self.base_entry.projector
-        try:
-            calibration = self._memory_calibration()
-        except PivotMergeError as exc:
+        calibration, problem = self._calibration_for_plan()
+        if problem is not None:
             method = self.merge_panel.method
             if method is not None and (method.needs_calibration or method.uses_calibration):
                 self.plan, self._plan_key = None, None
-                self.merge_panel.set_validation(False, str(exc))
+                self.merge_panel.set_validation(False, problem)
                 return
-            calibration = None  # this method does not use calibration features
+            # otherwise this method does not use calibration features: plan without them
         allow_nonfinite = self.merge_panel.allow_nonfinite_check.isChecked()
         self._validation_key = key
 
@@ -787,13 +786,20 @@ class MainWindow(QMainWindow):
         self._calibration_view = (cal, order, mapped)
         return mapped
 
-    def _setup_key(self, recipe: Any) -> str:
-        """Identity of a setup: the recipe text plus any in-memory calibration."""
+    def _calibration_for_plan(self) -> tuple[Any, str | None]:
+        """(in-memory calibration to plan with, or None; why it cannot be used, or None)."""
         try:
-            cal = self._memory_calibration()
+            return self._memory_calibration(), None
         except PivotMergeError as exc:
-            cal = str(exc)
-        return (recipe.to_yaml() + (f"\n# calibration object {id(cal)}" if cal is not None else "")
+            return None, str(exc)
+
+    def _setup_key(self, recipe: Any) -> str:
+        """Identity of a setup: the recipe text plus any in-memory calibration (the same
+        object for the same expert order, see ``_memory_calibration``)."""
+        cal, problem = self._calibration_for_plan()
+        tag = (f"calibration object {id(cal)}" if cal is not None
+               else f"calibration unusable: {problem}" if problem is not None else "no calibration")
+        return (recipe.to_yaml() + f"\n# {tag}"
                 + f"\n# allow non-finite {self.merge_panel.allow_nonfinite_check.isChecked()}")
 
     def _validated(self, key: str, plan: Any, exc: BaseException | None, tb: str) -> None:

@@ -52,3 +52,12 @@ def test_in_memory_calibration_follows_its_experts_through_reorder_and_removal(q
     qtbot.waitUntil(lambda: "newcomer" in window.merge_panel.validation_label.text(), timeout=30_000)
     assert not window.merge_panel.merge_button.isEnabled()
     assert "Test bench" in window.merge_panel.validation_label.text()
+    # a method that does not use calibration still validates and merges (the setup key of
+    # an unusable calibration is stable, so Merge does not re-validate forever)
+    assert window.merge_panel.set_method_name("linear")
+    wait_idle(qtbot, window, 60_000)
+    qtbot.waitUntil(lambda: window.merge_panel.merge_button.isEnabled(), timeout=30_000)
+    with qtbot.waitSignal(window.merge_finished, timeout=60_000):
+        window.start_merge()
+    assert window.merge_result.report["method"] == "linear"
+    assert window.merge_result.report["experts"] == ["count", "texture", "shapes", "newcomer"]
