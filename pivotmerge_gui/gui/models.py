@@ -194,13 +194,7 @@ class ExpertListModel(QAbstractTableModel):
         new = row + delta
         if not (0 <= row < len(self._entries) and 0 <= new < len(self._entries)) or delta == 0:
             return row
-        dest = new + 1 if delta > 0 else new  # Qt's destination is "insert before"
-        if not self.beginMoveRows(QModelIndex(), row, row, QModelIndex(), dest):
-            return row
-        self._entries.insert(new, self._entries.pop(row))
-        self.endMoveRows()
-        self.experts_changed.emit()
-        return new
+        return self.move_rows_to([row], new + 1 if delta > 0 else new)[0]  # dest: "insert before"
 
     def move_rows_to(self, rows: Sequence[int], dest: int) -> list[int]:
         """Move ``rows`` (any set, kept in their order) to sit before row ``dest`` of the
