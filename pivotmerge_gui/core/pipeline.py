@@ -256,7 +256,7 @@ def _execute(
     input_hashes = {n: e.sha256 for n, e in zip(plan.names, plan.experts)}
     if plan.base is not None:
         input_hashes["base"] = plan.base.sha256
-    protected = [Path(f) for p in [*plan.experts, *([plan.base] if plan.base else [])] for f in p.files]
+    protected = _input_files(plan)
     experts = [e.to(plan.device, plan.dtype) for e in plan.experts]
     base = plan.base.to(plan.device, plan.dtype) if plan.base is not None else None
     if release_inputs:
@@ -404,6 +404,11 @@ def merge_projectors(
 OUTPUT_FILES = ("recipe.yml", "README.md")
 
 
+def _input_files(plan: Plan) -> list[Path]:
+    """Every file an input (expert or base) was read from: never to be overwritten."""
+    return [Path(f) for p in [*plan.experts, *([plan.base] if plan.base else [])] for f in p.files]
+
+
 def check_output_dir(plan: Plan, out_dir: str | Path, *, fmt: str | None = None, overwrite: bool = False) -> list[Path]:
     """Before a merge: raise :class:`~.errors.OutputError` if :func:`save_result` would
     refuse ``out_dir`` (an input would be overwritten, or an earlier output without
@@ -412,7 +417,7 @@ def check_output_dir(plan: Plan, out_dir: str | Path, *, fmt: str | None = None,
     from .io.atomic import check_writable
 
     out_dir = Path(out_dir)
-    protected = [Path(f) for p in [*plan.experts, *([plan.base] if plan.base else [])] for f in p.files]
+    protected = _input_files(plan)
     names = [output_filename(plan.experts[0], fmt or plan.recipe.output_format), *OUTPUT_FILES]
     return [check_writable(out_dir / n, protected=protected, overwrite=overwrite) for n in names]
 
