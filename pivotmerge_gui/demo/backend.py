@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..core.evaluation.backend import CaptionBackend
+from ..core.evaluation.backend import CaptionBackend, batches, check_pairs
 from ..core.progress import CancelToken
 from ..core.projector import Projector
 from .data import Tokenizer
@@ -47,15 +47,12 @@ class DemoBackend(CaptionBackend):
         captions: Sequence[str],
         cancel: CancelToken | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if len(features) != len(captions):
-            raise ValueError(f"{len(features)} images but {len(captions)} captions")
+        check_pairs(features, captions)
         sums, counts = [], []
-        for i in range(0, len(captions), self.batch):
-            if cancel is not None:
-                cancel.raise_if_cancelled()
-            ids = [self.tok.encode(c) for c in captions[i:i + self.batch]]
+        for b in batches(len(captions), self.batch, cancel):
+            ids = [self.tok.encode(c) for c in captions[b]]
             inputs, targets = caption_batch(ids, self.tok.bos_id, self.tok.eos_id, self.tok.pad_id)
-            logits = caption_logits(self.lm, self._prefix(projector, features[i:i + self.batch]), inputs)
+            logits = caption_logits(self.lm, self._prefix(projector, features[b]), inputs)
             nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
             sums.append(nll.sum(1))
             counts.append((targets != -100).sum(1))
@@ -72,10 +69,8 @@ class DemoBackend(CaptionBackend):
         cancel: CancelToken | None = None,
     ) -> list[str]:
         out: list[str] = []
-        for i in range(0, len(features), self.batch):
-            if cancel is not None:
-                cancel.raise_if_cancelled()
-            prefix = self._prefix(projector, features[i:i + self.batch])
+        for b in batches(len(features), self.batch, cancel):
+            prefix = self._prefix(projector, features[b])
             ids = torch.full((len(prefix), 1), self.tok.bos_id, dtype=torch.long)
             done = torch.zeros(len(prefix), dtype=torch.bool)
             for _ in range(max_new_tokens):

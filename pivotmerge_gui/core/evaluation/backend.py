@@ -14,7 +14,7 @@ common case (benchmarks, coefficient sweeps, the GUI's compare view).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,21 @@ class CaptionSet:
 
     def __len__(self) -> int:
         return len(self.captions)
+
+
+def batches(n: int, size: int, cancel: CancelToken | None = None) -> Iterator[slice]:
+    """Slices of ``size`` items covering ``range(n)``; ``cancel`` is checked before each
+    (every back end's captioning loop: a cancel stops between batches)."""
+    for start in range(0, n, size):
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        yield slice(start, start + size)
+
+
+def check_pairs(features: torch.Tensor, captions: Sequence[str]) -> None:
+    """``features[i]`` belongs to ``captions[i]``: the counts must agree."""
+    if len(features) != len(captions):
+        raise ValueError(f"{len(features)} images but {len(captions)} captions")
 
 
 class CaptionBackend(ABC):

@@ -35,7 +35,7 @@ from ..devices import resolve_device
 from ..errors import Cancelled, HubError, OutputError, PivotMergeError
 from ..progress import CancelToken
 from ..projector import Projector
-from .backend import CaptionBackend
+from .backend import CaptionBackend, batches, check_pairs
 
 #: LLaVA-1.5's conversation template with a captioning question
 DEFAULT_PROMPT = "USER: <image>\nWrite a short caption for this image. ASSISTANT:"
@@ -355,15 +355,12 @@ class LlavaHFBackend(CaptionBackend):
         captions: Sequence[str],
         cancel: CancelToken | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if len(features) != len(captions):
-            raise ValueError(f"{len(features)} images but {len(captions)} captions")
+        check_pairs(features, captions)
         sums, counts = [], []
         with self.swapped(projector) as module:
-            for i in range(0, len(captions), self.batch):
-                if cancel is not None:
-                    cancel.raise_if_cancelled()
-                feats = features[i:i + self.batch].to(self.device, self.dtype)
-                tails = [self.caption_ids(c) + [self.eos_id] for c in captions[i:i + self.batch]]
+            for b in batches(len(captions), self.batch, cancel):
+                feats = features[b].to(self.device, self.dtype)
+                tails = [self.caption_ids(c) + [self.eos_id] for c in captions[b]]
                 emb, mask, plen = self._prompt_embeds(module(feats), tails)
                 logits = self.model(inputs_embeds=emb, attention_mask=mask).logits
                 pred = logits[:, plen - 1:-1].float()  # position t predicts token t+1
@@ -394,13 +391,12 @@ class LlavaHFBackend(CaptionBackend):
         cancel = cancel or CancelToken()
         out: list[str] = []
         with self.swapped(projector) as module:
-            for i in range(0, len(features), self.batch):
-                cancel.raise_if_cancelled()
-                feats = features[i:i + self.batch].to(self.device, self.dtype)
+            for b in batches(len(features), self.batch, cancel):
+                feats = features[b].to(self.device, self.dtype)
                 emb, mask, plen = self._prompt_embeds(module(feats), [[] for _ in range(len(feats))])
                 streamer = None
                 if on_token is not None:
-                    offset = i
+                    offset = b.start
                     streamer = _CallbackStreamer(self._decode, lambda r, s, o=offset: on_token(o + r, s),
                                                  len(feats), {self.eos_id})
                 ids = self.model.generate(
