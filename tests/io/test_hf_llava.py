@@ -20,20 +20,9 @@ transformers = pytest.importorskip("transformers")
 def tiny_llava():
     """Random LlavaForConditionalGeneration from configs (no download): text hidden 32,
     vision hidden 16 (so a transposed projector cannot load), image 8x8, patch 2."""
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-    )
+    from tests.evaluation.llava_tiny import tiny_llava as build
 
-    vc = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                          image_size=8, patch_size=2, projection_dim=16)
-    tc = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                     num_key_value_heads=2, vocab_size=128)
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vc, text_config=tc, image_token_index=127))
-    return model.eval()
+    return build(seed=0)
 
 
 def _mm(model):
