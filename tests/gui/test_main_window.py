@@ -80,6 +80,10 @@ def test_drop_files_a_folder_and_a_broken_file(qtbot, window, expert_files):
     wait_idle(qtbot, window)
     assert [e.name for e in window.experts.entries][-1] == "expert1"
     assert len(window.experts.entries) == 5
+    # and drops on the rest of the expert panel (here the base row) reach the window
+    _drop(window.list_panel.base_label, [expert_files["e2"]])
+    wait_idle(qtbot, window)
+    assert [e.name for e in window.experts.entries][-1] == "expert2"
 
 
 def test_live_validation_names_the_reason(qtbot, window, expert_files):

@@ -174,7 +174,7 @@ class ModelListPanel(QWidget):
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addWidget(splitter)
 
-        self.setAcceptDrops(True)
+        # drops on the rest of the panel propagate to the main window, which adds them
         model.paths_dropped.connect(self.paths_added.emit)
         self.view.selectionModel().selectionChanged.connect(self.update_details)
         model.dataChanged.connect(self.update_details)
@@ -189,17 +189,6 @@ class ModelListPanel(QWidget):
         b.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextOnly)
         b.clicked.connect(slot)
         return b
-
-    # ------------------------------------------------------------------ drops on the panel
-    def dragEnterEvent(self, event: QDragEnterEvent) -> None:
-        if paths_from_mime(event.mimeData()):
-            event.acceptProposedAction()
-
-    def dropEvent(self, event: QDropEvent) -> None:
-        paths = paths_from_mime(event.mimeData())
-        if paths:
-            event.acceptProposedAction()
-            self.paths_added.emit(paths)
 
     # ------------------------------------------------------------------ actions
     def _add_files(self) -> None:
