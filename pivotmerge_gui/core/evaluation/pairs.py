@@ -81,13 +81,18 @@ def open_image(path: Path) -> Any:
         raise PairsError(str(path), f"not a readable image ({e.__class__.__name__}: {e})") from None
 
 
-def _read_caption(path: Path) -> str:
+def _read_text(path: Path, what: str = "") -> str:
+    """UTF-8 text of ``path``; PairsError naming ``what`` the file is (e.g. "caption file")."""
     try:
-        text = path.read_text(encoding="utf-8").strip()
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise PairsError(str(path), "caption file is not UTF-8 text") from None
+        raise PairsError(str(path), f"{what + ' is ' if what else ''}not UTF-8 text") from None
     except OSError as e:
-        raise PairsError(str(path), f"cannot read caption file: {e.strerror or e}") from None
+        raise PairsError(str(path), f"cannot read{' ' + what if what else ''}: {e.strerror or e}") from None
+
+
+def _read_caption(path: Path) -> str:
+    text = _read_text(path, "caption file").strip()
     if not text:
         raise PairsError(str(path), "caption file is empty")
     return " ".join(text.split())
@@ -113,12 +118,7 @@ def load_folder(folder: Path, *, max_pairs: int | None = None) -> list[Pair]:
 
 def load_jsonl(path: Path, *, max_pairs: int | None = None) -> list[Pair]:
     """``{"image", "caption", "domain"?}`` per line; blank lines are skipped."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise PairsError(str(path), "not UTF-8 text") from None
-    except OSError as e:
-        raise PairsError(str(path), f"cannot read: {e.strerror or e}") from None
+    lines = _read_text(path).splitlines()
     pairs: list[Pair] = []
     default_domain = path.stem
     for no, line in enumerate(lines, 1):
