@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,46 @@ from .errors import IncompatibleExperts
 
 LayerKind = Literal["linear", "layernorm", "rmsnorm", "vector"]
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+LAYER_OPS = ("linear", "layernorm", "rmsnorm")  # ops that apply a layer
+
+
+class Op(NamedTuple):
+    """One parsed step of the forward program: ``head[:layer][:arg]``.
+
+    ``layer`` is the layer name for :data:`LAYER_OPS` (else ""); ``arg`` is the rest
+    (a norm's eps, ``merge_tokens``' group size), "" when absent."""
+
+    head: str
+    layer: str = ""
+    arg: str = ""
+
+    @property
+    def applies_layer(self) -> bool:
+        return self.head in LAYER_OPS
+
+
+def parse_op(op: str) -> Op:
+    """The one parser of the ``ops`` mini-language (see the module docstring)."""
+    head, _, rest = op.partition(":")
+    if head in LAYER_OPS:
+        layer, _, arg = rest.partition(":")
+        return Op(head, layer, arg)
+    return Op(head, "", rest)
+
+
+def forward_layer_names(ops: Iterable[str], heads: Sequence[str] = LAYER_OPS) -> list[str]:
+    """Names of the layers the forward applies, in order (with repeats), whose op head is
+    in ``heads``."""
+    return [o.layer for o in map(parse_op, ops) if o.applies_layer and o.head in heads]
+
+
+def token_group(ops: Iterable[str]) -> int:
+    """How many input tokens the forward concatenates into one (``merge_tokens``)."""
+    group = 1
+    for o in map(parse_op, ops):
+        if o.head == "merge_tokens":
+            group *= int(o.arg)
+    return group
 
 
 @dataclass
@@ -110,14 +150,12 @@ class Projector:
     def in_features(self) -> int:
         """Width of one input token (before any ``merge_tokens``)."""
         merge = 1
-        for op in self.ops:
-            head, _, rest = op.partition(":")
-            if head == "merge_tokens":
-                merge *= int(rest)
-            elif head in ("layernorm", "rmsnorm"):
-                return int(self.layer(rest.split(":")[0]).weight.shape[0]) // merge
-            elif head == "linear":
-                return int(self.layer(rest).weight.shape[1]) // merge
+        for op in map(parse_op, self.ops):
+            if op.head == "merge_tokens":
+                merge *= int(op.arg)
+            elif op.applies_layer:
+                w = self.layer(op.layer).weight
+                return int(w.shape[1] if op.head == "linear" else w.shape[0]) // merge
         raise ValueError("projector has no forward layers")
 
     @property
@@ -126,8 +164,7 @@ class Projector:
         return int(last_linear.weight.shape[0])
 
     def _forward_layers(self) -> list[Layer]:
-        names = [op.split(":")[1] for op in self.ops if op.split(":")[0] in ("linear", "layernorm", "rmsnorm")]
-        return [self.layer(n) for n in names]
+        return [self.layer(n) for n in forward_layer_names(self.ops)]
 
     def hidden_pairs(self) -> list[tuple[str, str]]:
         """(in_layer, out_layer) for every ``linear -> activation -> linear`` in the forward.
@@ -136,10 +173,10 @@ class Projector:
         the same permutation leaves the projector's function unchanged.
         """
         pairs: list[tuple[str, str]] = []
-        ops = list(self.ops)
-        for i in range(len(ops) - 2):
-            if ops[i].startswith("linear:") and ops[i + 1] in ACTIVATIONS and ops[i + 2].startswith("linear:"):
-                pairs.append((ops[i].split(":")[1], ops[i + 2].split(":")[1]))
+        ops = [parse_op(o) for o in self.ops]
+        for a, act, b in zip(ops, ops[1:], ops[2:]):
+            if a.head == "linear" and act.head in ACTIVATIONS and b.head == "linear":
+                pairs.append((a.layer, b.layer))
         return pairs
 
     # ----------------------------------------------------------------- copies
@@ -177,10 +214,9 @@ class Projector:
         inputs: dict[str, torch.Tensor] = {}
         saved: list[torch.Tensor] = []
         for op in self.ops:
-            parts = op.split(":")
-            head = parts[0]
-            if head in ("linear", "layernorm", "rmsnorm"):
-                layer = self.layer(parts[1])
+            head, lname, arg = parse_op(op)
+            if head in LAYER_OPS:
+                layer = self.layer(lname)
                 w = layer.weight.to(x.dtype)
                 b = layer.bias.to(x.dtype) if layer.bias is not None else None
                 if capture:
@@ -188,10 +224,10 @@ class Projector:
                 if head == "linear":
                     x = F.linear(x, w, b)
                 elif head == "layernorm":
-                    eps = float(parts[2]) if len(parts) > 2 else 1e-5
+                    eps = float(arg) if arg else 1e-5
                     x = F.layer_norm(x, (w.shape[0],), w, b, eps)
                 else:
-                    eps = float(parts[2]) if len(parts) > 2 else 1e-6
+                    eps = float(arg) if arg else 1e-6
                     xf = x.float()
                     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
                     x = xf.to(x.dtype) * w
@@ -204,7 +240,7 @@ class Projector:
             elif head == "silu":
                 x = F.silu(x)
             elif head == "merge_tokens":
-                n = int(parts[1])
+                n = int(arg)
                 x = x.reshape(*x.shape[:-2], x.shape[-2] // n, n * x.shape[-1]) if x.dim() > 2 else x.reshape(-1, n * x.shape[-1])
             elif head == "push":
                 saved.append(x)
