@@ -19,8 +19,6 @@ T0 = time.perf_counter()
 
 log = logging.getLogger("pivotmerge_gui.gui")
 
-VIEWS = ("layers", "spectra", "similarity", "report", "bench", "autotune")
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pivotmerge-gui", description="PivotMerge Studio desktop app")
@@ -32,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-restore", action="store_true",
                    help="start empty instead of reopening the autosaved last session")
     p.add_argument("--screenshot", metavar="PNG", help="save a PNG of the window once idle, then exit")
-    p.add_argument("--view", choices=VIEWS, default="layers", help="view shown (for --screenshot)")
+    p.add_argument("--view", default="layers",
+                   help="view shown (for --screenshot): layers, spectra, similarity, report, bench or autotune")
     p.add_argument("--merge", action="store_true", help="run the merge before the screenshot")
     p.add_argument("--bench", action="store_true", help="run the test bench before the screenshot")
     p.add_argument("--method", help="select this merge method at start")
@@ -71,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     app.setDesktopFileName("pivotmerge-studio")  # matches the installed .desktop entry
     _set_icon(app)
     window = MainWindow(restore_layout=not args.screenshot)  # screenshots use the default layout
+    if args.view not in window.views.views:
+        print(f"pivotmerge-gui: unknown view '{args.view}'; views: {', '.join(window.views.views)}",
+              file=sys.stderr)
+        return 2
     window.autosave_enabled = not args.screenshot  # unattended screenshots leave the session alone
     if args.method:
         window.initial_method = args.method
@@ -153,7 +156,7 @@ def _arm_screenshot(app, window, path: Path, view: str, merge: bool, timeout: fl
         else:
             state["settle"] = 0
         if state["settle"] >= 3 or elapsed > timeout:
-            window.tabs.setCurrentIndex(VIEWS.index(view))
+            window.views.show(view)
             app.processEvents()
             QTimer.singleShot(300, lambda: _grab(app, window, path, timed_out=elapsed > timeout))
             return

@@ -22,19 +22,14 @@ from PySide6.QtWidgets import (
 )
 
 from pivotmerge_gui.core.errors import PivotMergeError
+from pivotmerge_gui.core.options import OUT_DTYPES, OUTPUT_FORMAT_LABELS
 from pivotmerge_gui.core.progress import ProgressEvent
 
 from .errors import describe_exception
 from .workers import GeneratorWorker, WorkContext
 
-SAVE_FORMATS = (
-    ("auto", "Same as the input"),
-    ("llava-bin", "LLaVA mm_projector.bin"),
-    ("safetensors", "safetensors"),
-    ("hf-llava", "HF Llava layout (model.safetensors)"),
-)
-SAVE_DTYPES = (("auto", "same as the merge output"), ("float32", "float32"),
-               ("float16", "float16"), ("bfloat16", "bfloat16"))
+SAVE_FORMATS = tuple(OUTPUT_FORMAT_LABELS.items())
+SAVE_DTYPES = tuple((d, "same as the merge output" if d == "auto" else d) for d in OUT_DTYPES)
 
 
 def hub_spec(repo: str, revision: str = "", filename: str = "") -> str:

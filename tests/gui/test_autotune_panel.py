@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pivotmerge_gui.gui.autotune_panel import AutoTunePanel
+from pivotmerge_gui.gui.panels.autotune import AutoTunePanel
 
 kit = pytest.importorskip("pivotmerge_gui.demo.kit")
 

@@ -13,7 +13,7 @@ def test_demo_opens_ready_to_merge_with_calibration(qtbot, window):
     qtbot.waitUntil(lambda: len(window.experts.entries) == 4 and window.base_entry is not None, timeout=60_000)
     wait_idle(qtbot, window, 60_000)
     assert [e.name for e in window.experts.entries] == list(kit.expert_names())
-    cal = window.merge_panel.calibration_object
+    cal = window.session.memory_calibration.calibration
     assert cal is not None and len(cal.features) == 4
     assert all(f.shape[1] == 48 for f in cal.features)
     qtbot.waitUntil(lambda: window.merge_panel.merge_button.isEnabled(), timeout=30_000)
@@ -31,17 +31,17 @@ def test_in_memory_calibration_follows_its_experts_through_reorder_and_removal(q
     window.open_demo("shared")
     qtbot.waitUntil(lambda: len(window.experts.entries) == 4 and window.base_entry is not None, timeout=60_000)
     wait_idle(qtbot, window, 60_000)
-    cal = window.merge_panel.calibration_object
+    cal = window.session.memory_calibration.calibration
     own = {e.name: cal.features[i] for i, e in enumerate(window.experts.entries)}
     window.experts.move_rows_to([0], 4)  # shapes to the end, as a drag does
     window.experts.remove_rows([0])  # drop "text"
     names = [e.name for e in window.experts.entries]
     assert names == ["count", "texture", "shapes"]
-    mapped = window._memory_calibration()
+    mapped = window.session.calibration_for()
     assert mapped.domains == names
     for n, f in zip(names, mapped.features):
         assert torch.equal(f, own[n])
-    assert window._memory_calibration() is mapped  # stable while the order is (plan cache)
+    assert window.session.calibration_for() is mapped  # stable while the order is (plan cache)
     wait_idle(qtbot, window, 60_000)
     qtbot.waitUntil(lambda: window.merge_panel.merge_button.isEnabled(), timeout=30_000)
     assert [len(f) for f in window.plan.calibration.features] == [len(own[n]) for n in names]

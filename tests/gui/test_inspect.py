@@ -9,7 +9,7 @@ import pytest
 
 from pivotmerge_gui.core.analysis import iter_analysis
 from pivotmerge_gui.gui.panels.inspect import LayersPanel, SimilarityPanel, SpectraPanel
-from tests.conftest import make_mlp_projector
+from tests.factories import make_mlp_projector
 from tests.gui.conftest import wait_idle
 
 

@@ -232,7 +232,7 @@ def test_calibration_file_enables_methods_that_need_it(qtbot, window, expert_fil
     g = torch.Generator().manual_seed(0)
     cal = save_calibration(Calibration([torch.randn(32, 8, generator=g) for _ in range(2)], ["a", "b"]),
                            tmp_path / "cal.safetensors")
-    window.merge_panel.set_calibration(str(cal))
+    window.merge_panel.calibration_chosen.emit(str(cal))  # as the Choose… dialog does
     wait_idle(qtbot, window)
     assert window.merge_panel.merge_button.isEnabled(), window.merge_reason
     assert window.current_recipe().calibration == str(cal)

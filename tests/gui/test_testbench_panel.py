@@ -8,7 +8,7 @@ from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl
 from PySide6.QtGui import QDropEvent
 
 from pivotmerge_gui.core.evaluation import evaluate
-from pivotmerge_gui.gui.testbench_panel import TestBenchPanel
+from pivotmerge_gui.gui.panels.testbench import TestBenchPanel
 
 kit = pytest.importorskip("pivotmerge_gui.demo.kit")
 
@@ -107,7 +107,7 @@ def test_llava_backend_streams_captions_into_the_grid(qtbot):
     pytest.importorskip("transformers")
     from pivotmerge_gui.core.evaluation.llava_hf import LlavaHFBackend
     from pivotmerge_gui.core.evaluation.pairs import Pair, tensor_to_pil
-    from tests.conftest import make_mlp_projector
+    from tests.factories import make_mlp_projector
     from tests.evaluation.llava_tiny import PROMPT, tiny_image_processor, tiny_llava, tiny_tokenizer
 
     p = TestBenchPanel()

@@ -33,8 +33,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from ..analysis_view import AnalysisView, Curve, view_of, with_layer_scores
-from ..models import LayerTableModel
+from ..item_models import LayerTableModel
+from .analysis_view import AnalysisView, Curve, view_of, with_layer_scores
 
 pg.setConfigOptions(antialias=True, background="w", foreground="k")
 

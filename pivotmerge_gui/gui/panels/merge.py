@@ -9,7 +9,6 @@ a new method in the core registry needs no GUI code.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, ClassVar
 
 from PySide6.QtCore import Qt, Signal
@@ -34,7 +33,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-DTYPES = ("float32", "float16", "bfloat16", "float64")
+from pivotmerge_gui.core.options import DTYPES
+
 SLIDER_STEPS = 100  # slider ticks per 1.0 of coefficient
 COEF_MAX = 3.0
 
@@ -324,6 +324,7 @@ class MergePanel(QWidget):
     merge_requested = Signal()
     cancel_requested = Signal()
     save_requested = Signal()
+    calibration_chosen = Signal(object)  # a features file, or None to clear
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -370,14 +371,12 @@ class MergePanel(QWidget):
         mb.addWidget(self.method_info)
         mb.addWidget(self.form)
 
-        self.calibration_path: str | None = None
-        self.calibration_object: Any = None
         self.calibration_label = QLabel()
         self.calibration_label.setWordWrap(True)
         self.calibration_choose = QPushButton("Choose…")
         self.calibration_clear = QPushButton("Clear")
         self.calibration_choose.clicked.connect(self._choose_calibration)
-        self.calibration_clear.clicked.connect(lambda: self.set_calibration(None))
+        self.calibration_clear.clicked.connect(lambda: self.calibration_chosen.emit(None))
         cal_box = QGroupBox("Calibration features (optional)")
         cal_box.setToolTip("A safetensors file with unlabelled projector inputs per expert domain "
                            "(expert_0, expert_1, ...): data-driven ALM, automatic pivot by alignment, "
@@ -386,7 +385,7 @@ class MergePanel(QWidget):
         cl.addWidget(self.calibration_label, 1)
         cl.addWidget(self.calibration_choose)
         cl.addWidget(self.calibration_clear)
-        self.set_calibration(None, emit=False)
+        self.show_calibration("none", "", False)
 
         self.coefficients = LayerCoefficientsPanel()
         coef_box = QGroupBox("Per-layer coefficients")
@@ -510,36 +509,21 @@ class MergePanel(QWidget):
         self.method_combo.setCurrentIndex(i)
         return True
 
-    def set_calibration(self, path: str | None, emit: bool = True) -> None:
-        """A calibration features file (goes into the recipe); clears in-memory features."""
-        self.calibration_path = path
-        self.calibration_object = None
-        self.calibration_label.setText(Path(path).name if path else "none")
-        self.calibration_label.setToolTip(path or "")
-        self.calibration_clear.setEnabled(path is not None)
-        if emit:
-            self._emit_changed()
-
-    def set_calibration_object(self, calibration: Any, label: str) -> None:
-        """Calibration features held in memory (e.g. from the test bench); not in the recipe."""
-        self.calibration_path = None
-        self.calibration_object = calibration
+    def show_calibration(self, label: str, tooltip: str, clearable: bool) -> None:
+        """Show the calibration the session holds (a file, features in memory, or none)."""
         self.calibration_label.setText(label)
-        self.calibration_label.setToolTip("Used for this session's merges; save them to a file to "
-                                          "put them in a recipe")
-        self.calibration_clear.setEnabled(True)
-        self._emit_changed()
+        self.calibration_label.setToolTip(tooltip)
+        self.calibration_clear.setEnabled(clearable)
 
     def _choose_calibration(self) -> None:
         f, _ = QFileDialog.getOpenFileName(self, "Calibration features", "",
                                            "safetensors (*.safetensors);;All files (*)")
         if f:
-            self.set_calibration(f)
+            self.calibration_chosen.emit(f)
 
     def settings(self) -> dict[str, Any]:
         """The run settings as recipe fields."""
         return {
-            "calibration": self.calibration_path,
             "dtype": self.dtype_combo.currentData(),
             "out_dtype": self.out_dtype_combo.currentData(),
             "device": self.device_combo.currentData() or "auto",

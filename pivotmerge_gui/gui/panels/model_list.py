@@ -19,7 +19,10 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from ..models import CHECKPOINT_SUFFIXES, ExpertEntry, ExpertListModel, human_size, paths_from_mime
+from pivotmerge_gui.core.io.discovery import CHECKPOINT_SUFFIXES
+from pivotmerge_gui.session import ExpertEntry
+
+from ..item_models import ExpertListModel, human_size, paths_from_mime
 
 FILE_FILTER = ("Projector checkpoints (" + " ".join(f"*{s}" for s in CHECKPOINT_SUFFIXES)
                + " *.json);;All files (*)")

@@ -50,7 +50,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from .workers import GeneratorWorker, WorkContext
+from ..workers import GeneratorWorker, WorkContext
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 METRIC_LABELS = {
@@ -573,7 +573,7 @@ def demo(screenshot: str | None = None, n_per_domain: int = 3) -> int:
     from pivotmerge_gui.core.pipeline import merge_projectors
     from pivotmerge_gui.demo import kit
 
-    from .standalone import run_panel
+    from ..standalone import run_panel
 
     app = QApplication.instance() or QApplication(sys.argv)
     experts = kit.load_experts("shared")

@@ -1,17 +1,15 @@
 """Item models: thin Qt adapters over plain Python data (napari ``_BaseEventedItemModel`` style).
 
-The data (:class:`ExpertEntry`, analysis rows) are plain dataclasses/dicts that tests and
-the rest of the app use without Qt; the models only translate them to roles. No tensor math
+The data (the session's :class:`ExpertList`, analysis rows) are plain Python objects that
+tests and the rest of the app use without Qt; the models only translate them to roles and
+mirror their change events. No tensor math
 happens here: every number shown was computed by the core on a worker thread.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from PySide6.QtCore import (
@@ -24,36 +22,12 @@ from PySide6.QtCore import (
 )
 from PySide6.QtGui import QBrush, QColor
 
-CHECKPOINT_SUFFIXES = (".bin", ".safetensors", ".pt", ".pth", ".ckpt")
+from pivotmerge_gui.session.experts import ExpertEntry, ExpertList
+
 #: MIME type of rows dragged inside the expert list (their uids, comma-separated)
 EXPERT_ROWS_MIME = "application/x-pivotmerge-expert-rows"
-_uids = itertools.count(1)
 
 Index = QModelIndex | QPersistentModelIndex
-
-
-# ----------------------------------------------------------------------------- plain data
-@dataclass
-class ExpertEntry:
-    """One input of the merge, as the user sees it (plain data, no Qt)."""
-
-    spec: str  # path or Hub id, exactly as it goes into the recipe
-    name: str
-    weight: float = 1.0
-    status: str = "loading"  # loading | ready | error
-    message: str = ""  # short status / error reason (tooltip)
-    details: str = ""  # long text for the details pane (traceback for bugs)
-    family: str = ""
-    shapes: str = ""
-    dtype: str = ""
-    size_bytes: int | None = None
-    short_hash: str = ""
-    projector: Any = None  # core Projector once loaded
-    uid: int = field(default_factory=lambda: next(_uids))
-
-    @property
-    def ready(self) -> bool:
-        return self.status == "ready" and self.projector is not None
 
 
 def human_size(n: int | None) -> str:
@@ -68,54 +42,6 @@ def human_size(n: int | None) -> str:
     return str(n)
 
 
-def describe_projector(projector: Any) -> dict[str, Any]:
-    """Row fields of a loaded projector (reads attributes only; no math)."""
-    linear = [l for l in projector.layers if l.kind == "linear"]
-    if linear:
-        dims = [int(linear[0].weight.shape[1])] + [int(l.weight.shape[0]) for l in linear]
-        shapes = " → ".join(str(d) for d in dims)
-    else:
-        shapes = ", ".join(f"{k}{list(s)}" for k, s in projector.signature())
-    return {
-        "family": projector.family,
-        "shapes": shapes,
-        "dtype": str(projector.dtype).removeprefix("torch."),
-        "size_bytes": int(projector.nbytes),
-        "short_hash": (projector.sha256 or "")[:10],
-    }
-
-
-def expand_paths(paths: Iterable[str | Path]) -> list[str]:
-    """Turn dropped files/folders into checkpoint specs.
-
-    A folder that is itself a checkpoint (HF layout, ``mm_projector.bin`` or a single weights
-    file) stays one spec. A folder of experts expands into its checkpoint files and
-    checkpoint sub-folders. Anything else is passed on unchanged, so the loader can flag it
-    with the reason instead of the app silently ignoring it.
-    """
-    out: list[str] = []
-    for raw in paths:
-        p = Path(raw)
-        if p.is_dir() and not _is_checkpoint_dir(p):
-            found = [c for c in sorted(p.iterdir())
-                     if (c.is_file() and c.suffix in CHECKPOINT_SUFFIXES)
-                     or (c.is_dir() and _is_checkpoint_dir(c))]
-            out.extend(str(c) for c in found) if found else out.append(str(p))
-        else:
-            out.append(str(p))
-    seen: set[str] = set()
-    return [s for s in out if not (s in seen or seen.add(s))]
-
-
-def _is_checkpoint_dir(p: Path) -> bool:
-    names = {c.name for c in p.iterdir()} if p.is_dir() else set()
-    if names & {"config.json", "mm_projector.bin", "model.safetensors", "pytorch_model.bin",
-                "model.safetensors.index.json", "pytorch_model.bin.index.json"}:
-        return True
-    weights = [n for n in names if n.endswith(CHECKPOINT_SUFFIXES)]
-    return len(weights) == 1 and not any((p / n).is_dir() for n in names)
-
-
 def paths_from_mime(mime: QMimeData) -> list[str]:
     """Local file paths carried by a drag (``text/uri-list``)."""
     if not mime.hasUrls():
@@ -123,7 +49,6 @@ def paths_from_mime(mime: QMimeData) -> list[str]:
     return [u.toLocalFile() for u in mime.urls() if u.isLocalFile() and u.toLocalFile()]
 
 
-# ----------------------------------------------------------------------------- expert list
 class ExpertListModel(QAbstractTableModel):
     """Table adapter over ``list[ExpertEntry]``. Lives on and is used from the GUI thread.
 
@@ -138,118 +63,77 @@ class ExpertListModel(QAbstractTableModel):
     paths_dropped = Signal(list)
     experts_changed = Signal()
 
-    def __init__(self, parent: Any = None) -> None:
+    def __init__(self, experts: ExpertList | None = None, parent: Any = None) -> None:
         super().__init__(parent)
-        self._entries: list[ExpertEntry] = []
-        self.pivot_uid: int | None = None
+        self.list = experts if experts is not None else ExpertList()
+        root = QModelIndex()
+        L = self.list
+        L.inserting.connect(lambda r: self.beginInsertRows(root, r, r))
+        L.inserted.connect(lambda r: self.endInsertRows())
+        L.removing.connect(lambda r: self.beginRemoveRows(root, r, r))
+        L.removed.connect(lambda r: self.endRemoveRows())
+        L.moving.connect(lambda r, p: self.beginMoveRows(root, r, r, root, p))
+        L.moved.connect(lambda r, p: self.endMoveRows())
+        L.resetting.connect(self.beginResetModel)
+        L.reset.connect(self.endResetModel)
+        L.row_changed.connect(lambda r, keys: self.dataChanged.emit(self.index(r, 0),
+                                                                    self.index(r, len(self.COLUMNS) - 1)))
+        L.pivot_changed.connect(self._pivot_changed)
+        L.changed.connect(self.experts_changed.emit)
 
-    # ------------------------------------------------------------------ plain-data API
+    def _pivot_changed(self) -> None:
+        if len(self.list):
+            self.dataChanged.emit(self.index(0, self.PIVOT), self.index(len(self.list) - 1, self.PIVOT))
+
+    # ------------------------------------------------------------------ the list (session model)
+    # Thin pass-throughs so views and tests can use the model where they hold one.
     @property
     def entries(self) -> list[ExpertEntry]:
-        return list(self._entries)
+        return self.list.entries
+
+    @property
+    def _entries(self) -> list[ExpertEntry]:
+        return self.list._entries
+
+    @property
+    def pivot_uid(self) -> int | None:
+        return self.list.pivot_uid
 
     def entry(self, row: int) -> ExpertEntry:
-        return self._entries[row]
+        return self.list.entry(row)
 
-    def row_of(self, uid: int) -> int:
-        for i, e in enumerate(self._entries):
-            if e.uid == uid:
-                return i
-        return -1
+    def row_of(self, uid: int | None) -> int:
+        return self.list.row_of(uid)
 
     def find(self, uid: int) -> ExpertEntry | None:
-        r = self.row_of(uid)
-        return self._entries[r] if r >= 0 else None
-
-    def add(self, entry: ExpertEntry) -> int:
-        row = len(self._entries)
-        self.beginInsertRows(QModelIndex(), row, row)
-        self._entries.append(entry)
-        self.endInsertRows()
-        self.experts_changed.emit()
-        return row
-
-    def remove_rows(self, rows: Sequence[int]) -> list[ExpertEntry]:
-        removed = []
-        for r in sorted(set(rows), reverse=True):
-            if 0 <= r < len(self._entries):
-                self.beginRemoveRows(QModelIndex(), r, r)
-                removed.append(self._entries.pop(r))
-                self.endRemoveRows()
-        if any(e.uid == self.pivot_uid for e in removed):
-            self.pivot_uid = None
-        if removed:
-            self.experts_changed.emit()
-        return removed
-
-    def clear(self) -> None:
-        self.beginResetModel()
-        self._entries.clear()
-        self.pivot_uid = None
-        self.endResetModel()
-        self.experts_changed.emit()
-
-    def move(self, row: int, delta: int) -> int:
-        """Move one row up (-1) or down (+1); returns its new row."""
-        new = row + delta
-        if not (0 <= row < len(self._entries) and 0 <= new < len(self._entries)) or delta == 0:
-            return row
-        return self.move_rows_to([row], new + 1 if delta > 0 else new)[0]  # dest: "insert before"
-
-    def move_rows_to(self, rows: Sequence[int], dest: int) -> list[int]:
-        """Move ``rows`` (any set, kept in their order) to sit before row ``dest`` of the
-        current list (``dest`` = row count: to the end). Returns their new rows.
-
-        Done as single-row moves towards the front, each a ``beginMoveRows``, so views keep
-        their selection and scroll position (no model reset)."""
-        n = len(self._entries)
-        moving = sorted({r for r in rows if 0 <= r < n})
-        if not moving:
-            return []
-        dest = min(max(int(dest), 0), n)
-        moving_set = set(moving)
-        keep = [i for i in range(n) if i not in moving_set]
-        order = [i for i in keep if i < dest] + moving + [i for i in keep if i >= dest]
-        final = [self._entries[i].uid for i in order]
-        changed = False
-        for p, uid in enumerate(final):
-            r = self.row_of(uid)
-            if r == p:
-                continue  # r > p otherwise: rows before p are already final
-            if not self.beginMoveRows(QModelIndex(), r, r, QModelIndex(), p):
-                continue
-            self._entries.insert(p, self._entries.pop(r))
-            self.endMoveRows()
-            changed = True
-        if changed:
-            self.experts_changed.emit()
-        first = order.index(moving[0])
-        return list(range(first, first + len(moving)))
-
-    def set_pivot(self, uid: int | None) -> None:
-        self.pivot_uid = uid
-        if self._entries:
-            self.dataChanged.emit(self.index(0, self.PIVOT), self.index(len(self._entries) - 1, self.PIVOT))
-        self.experts_changed.emit()
-
-    def update_entry(self, uid: int, **changes: Any) -> None:
-        r = self.row_of(uid)
-        if r < 0:
-            return
-        e = self._entries[r]
-        for k, v in changes.items():
-            setattr(e, k, v)
-        self.dataChanged.emit(self.index(r, 0), self.index(r, len(self.COLUMNS) - 1))
-        if "status" in changes or "projector" in changes:
-            self.experts_changed.emit()
+        return self.list.find(uid)
 
     def ready_entries(self) -> list[ExpertEntry]:
-        return [e for e in self._entries if e.ready]
+        return self.list.ready_entries()
 
     def pivot_index(self) -> int | None:
-        """Row of the pivot expert (= its index in the recipe); None = automatic."""
-        r = self.row_of(self.pivot_uid) if self.pivot_uid is not None else -1
-        return r if r >= 0 else None
+        return self.list.pivot_index()
+
+    def add(self, entry: ExpertEntry) -> int:
+        return self.list.add(entry)
+
+    def remove_rows(self, rows: Sequence[int]) -> list[ExpertEntry]:
+        return self.list.remove_rows(rows)
+
+    def clear(self) -> None:
+        self.list.clear()
+
+    def move(self, row: int, delta: int) -> int:
+        return self.list.move(row, delta)
+
+    def move_rows_to(self, rows: Sequence[int], dest: int) -> list[int]:
+        return self.list.move_rows_to(rows, dest)
+
+    def set_pivot(self, uid: int | None) -> None:
+        self.list.set_pivot(uid)
+
+    def update_entry(self, uid: int, **changes: Any) -> None:
+        self.list.update_entry(uid, **changes)
 
     # ------------------------------------------------------------------ Qt model API
     def rowCount(self, parent: Index = QModelIndex()) -> int:  # noqa: B008
@@ -333,23 +217,10 @@ class ExpertListModel(QAbstractTableModel):
         if role != Qt.ItemDataRole.EditRole:
             return False
         if col == self.NAME:
-            name = str(value).strip()
-            if not name:
-                return False
-            e.name = name
-        elif col == self.WEIGHT:
-            try:
-                w = float(value)
-            except (TypeError, ValueError):
-                return False
-            if not math.isfinite(w) or w < 0:
-                return False
-            e.weight = w
-        else:
-            return False
-        self.dataChanged.emit(index, index)
-        self.experts_changed.emit()
-        return True
+            return self.list.set_name(index.row(), value)
+        if col == self.WEIGHT:
+            return self.list.set_weight(index.row(), value)
+        return False
 
     # ------------------------------------------------------------------ drag and drop
     # Files and folders dropped from outside become ``paths_dropped``; rows dragged inside
@@ -509,3 +380,4 @@ def format_value(value: Any) -> str:
     if isinstance(value, (tuple, list)):
         return "×".join(str(v) for v in value) if all(isinstance(v, int) for v in value) else ", ".join(format_value(v) for v in value)
     return str(value)
+

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 from PySide6.QtCore import QMimeData, Qt, QUrl
 
-from pivotmerge_gui.gui.models import (
-    ExpertEntry,
-    ExpertListModel,
-    LayerTableModel,
-    expand_paths,
-    format_value,
-)
+from pivotmerge_gui.gui.item_models import ExpertListModel, LayerTableModel, format_value
+from pivotmerge_gui.session import ExpertEntry
 
 
 def _entries() -> list[ExpertEntry]:
@@ -76,21 +71,6 @@ def test_layer_table_model_passes_model_tester_and_scales_bars(qtmodeltester):
     assert model.data(model.index(1, 2), LayerTableModel.BAR_ROLE) == 1.0
     assert model.data(model.index(0, 2), LayerTableModel.BAR_ROLE) == 0.5
     assert model.data(model.index(0, 0), LayerTableModel.BAR_ROLE) is None  # text column
-
-
-def test_expand_paths_keeps_checkpoint_folders_and_expands_folders_of_experts(tmp_path):
-    ckpt = tmp_path / "run1"
-    ckpt.mkdir()
-    (ckpt / "mm_projector.bin").write_bytes(b"0")
-    many = tmp_path / "many"
-    (many / "a").mkdir(parents=True)
-    (many / "a" / "mm_projector.bin").write_bytes(b"0")
-    (many / "b.safetensors").write_bytes(b"0")
-    (many / "notes.txt").write_text("x")
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    out = expand_paths([ckpt, many, empty, ckpt])
-    assert out == [str(ckpt), str(many / "a"), str(many / "b.safetensors"), str(empty)]
 
 
 def test_format_value():

@@ -42,7 +42,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from .workers import GeneratorWorker, WorkContext
+from ..workers import GeneratorWorker, WorkContext
 
 
 class AutoTunePanel(QWidget):
@@ -52,7 +52,9 @@ class AutoTunePanel(QWidget):
     tune_finished = Signal(object)
     busy_changed = Signal(bool)
 
-    def __init__(self, parent: QWidget | None = None) -> None:
+    def __init__(self, parent: QWidget | None = None, methods: list[Any] | None = None) -> None:
+        """``methods``: the registry's methods (None: read the registry now, which imports
+        torch; the window passes [] at start-up and calls :meth:`set_methods` later)."""
         super().__init__(parent)
         self.experts: dict[str, Any] = {}
         self.base: Any = None
@@ -69,11 +71,12 @@ class AutoTunePanel(QWidget):
         self.best: Any = None  # best TuneSetting so far (also after a cancel)
         self.last_error = ""
 
-        from pivotmerge_gui.core.methods import list_methods
-
         self.method_combo = QComboBox()
-        for m in list_methods():
-            self.method_combo.addItem(m.pretty_name, m.name)
+        if methods is None:
+            from pivotmerge_gui.core.methods import list_methods
+
+            methods = list_methods()
+        self.set_methods(methods)
         self.metric_combo = QComboBox()
         self.metric_combo.addItem("caption NLL (smooth, fast)", "nll")
         self.metric_combo.addItem("token accuracy (greedy captions)", "token_accuracy")
@@ -160,6 +163,15 @@ class AutoTunePanel(QWidget):
         self._update_buttons()
 
     # ------------------------------------------------------------------ inputs
+    def set_methods(self, methods: list[Any]) -> None:
+        current = self.method_combo.currentData()
+        self.method_combo.clear()
+        for m in methods:
+            self.method_combo.addItem(m.pretty_name, m.name)
+        i = self.method_combo.findData(current)
+        if i >= 0:
+            self.method_combo.setCurrentIndex(i)
+
     def set_experts(self, experts: Mapping[str, Any], base: Any = None, calibration: Any = None) -> None:
         self.experts, self.base, self.calibration = dict(experts), base, calibration
         self._update_buttons()
@@ -326,7 +338,7 @@ def demo(screenshot: str | None = None, method: str = "task_arithmetic", generat
 
     from pivotmerge_gui.demo import kit
 
-    from .standalone import run_panel
+    from ..standalone import run_panel
 
     app = QApplication.instance() or QApplication(sys.argv)
     panel = AutoTunePanel()
