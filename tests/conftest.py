@@ -1,4 +1,6 @@
-"""Shared fixtures: isolated user dirs, offline Hub, Qt offscreen, tiny projectors."""
+"""Shared fixtures: isolated user dirs, offline Hub, Qt offscreen, tiny projectors.
+
+Fixtures only; helpers that tests import live in :mod:`tests.factories`."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import pytest
 import torch
 
-from pivotmerge_gui.core.projector import Layer, Projector
+from tests.factories import make_mlp_projector
 
 
 @pytest.fixture(autouse=True)
@@ -22,25 +24,6 @@ def _isolated_user_dirs(tmp_path_factory, monkeypatch):
         monkeypatch.setenv(var, str(root / var.lower()))
     monkeypatch.setenv("HF_HOME", str(root / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-def make_mlp_projector(
-    d_in: int = 16, d_hidden: int = 32, d_out: int = 24, seed: int = 0, dtype=torch.float32
-) -> Projector:
-    """A LLaVA ``mlp2x_gelu`` projector with random weights and LLaVA's original keys."""
-    g = torch.Generator().manual_seed(seed)
-    t = lambda *s: torch.randn(*s, generator=g).to(dtype) * 0.1  # noqa: E731
-    return Projector(
-        family="llava-mlp2x_gelu",
-        layers=[
-            Layer("0", "linear", {"weight": t(d_hidden, d_in), "bias": t(d_hidden)},
-                  {"weight": "model.mm_projector.0.weight", "bias": "model.mm_projector.0.bias"}),
-            Layer("2", "linear", {"weight": t(d_out, d_hidden), "bias": t(d_out)},
-                  {"weight": "model.mm_projector.2.weight", "bias": "model.mm_projector.2.bias"}),
-        ],
-        ops=("linear:0", "gelu", "linear:2"),
-        source=f"synthetic-{seed}",
-    )
 
 
 @pytest.fixture

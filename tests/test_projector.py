@@ -3,7 +3,7 @@ import torch
 
 from pivotmerge_gui.core.errors import IncompatibleExperts
 from pivotmerge_gui.core.projector import Layer, Projector, check_compatible, mean_projector
-from tests.conftest import make_mlp_projector
+from tests.factories import make_mlp_projector
 
 
 def test_forward_matches_torch_mlp():

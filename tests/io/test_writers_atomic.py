@@ -20,7 +20,7 @@ from pivotmerge_gui.core.io import (
     write_projector,
 )
 from pivotmerge_gui.core.progress import CancelToken
-from tests.conftest import make_mlp_projector
+from tests.factories import make_mlp_projector
 
 from .cases import CASE_BY_ID
 
