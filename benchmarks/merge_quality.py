@@ -52,15 +52,15 @@ from typing import Any
 
 import torch
 
+from pivotmerge_gui.core.calibration import Calibration, calibration_from_features
 from pivotmerge_gui.core.errors import PivotMergeError
 from pivotmerge_gui.core.evaluation import (
     CaptionSet,
     EvalResult,
-    calibration_from_features,
     evaluate,
 )
 from pivotmerge_gui.core.methods import list_methods
-from pivotmerge_gui.core.methods.base import Calibration, MergeMethod
+from pivotmerge_gui.core.methods.base import MergeMethod
 from pivotmerge_gui.core.pipeline import jsonable, merge_projectors
 from pivotmerge_gui.core.projector import Projector, mean_projector
 from pivotmerge_gui.demo import kit

@@ -23,7 +23,6 @@ Bit-identical retraining is guaranteed for the same torch build and thread count
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -33,28 +32,23 @@ from typing import Any
 
 import torch
 
+from ..core.io.hashing import sha256_file
 from .data import DOMAINS, SPLIT_SIZES, Tokenizer, generate_all
-from .models import WorldConfig, projector_state_to_llava
-from .train import TINY, ExpertSet, TrainConfig, encode, train_encoder, train_experts, train_lm
+from .models import WorldConfig
+from .train import (
+    BUILD_THREADS,
+    TINY,
+    TrainConfig,
+    encode,
+    save_expert_set,
+    train_encoder,
+    train_experts,
+    train_lm,
+)
 
 FORMAT = "pivotmerge-demo-world"
 FORMAT_VERSION = 1
-PROJECTOR_FILE = "mm_projector.bin"
 TINY_SIZES = {"train": 32, "val": 12, "test": 12}
-BUILD_THREADS = 1  # tiny models gain nothing from threads; one thread is robust on a busy machine
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def save_projector_bin(module: torch.nn.Module, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(projector_state_to_llava(module), path)
 
 
 def _save_safetensors(module: torch.nn.Module, path: Path) -> None:
@@ -65,21 +59,6 @@ def _save_safetensors(module: torch.nn.Module, path: Path) -> None:
     # keys their order (and the file's sha256) would change from run to run
     save_file(state, str(path), metadata={"format": "pt"})
     path.chmod(0o644)  # safetensors creates files private to the user; these ship
-
-
-def save_expert_set(es: ExpertSet, out: Path) -> dict[str, Any]:
-    """Write every projector of ``es`` under ``out``; return the manifest's path tables."""
-    paths: dict[str, Any] = {"shared": {}, "different": {}}
-    base = Path("shared") / "base" / PROJECTOR_FILE
-    save_projector_bin(es.base, out / base)
-    for dom in DOMAINS:
-        for scenario, table in (("shared", es.shared), ("different", es.different)):
-            rel = Path(scenario) / dom / PROJECTOR_FILE
-            save_projector_bin(table[dom], out / rel)
-            paths[scenario][dom] = rel.as_posix()
-    joint = Path("joint") / PROJECTOR_FILE
-    save_projector_bin(es.joint, out / joint)
-    return {"experts": paths, "base": {"shared": base.as_posix()}, "joint": joint.as_posix()}
 
 
 def build(out: Path, *, tiny: bool = False, seed: int = 0, data_seed: int = 0,

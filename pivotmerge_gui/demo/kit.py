@@ -20,10 +20,10 @@ from typing import Any, Literal
 
 import torch
 
+from ..core.calibration import Calibration, calibration_from_features
 from ..core.errors import CheckpointError
 from ..core.evaluation.backend import CaptionSet
-from ..core.evaluation.calibration import calibration_from_features
-from ..core.methods.base import Calibration
+from ..core.io.hashing import sha256_file
 from ..core.projector import Projector
 from .backend import DemoBackend
 from .data import DomainData, Tokenizer, generate_all
@@ -110,8 +110,6 @@ def load_experts(scenario: Scenario = "shared", root: Path | str | None = None) 
 
 def verify(root: Path | str | None = None) -> list[str]:
     """Files whose sha256 differs from the manifest (or that are missing); empty = intact."""
-    from .build import sha256_file
-
     r = _root(root)
     bad = []
     for rel, digest in manifest(r)["files"].items():
@@ -258,8 +256,7 @@ def expert_set(seed: int = 0, root: Path | str | None = None, cache_dir: Path | 
     out = Path(cache_dir) if cache_dir is not None else _cache_root() / key / f"seed{seed}"
     index = out / "expert_set.json"
     if not index.is_file():
-        from .build import BUILD_THREADS, save_expert_set, sha256_file
-        from .train import TrainConfig, train_experts
+        from .train import BUILD_THREADS, TrainConfig, save_expert_set, train_experts
 
         world = load_world(r)
         threads = torch.get_num_threads()

@@ -23,6 +23,8 @@ import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +39,12 @@ from .models import (
     caption_batch,
     caption_logits,
     make_projector,
+    projector_state_to_llava,
 )
 
 Log = Callable[[str], None]
+PROJECTOR_FILE = "mm_projector.bin"
+BUILD_THREADS = 1  # tiny models gain nothing from threads; one thread is robust on a busy machine
 
 
 @dataclass(frozen=True)
@@ -217,3 +222,25 @@ def train_experts(cfg: WorldConfig, tcfg: TrainConfig, lm: TinyLM,
                             int(tcfg.projector_steps * tcfg.joint_steps_factor), tcfg.projector_lr,
                             tcfg.batch, s + 31, log, "joint")
     return ExpertSet(seed, base, shared, different, inits, joint)
+
+
+# --------------------------------------------------------------------------- saving
+def save_projector_bin(module: torch.nn.Module, path: Path) -> None:
+    """A LLaVA ``mm_projector.bin`` of a trained projector module."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(projector_state_to_llava(module), path)
+
+
+def save_expert_set(es: ExpertSet, out: Path) -> dict[str, Any]:
+    """Write every projector of ``es`` under ``out``; return the manifest's path tables."""
+    paths: dict[str, Any] = {"shared": {}, "different": {}}
+    base = Path("shared") / "base" / PROJECTOR_FILE
+    save_projector_bin(es.base, out / base)
+    for dom in DOMAINS:
+        for scenario, table in (("shared", es.shared), ("different", es.different)):
+            rel = Path(scenario) / dom / PROJECTOR_FILE
+            save_projector_bin(table[dom], out / rel)
+            paths[scenario][dom] = rel.as_posix()
+    joint = Path("joint") / PROJECTOR_FILE
+    save_projector_bin(es.joint, out / joint)
+    return {"experts": paths, "base": {"shared": base.as_posix()}, "joint": joint.as_posix()}

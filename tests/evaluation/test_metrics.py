@@ -7,18 +7,18 @@ import math
 import pytest
 import torch
 
+from pivotmerge_gui.core.calibration import calibration_from_features
 from pivotmerge_gui.core.errors import Cancelled
 from pivotmerge_gui.core.evaluation import (
     CaptionBackend,
     CaptionSet,
-    calibration_from_features,
     evaluate,
     exact_match,
     retrieval_candidates,
     token_accuracy,
 )
 from pivotmerge_gui.core.progress import CancelToken
-from tests.conftest import make_mlp_projector
+from tests.factories import make_mlp_projector
 
 
 class TableBackend(CaptionBackend):

@@ -1,11 +1,10 @@
-"""Alignment evaluation of projectors: back-end interface, metrics, calibration features.
+"""Alignment evaluation of projectors: back-end interface and metrics.
 
 Qt-free. Back ends implement :class:`CaptionBackend`; the demo one lives in
 ``pivotmerge_gui.demo.backend`` (core never imports the demo).
 """
 
 from .backend import CaptionBackend, CaptionSet
-from .calibration import calibration_from_features
 from .metrics import (
     HIGHER_IS_BETTER,
     METRICS,
@@ -28,7 +27,6 @@ __all__ = [
     "CaptionSet",
     "DomainMetrics",
     "EvalResult",
-    "calibration_from_features",
     "evaluate",
     "exact_match",
     "mean_metrics",

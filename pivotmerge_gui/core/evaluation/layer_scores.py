@@ -28,12 +28,11 @@ from typing import Any
 
 import torch
 
+from ..calibration import Calibration, calibration_from_features
 from ..errors import PivotMergeError
-from ..methods.base import Calibration
 from ..progress import CancelToken, ProgressEvent
 from ..projector import Projector, check_compatible, mean_projector
 from .backend import CaptionBackend, CaptionSet
-from .calibration import calibration_from_features
 from .metrics import prepare
 
 

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..calibration import Calibration
 from ..errors import NeedsBaseError, NeedsCalibrationError, ParameterError, UnknownMethodError
 from ..progress import CancelToken, ProgressEvent
 from ..projector import Projector
@@ -80,15 +81,6 @@ class Param:
             "is_scale": self.is_scale,
             "advanced": self.advanced,
         }
-
-
-@dataclass
-class Calibration:
-    """Unlabelled projector inputs per expert domain: ``features[k]`` is [N_k, in_features]
-    drawn from expert k's own domain (visual features before the projector)."""
-
-    features: list[torch.Tensor]
-    domains: list[str] = field(default_factory=list)
 
 
 @dataclass
