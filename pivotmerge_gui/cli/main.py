@@ -88,7 +88,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from ..core import pipeline
-    from ..core.progress import CancelToken
+    from ..core.progress import CancelToken, drain
     from ..core.recipe import Recipe
 
     recipe_path = Path(args.recipe)
@@ -110,24 +110,19 @@ def cmd_merge(args: argparse.Namespace) -> int:
     show = _progress_printer(args.quiet)
     cancel = CancelToken()
 
-    def drain(p):
-        gen = pipeline.execute(p, cancel, release_inputs=True)
-        while True:
-            try:
-                show(next(gen))
-            except StopIteration as stop:
-                return stop.value
+    def merge(p: pipeline.Plan) -> pipeline.MergeResult:
+        return drain(pipeline.execute(p, cancel, release_inputs=True), show)
 
     try:
         try:
-            result = drain(plan)
+            result = merge(plan)
         except DeviceOutOfMemory as e:
             if not args.cpu_fallback:
                 raise
             print(f"pivotmerge: {e}; retrying on the CPU", file=sys.stderr)
             plan = pipeline.plan(recipe, base_dir=base_dir, device="cpu", allow_low_memory=args.allow_low_memory,
                                  allow_nonfinite=args.allow_nonfinite)
-            result = drain(plan)
+            result = merge(plan)
     except KeyboardInterrupt:
         cancel.cancel()
         print("\ncancelled; nothing was written", file=sys.stderr)
@@ -152,7 +147,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from ..core.analysis import analyze
     from ..core.io import load_projector
-    from ..core.recipe import display_name
+    from ..core.io.discovery import display_name
 
     experts = [load_projector(p) for p in args.paths]
     base = load_projector(args.base) if args.base else None
@@ -190,6 +185,7 @@ def _size(n: int) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
+    from ..core.options import OUT_DTYPES, OUTPUT_FORMATS
 
     p = argparse.ArgumentParser(
         prog="pivotmerge",
@@ -211,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("recipe", metavar="RECIPE.yml")
     s.add_argument("out_dir", metavar="OUT_DIR")
     s.add_argument("--device", help="auto (default: the recipe's), cpu, cuda, cuda:N")
-    s.add_argument("--format", choices=["auto", "llava-bin", "safetensors", "hf-llava"], help="override output_format")
-    s.add_argument("--out-dtype", choices=["auto", "float32", "float16", "bfloat16"], help="override out_dtype")
+    s.add_argument("--format", choices=OUTPUT_FORMATS, help="override output_format")
+    s.add_argument("--out-dtype", choices=OUT_DTYPES, help="override out_dtype")
     s.add_argument("--overwrite", action="store_true", help="replace an earlier output in OUT_DIR (inputs are never overwritten)")
     s.add_argument("--cpu-fallback", action="store_true", help="retry on the CPU if the GPU runs out of memory")
     s.add_argument("--allow-low-memory", action="store_true", help="run even if the memory estimate exceeds what is free")

@@ -7,23 +7,18 @@ from dataclasses import dataclass
 import torch
 
 from .errors import DeviceError
+from .options import DTYPE_ALIASES, DTYPES
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float64": torch.float64,
-}
+# dtype name (and alias) -> torch dtype, for the names of core.options
+_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPES}
+_DTYPES.update({alias: _DTYPES[name] for alias, name in DTYPE_ALIASES.items()})
 
 
 def parse_dtype(name: str) -> torch.dtype:
     try:
         return _DTYPES[name.lower()]
     except KeyError:
-        raise DeviceError(f"unknown dtype '{name}'; use one of float32, float16, bfloat16, float64") from None
+        raise DeviceError(f"unknown dtype '{name}'; use one of {', '.join(DTYPES)}") from None
 
 
 def dtype_name(dtype: torch.dtype) -> str:

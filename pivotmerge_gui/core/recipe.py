@@ -17,10 +17,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import RecipeError
+from .io.discovery import display_name
+from .options import DTYPES, OUT_DTYPES, OUTPUT_FORMATS
 
 SCHEMA_VERSION = 1
-OUTPUT_FORMATS = ("auto", "llava-bin", "safetensors", "hf-llava")
-DTYPES = ("float32", "float16", "bfloat16", "float64")
+# the value types of the recipe's name fields, built from the one list of names
+DtypeName = Literal[DTYPES]  # type: ignore[valid-type]
+OutDtypeName = Literal[OUT_DTYPES]  # type: ignore[valid-type]
+OutputFormatName = Literal[OUTPUT_FORMATS]  # type: ignore[valid-type]
 
 
 class _Strict(BaseModel):
@@ -47,9 +51,9 @@ class Recipe(_Strict):
     calibration: str | None = Field(
         None, description="safetensors file of calibration features (expert_0, expert_1, ...)"
     )
-    dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
-    out_dtype: Literal["auto", "float32", "float16", "bfloat16", "float64"] = "auto"
-    output_format: Literal["auto", "llava-bin", "safetensors", "hf-llava"] = "auto"
+    dtype: DtypeName = "float32"
+    out_dtype: OutDtypeName = "auto"
+    output_format: OutputFormatName = "auto"
     device: str = "auto"
     random_seed: int = 0
 
@@ -125,14 +129,6 @@ class Recipe(_Strict):
 
     def display_names(self) -> list[str]:
         return [m.name or display_name(m.model) for m in self.models]
-
-
-def display_name(spec: str) -> str:
-    """A short human name for a model spec: the file's folder (or file) or the Hub repo."""
-    p = Path(spec)
-    if p.name in ("mm_projector.bin", "model.safetensors", "pytorch_model.bin") and p.parent.name:
-        return p.parent.name
-    return p.name or spec
 
 
 def _format_validation(e: ValidationError) -> str:

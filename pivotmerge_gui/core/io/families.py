@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 
 from ..errors import CheckpointError, UnknownLayoutError
-from ..projector import Layer, LayerKind, Projector
+from ..projector import Layer, LayerKind, Projector, parse_op
 
 PREFIX = r"(?P<prefix>(?:.*\.)?)"
 
@@ -464,15 +464,13 @@ def _check_chain(layers, ops, shapes, path: str, spec: FamilySpec) -> None:
     """Consecutive layers of the forward must agree on widths (catches swapped tensors)."""
     by_name = {n: (k, ks) for n, k, ks in layers}
     width: int | None = None
-    for op in ops:
-        head, _, rest = op.partition(":")
-        if head == "merge_tokens":
-            width = width * int(rest) if width is not None else None
+    for op in map(parse_op, ops):
+        if op.head == "merge_tokens":
+            width = width * int(op.arg) if width is not None else None
             continue
-        if head not in ("linear", "layernorm", "rmsnorm"):
+        if not op.applies_layer:
             continue
-        name = rest.split(":")[0]
-        kind, ks = by_name[name]
+        kind, ks = by_name[op.layer]
         wshape = shapes[ks["weight"]]
         d_in = wshape[1] if kind == "linear" else wshape[0]
         if width is not None and d_in != width:

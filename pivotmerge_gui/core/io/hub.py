@@ -21,7 +21,7 @@ from typing import Any
 
 from ..errors import HubError
 from ..progress import CancelToken, ProgressEvent
-from .discovery import AmbiguousCheckpoint, NoCheckpoint, choose_checkpoint
+from .discovery import AmbiguousCheckpoint, NoCheckpoint, choose_checkpoint, read_index
 from .families import projector_keys
 
 ProgressFn = Callable[[ProgressEvent], None]
@@ -194,8 +194,6 @@ def resolve_hub(
     if not filename.endswith(".index.json"):
         return _download(repo, filename, revision, spec, progress, 0.0, 1.0)
     index_path = _download(repo, filename, revision, spec, progress, 0.0, 0.05)
-    from .readers import read_index
-
     weight_map = read_index(index_path)
     _, _, keys = projector_keys(weight_map.keys(), spec)
     folder = str(Path(filename).parent).replace(os.sep, "/")

@@ -13,21 +13,18 @@ the language model inside a full ``pytorch_model.bin`` is never paged in.
 sha256: the hash of the file bytes when the projector is read from one file that holds
 nothing else (``mm_projector.bin``, a projector-only ``model.safetensors``); otherwise
 (shards, a full-model file) the hash of the projector tensors in a stable order, see
-:func:`tensor_digest`. ``projector.metadata["sha256_of"]`` says which (``file`` or
+:func:`.hashing.tensor_digest`. ``projector.metadata["sha256_of"]`` says which (``file`` or
 ``tensors``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import os
 import pickle
 import re
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,55 +33,24 @@ import torch
 
 from ..errors import CheckpointError, UnknownLayoutError, UnsafeCheckpointError
 from ..progress import CancelToken, ProgressEvent
-from ..projector import Projector, all_finite
+from ..projector import Projector, all_finite, parse_op
 from .discovery import (
-    CHECKPOINT_SUFFIXES,
     AmbiguousCheckpoint,
     Choice,
     NoCheckpoint,
     choose_checkpoint,
+    parse_hub_id,
+    read_index,
 )
 from .families import FamilySpec, build_projector, layout, pretty_family, projector_keys
-from .safetensors_header import DTYPES, TORCH_TO_ST, SafetensorsHeader, is_safetensors, read_header
+from .hashing import raw_digest, sha256_file, tensor_digest
+from .safetensors_header import DTYPES, SafetensorsHeader, is_safetensors, read_header
 
 ProgressFn = Callable[[ProgressEvent], None]
 
 # Containers a training script may wrap the state dict in (MiniGPT-4 saves {"model": ...},
 # Lightning {"state_dict": ...}, DeepSpeed {"module": ...}).
 CONTAINER_KEYS = ("model", "state_dict", "module")
-
-_CHUNK = 1 << 20
-
-
-# --------------------------------------------------------------------------- hashing
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes (1 MiB chunks; never the whole file in memory)."""
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(_CHUNK):
-                h.update(chunk)
-    except OSError as exc:
-        raise CheckpointError(str(path), f"cannot read file: {exc.strerror or exc}") from exc
-    return h.hexdigest()
-
-
-def _digest_update(h: Any, key: str, dtype: str, shape: Iterable[int], data: Any) -> None:
-    h.update(key.encode("utf-8") + b"\0" + dtype.encode() + b"\0" + ",".join(map(str, shape)).encode() + b"\0")
-    h.update(data)
-
-
-def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over (key, safetensors dtype name, shape, little-endian C-order bytes) of each
-    tensor, keys sorted. Equals the digest of the same tensors computed from raw
-    safetensors bytes, so ``inspect`` and ``load`` agree without reading whole files."""
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key].detach().cpu().contiguous()
-        name = TORCH_TO_ST.get(t.dtype, str(t.dtype))
-        # a uint8 numpy view exposes the tensor's bytes to hashlib without a copy
-        _digest_update(h, key, name, t.shape, t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- info
@@ -136,20 +102,6 @@ class CheckpointInfo:
 
 
 # --------------------------------------------------------------------------- resolving
-_HUB_RE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[^:@]+))?(?::(?P<file>[^@]+))?$")
-
-
-def parse_hub_id(spec: str) -> tuple[str, str | None, str | None] | None:
-    """``org/name[@revision][:filename]`` -> (repo, revision, filename); None if not one."""
-    m = _HUB_RE.match(spec)
-    if not m:
-        return None
-    name = m["repo"].split("/", 1)[1]
-    if name.lower().endswith((*CHECKPOINT_SUFFIXES, ".json")):
-        return None  # "dir/mm_projector.bin" is a missing local file, not a repo
-    return m["repo"], m["rev"], m["file"]
-
-
 @dataclass
 class _Plan:
     spec: str
@@ -206,28 +158,6 @@ def _plan_choice(base: Path, choice: Choice, spec: str) -> _Plan:
         kind = "safetensors" if all(s.lower().endswith(".safetensors") for s in shards) else "pickle"
         return _Plan(spec, kind, base, shards, weight_map, choice.files[0])
     return _Plan(spec, choice.kind, base, list(choice.files))
-
-
-def read_index(index_path: Path) -> dict[str, str]:
-    """``weight_map`` of a shard index JSON, validated (typed errors on any flaw)."""
-    p = str(index_path)
-    try:
-        raw = index_path.read_bytes()
-    except OSError as exc:
-        raise CheckpointError(p, f"cannot read shard index: {exc.strerror or exc}") from exc
-    if not raw.strip():
-        raise CheckpointError(p, "shard index is empty")
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(p, f"shard index is not valid JSON ({exc})") from exc
-    wm = doc.get("weight_map") if isinstance(doc, dict) else None
-    if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
-        raise CheckpointError(p, "shard index has no 'weight_map' object mapping tensor names to shard files")
-    for shard in set(wm.values()):
-        if os.path.isabs(shard) or ".." in Path(shard).parts:
-            raise CheckpointError(p, f"shard index names a file outside its folder: '{shard}'")
-    return dict(wm)
 
 
 def _resolve(spec: str | os.PathLike[str], progress: ProgressFn | None, cancel: CancelToken | None) -> _Plan:
@@ -536,7 +466,7 @@ def inspect_checkpoint(spec: str | os.PathLike[str]) -> CheckpointInfo:
     if plan.weight_map is None and len(plan.files) == 1 and set(keys) == set(headers[plan.files[0]].tensors):
         sha, sha_of = sha256_file(plan.base / plan.files[0]), "file"
     else:
-        sha, sha_of = _raw_digest(plan, space, keys), "tensors"
+        sha, sha_of = raw_digest(plan.base, space, keys), "tensors"
     dtypes = Counter(space[k][1].dtype for k in keys)
     float_dtypes = Counter({d: c for d, c in dtypes.items() if d.startswith(("F", "BF"))}) or dtypes
     ins, outs = _features(lay, shapes)
@@ -561,39 +491,19 @@ def _features(lay: dict, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int | N
     first: int | None = None
     last: int | None = None
     merge = 1
-    for op in lay["ops"]:
-        head, _, rest = op.partition(":")
-        if head == "merge_tokens":
-            merge *= int(rest)
-        elif head in ("linear", "layernorm", "rmsnorm"):
-            kind, ks = by_name[rest.split(":")[0]]
-            w = shapes[ks["weight"]]
-            if first is None:
-                first = (w[1] if kind == "linear" else w[0]) // merge
-            if kind == "linear":
-                last = w[0]
+    for op in map(parse_op, lay["ops"]):
+        if op.head == "merge_tokens":
+            merge *= int(op.arg)
+            continue
+        if not op.applies_layer:
+            continue
+        kind, ks = by_name[op.layer]
+        w = shapes[ks["weight"]]
+        if first is None:
+            first = (w[1] if kind == "linear" else w[0]) // merge
+        if kind == "linear":
+            last = w[0]
     return first, last
-
-
-def _raw_digest(plan: _Plan, space: Mapping[str, tuple[str, Any]], keys: Iterable[str]) -> str:
-    """:func:`tensor_digest` computed from the raw bytes on disk (no tensor is built)."""
-    h = hashlib.sha256()
-    try:
-        with contextlib.ExitStack() as stack:
-            handles: dict[str, Any] = {}
-            for key in sorted(keys):
-                name, entry = space[key]
-                if name not in handles:
-                    handles[name] = stack.enter_context(open(plan.base / name, "rb"))
-                fh = handles[name]
-                fh.seek(entry.start)
-                data = fh.read(entry.nbytes)
-                if len(data) != entry.nbytes:
-                    raise CheckpointError(str(plan.base / name), f"truncated inside tensor '{key}'")
-                _digest_update(h, key, entry.dtype, entry.shape, data)
-    except OSError as exc:
-        raise CheckpointError(str(plan.base), f"cannot read file: {exc.strerror or exc}") from exc
-    return h.hexdigest()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

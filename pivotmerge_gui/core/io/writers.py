@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 
 from ..errors import OutputError
-from ..projector import Projector
+from ..options import OUTPUT_FORMATS
+from ..projector import Projector, parse_op
 from .atomic import atomic_write
 from .families import FAMILY_BY_NAME, FamilySpec, family_of
 
-FORMATS = ("auto", "llava-bin", "safetensors", "hf-llava")
+FORMATS = OUTPUT_FORMATS  # the names live in core.options (torch-free, shared with the app)
 LLAVA_BIN = "mm_projector.bin"
 SAFETENSORS = "model.safetensors"
 
@@ -88,9 +89,10 @@ def hf_llava_state(projector: Projector, dtype: torch.dtype | None = None) -> di
                 target if layer.kind == "vector" else f"multi_modal_projector.{target}.{role}"
             )
     linear_targets = {mapping[l.name] for l in projector.layers if l.kind == "linear"}
-    if linear_targets != {"linear_1", "linear_2"} or tuple(o for o in projector.ops if o.startswith(("linear", "gelu"))) != (
-        f"linear:{_name_for(mapping, 'linear_1')}", "gelu", f"linear:{_name_for(mapping, 'linear_2')}"
-    ):
+    chain = [(o.head, o.layer) for o in map(parse_op, projector.ops) if o.head in ("linear", "gelu", "gelu_tanh")]
+    if linear_targets != {"linear_1", "linear_2"} or chain != [
+        ("linear", _name_for(mapping, "linear_1")), ("gelu", ""), ("linear", _name_for(mapping, "linear_2"))
+    ]:
         raise OutputError(
             SAFETENSORS,
             f"the {projector.family} projector is not Linear-GELU-Linear, so it has no HF Llava equivalent",
