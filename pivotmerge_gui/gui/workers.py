@@ -27,7 +27,7 @@ from typing import Any
 from PySide6.QtCore import QObject, QThread, Signal, Slot
 
 from pivotmerge_gui.core.errors import Cancelled
-from pivotmerge_gui.core.progress import CancelToken, ProgressEvent
+from pivotmerge_gui.core.progress import CancelToken, ProgressEvent, drain
 
 log = logging.getLogger("pivotmerge_gui.gui.workers")
 
@@ -142,6 +142,10 @@ class GeneratorWorker(QObject):
         self.stopped.emit()
 
     # ------------------------------------------------------------ worker thread
+    def _report_any(self, event: object) -> None:
+        if isinstance(event, ProgressEvent):
+            self._report(event)
+
     def _report(self, event: ProgressEvent) -> None:
         now = time.perf_counter()
         if event.payload is not None or event.fraction >= 1.0 or now - self._last_emit >= self.min_interval_s:
@@ -153,17 +157,7 @@ class GeneratorWorker(QObject):
         try:
             result = self.fn(ctx)
             if inspect.isgenerator(result):
-                gen = result
-                try:
-                    while True:
-                        if self.token.cancelled:
-                            gen.close()
-                            raise Cancelled()
-                        event = next(gen)
-                        if isinstance(event, ProgressEvent):
-                            self._report(event)
-                except StopIteration as stop:
-                    result = stop.value
+                result = drain(result, self._report_any, cancel=self.token)
             if self.token.cancelled:
                 raise Cancelled()
         except Cancelled:
