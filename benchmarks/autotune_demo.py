@@ -17,8 +17,8 @@ import time
 import torch
 
 from pivotmerge_gui.core.evaluation import evaluate
-from pivotmerge_gui.core.evaluation.bench import drain
 from pivotmerge_gui.core.pipeline import merge_projectors
+from pivotmerge_gui.core.progress import drain
 from pivotmerge_gui.core.tuning import autotune
 from pivotmerge_gui.demo import kit
 

@@ -12,9 +12,10 @@ import time
 
 import torch
 
-from pivotmerge_gui.core.evaluation.bench import drain, run_bench
+from pivotmerge_gui.core.evaluation.bench import run_bench
 from pivotmerge_gui.core.evaluation.pairs import pairs_from_caption_sets
 from pivotmerge_gui.core.pipeline import merge_projectors
+from pivotmerge_gui.core.progress import drain
 from pivotmerge_gui.demo import kit
 
 

@@ -24,7 +24,7 @@ from pivotmerge_gui.core.errors import (
 )
 from pivotmerge_gui.core.progress import CancelToken
 from pivotmerge_gui.core.recipe import Recipe
-from tests.conftest import make_mlp_projector
+from tests.factories import make_mlp_projector
 
 
 def _save(p, path: Path, dtype=torch.float32) -> str:
@@ -120,8 +120,8 @@ def test_layer_coefficients_scale_the_update(world):
     assert res.report["layer_coefficients_applied"] == {"2": 0.0}
 
 
-def test_cancel_raises_and_writes_nothing(world):
-    tmp, *_r, paths, _ = world
+def test_cancel_raises_cancelled(world):
+    *_r, paths, _ = world
     token = CancelToken()
     gen = pipeline.execute(pipeline.plan(_recipe(paths)), token)
     next(gen)
@@ -129,7 +129,38 @@ def test_cancel_raises_and_writes_nothing(world):
     with pytest.raises(Cancelled):
         for _ in gen:
             pass
-    assert not (tmp / "out").exists()
+
+
+def test_interrupted_cli_merge_writes_nothing(world, monkeypatch, capsys):
+    """The CLI writes OUT_DIR after the merge: an interrupt during the merge leaves no
+    folder behind, while the same command without the interrupt does write it."""
+    tmp, *_r, paths, _ = world
+    recipe = _recipe(paths).save(tmp / "recipe.yml")
+    out = tmp / "out"
+    real_execute = pipeline.execute
+
+    def interrupted(*a, **k):
+        gen = real_execute(*a, **k)
+        yield next(gen)
+        gen.close()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "execute", interrupted)
+    assert cli_main(["merge", str(recipe), str(out), "-q"]) == 130
+    assert "nothing was written" in capsys.readouterr().err
+    assert not out.exists()
+    monkeypatch.setattr(pipeline, "execute", real_execute)
+    assert cli_main(["merge", str(recipe), str(out), "-q"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "mm_projector.bin", "recipe.yml"]
+
+
+def test_cli_out_dtype_accepts_every_recipe_dtype(world, capsys):
+    tmp, *_r, paths, _ = world
+    recipe = _recipe(paths).save(tmp / "recipe.yml")
+    assert cli_main(["merge", str(recipe), str(tmp / "f64"), "--out-dtype", "float64", "-q"]) == 0
+    sd = torch.load(tmp / "f64" / "mm_projector.bin", weights_only=True)
+    assert {v.dtype for v in sd.values()} == {torch.float64}
+    assert Recipe.load(tmp / "f64" / "recipe.yml").out_dtype == "float64"
 
 
 def test_never_overwrites_inputs_and_asks_before_replacing_outputs(world):

@@ -1,4 +1,4 @@
-"""Auto-tune: the CMA-ES on toy problems, determinism, cancel; the merge objective."""
+"""Auto-tune: the CMA-ES search on toy problems, determinism, cancel; the merge objective."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from pivotmerge_gui.core.errors import Cancelled
-from pivotmerge_gui.core.evaluation.bench import drain
 from pivotmerge_gui.core.pipeline import merge_projectors
-from pivotmerge_gui.core.progress import CancelToken
-from pivotmerge_gui.core.tuning import CMAES, MergeObjective, autotune, evolve
+from pivotmerge_gui.core.progress import CancelToken, drain
+from pivotmerge_gui.core.tuning import MergeObjective, autotune, evolve
 
 OPT = np.array([0.3, 1.7, 1.1])
 
@@ -71,11 +70,33 @@ def test_cancel_stops_within_one_evaluation():
     assert len(calls) == 5
 
 
-def test_cmaes_rejects_bad_sizes():
+def test_es_rejects_bad_sizes():
     with pytest.raises(ValueError):
-        CMAES([], 0.1)
+        drain(evolve(_toy, [], generations=1))
     with pytest.raises(ValueError):
-        CMAES([1.0], 0.1, population=1)
+        drain(evolve(_toy, [1.0], generations=1, population=1))
+
+
+def test_one_dimension_and_no_bounds_work():
+    best_x, *_ = drain(evolve(lambda x: -float((x[0] - 0.7) ** 2), [1.0], sigma0=0.3,
+                                      generations=30, population=6, seed=2))
+    assert abs(best_x[0] - 0.7) < 0.02
+    best_x, *_ = drain(evolve(lambda x: -float((x[0] + 3.0) ** 2), [1.0], sigma0=1.0,
+                              generations=40, population=6, bounds=None, seed=2))
+    assert abs(best_x[0] + 3.0) < 0.05
+
+
+def test_the_search_does_not_use_or_disturb_numpys_global_generator():
+    np.random.seed(0)
+    a = drain(evolve(lambda x: _toy(x) + 0 * np.random.rand(), [1, 1, 1], generations=4, population=6, seed=5))
+    np.random.seed(123)
+    b = drain(evolve(lambda x: _toy(x) + 0 * np.random.rand(), [1, 1, 1], generations=4, population=6, seed=5))
+    np.testing.assert_array_equal(a[0], b[0])
+    np.random.seed(7)
+    want = np.random.rand()
+    np.random.seed(7)
+    drain(evolve(_toy, [1, 1, 1], generations=2, population=4, seed=0))
+    assert np.random.rand() == want
 
 
 # ------------------------------------------------------------------ merges (demo world)
@@ -133,7 +154,7 @@ def test_every_method_scale_is_linear_so_layer_coefficients_subsume_it():
     coefficients multiply, so scaling it is one more coefficient vector."""
     from pivotmerge_gui.core.methods import list_methods
     from pivotmerge_gui.core.methods.base import Calibration
-    from tests.conftest import make_mlp_projector
+    from tests.factories import make_mlp_projector
 
     base = make_mlp_projector(6, 10, 8, seed=100)
     experts = []

@@ -63,8 +63,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..core.evaluation.bench import run_bench
     from ..core.evaluation.pairs import load_pairs, pairs_from_caption_sets
     from ..core.io import load_projector
-    from ..core.progress import CancelToken
-    from ..core.recipe import display_name
+    from ..core.io.discovery import display_name
+    from ..core.progress import CancelToken, drain
 
     if args.max_pairs is not None and args.max_pairs < 1:
         raise PivotMergeError(f"--max-pairs must be at least 1, got {args.max_pairs}")
@@ -95,13 +95,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise PivotMergeError("give at least one projector to evaluate (a file, folder or Hub id)")
 
     show = _progress(args.quiet or args.json)
-    gen = run_bench(backend, projectors, pairs, retrieval=args.retrieval, cancel=CancelToken())
-    while True:
-        try:
-            show(next(gen))
-        except StopIteration as stop:
-            result = stop.value
-            break
+    result = drain(run_bench(backend, projectors, pairs, retrieval=args.retrieval, cancel=CancelToken()), show)
 
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))

@@ -19,14 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
+from .calibration import Calibration, calibration_device, load_calibration
+from .card import model_card
 from .devices import dtype_name, parse_dtype, resolve_device
 from .errors import DeviceOutOfMemory, MethodError, RecipeError, ResourceError
-from .methods.base import Calibration, MergeJob, MergeMethod, get_method
-from .progress import CancelToken, ProgressEvent
+from .io.discovery import display_name
+from .methods.base import MergeJob, MergeMethod, get_method
+from .progress import CancelToken, ProgressEvent, drain, rescaled
 from .projector import Projector, all_finite, check_compatible, mean_projector, nonfinite_tensors
-from .recipe import Recipe, display_name
+from .recipe import Recipe
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -35,13 +39,9 @@ def available_memory(device: torch.device) -> int | None:
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
     try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+        return int(psutil.virtual_memory().available)
+    except (OSError, RuntimeError):  # a sandbox that hides the system's memory figures
+        return None
 
 
 def estimate_peak_bytes(
@@ -53,8 +53,8 @@ def estimate_peak_bytes(
     declared extra model-sized copies (``extra_model_copies``) and its declared scratch space
     (``workspace_stacks`` stacks of the largest tensor across all experts: task vectors,
     masks) plus two square Gram matrices of the widest dimension. Inputs already resident on
-    the CPU are counted for CPU merges because they stay loaded. Measured at 16 experts of a
-    1024->8192->8192 bf16 projector: PivotMerge estimate 10.1 GiB, peak RSS 9.2 GiB.
+    the CPU are counted for CPU merges because they stay loaded (``benchmarks/merge_speed.py``
+    compares the estimate with the measured peak).
     """
     c = torch.finfo(dtype).bits // 8
     k = len(experts) + (1 if base is not None else 0)
@@ -146,8 +146,6 @@ def plan(
     method.check_job(base is not None, calibration is not None or recipe.calibration is not None)
 
     if calibration is None and recipe.calibration is not None:
-        from .calibration import load_calibration
-
         calibration = load_calibration(
             Path(recipe.calibration), len(experts), experts[0].in_features
         )
@@ -265,8 +263,6 @@ def _execute(
         plan.experts, plan.base = [], None
     calibration = None
     if plan.calibration is not None:
-        from .calibration import calibration_device
-
         calibration = calibration_device(plan.calibration, plan.device, plan.dtype)
     cancel.raise_if_cancelled()
     job = MergeJob(
@@ -283,15 +279,7 @@ def _execute(
         expert_names=list(plan.names),
     )
     method = plan.method()
-    gen = method.merge(job)
-    while True:
-        try:
-            ev = next(gen)
-        except StopIteration as stop:
-            output = stop.value
-            break
-        cancel.raise_if_cancelled()
-        yield ProgressEvent(ev.stage, 0.05 + 0.85 * min(max(ev.fraction, 0.0), 1.0), ev.message, ev.payload)
+    output = yield from rescaled(method.merge(job), 0.05, 0.90, cancel)
     cancel.raise_if_cancelled()
 
     state = dict(output.state)
@@ -352,12 +340,7 @@ def _execute(
 
 def run(plan_: Plan, cancel: CancelToken | None = None, *, release_inputs: bool = False) -> MergeResult:
     """Drain :func:`execute` (for callers that need no progress)."""
-    gen = execute(plan_, cancel, release_inputs=release_inputs)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+    return drain(execute(plan_, cancel, release_inputs=release_inputs))
 
 
 def merge_projectors(
@@ -478,63 +461,6 @@ def _absolute_paths(recipe: Recipe, base_dir: Path | None, loaded: Mapping[str, 
 
 def _portable_recipe(recipe: Recipe, fmt: str) -> Recipe:
     return recipe.model_copy(update={"output_format": fmt})
-
-
-def model_card(result: MergeResult, recipe: Recipe, filename: str) -> str:
-    """A README with YAML front matter: method with reference, experts, parameters, report."""
-    import yaml
-
-    rep = result.report
-    front = {
-        "library_name": "pivotmerge-studio",
-        "tags": ["merge", "projector", "multimodal", rep["method"]],
-        "merge_method": rep["method"],
-        "base_model": recipe.base_model,
-        "experts": [m.model for m in recipe.models],
-        "projector_family": result.projector.family,
-        "projector_file": filename,
-    }
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", ""]
-    lines.append(f"# Merged projector ({rep['method_pretty']})")
-    lines.append("")
-    lines.append(
-        f"Merged with **{rep['method_pretty']}** ([reference]({rep['reference_url']})) by "
-        "PivotMerge Studio. The projector file is a drop-in replacement for the experts' own."
-    )
-    lines.append("")
-    lines.append("## Experts")
-    lines.append("")
-    lines.append("| expert | weight | sha256 |")
-    lines.append("|---|---|---|")
-    for name, m in zip(result.names, recipe.models):
-        lines.append(f"| {name} (`{m.model}`) | {m.parameters.weight:g} | `{result.input_hashes.get(name, '')}` |")
-    if recipe.base_model:
-        lines.append(f"| base (`{recipe.base_model}`) | - | `{result.input_hashes.get('base', '')}` |")
-    lines.append("")
-    lines.append("## Parameters")
-    lines.append("")
-    for k, v in rep["parameters"].items():
-        lines.append(f"- `{k}`: {v}")
-    lines.append(
-        f"- compute dtype {rep['compute_dtype']}, output dtype {rep['out_dtype']}, "
-        f"device {rep['device']}, seed {rep['seed']}"
-    )
-    if rep.get("layer_coefficients_applied"):
-        lines.append(f"- per-layer coefficients: {rep['layer_coefficients_applied']}")
-    lines.append("")
-    lines.append("## Merge report")
-    lines.append("")
-    lines.append("```json")
-    lines.append(json.dumps(rep["method_report"], indent=1, default=str)[:20000])
-    lines.append("```")
-    lines.append("")
-    lines.append("## Reproduce")
-    lines.append("")
-    lines.append("```bash")
-    lines.append("pivotmerge merge recipe.yml OUT_DIR")
-    lines.append("```")
-    lines.append("")
-    return "\n".join(lines)
 
 
 def jsonable(obj: Any) -> Any:

@@ -1,10 +1,9 @@
 """Auto-tune: evolutionary search of per-layer merge coefficients on calibration pairs.
 
 This is the search EvoGM and mergekit-evolve run for LLM merges, sized for projectors:
-a small CMA-ES (Hansen's (mu/mu_w, lambda)-CMA-ES with cumulative step-size adaptation,
-written with numpy; the search spaces have one dimension per projector layer, so the full
-covariance is cheap) maximises a fitness over the per-layer coefficients ``c_l`` of a
-merge, ``theta_l = ref_l + c_l * tau_l``.
+CMA-ES (Hansen's ``cma`` package, box bounds by its boundary transformation; the search
+space has one dimension per projector layer) maximises a fitness over the per-layer
+coefficients ``c_l`` of a merge, ``theta_l = ref_l + c_l * tau_l``.
 
 Fitness is an alignment score on the *validation* pairs: by default the negative caption
 NLL per token, averaged over domains without weights (smooth, so the ES gets a useful
@@ -30,17 +29,18 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
+from .calibration import Calibration
 from .errors import PivotMergeError
 from .evaluation.backend import CaptionBackend, CaptionSet
 from .evaluation.metrics import evaluate, prepare
-from .methods.base import Calibration
-from .progress import CancelToken, ProgressEvent
+from .progress import CancelToken, ProgressEvent, rescaled
 from .projector import Projector
 
 METRICS = ("nll", "token_accuracy")
@@ -100,66 +100,26 @@ class TuneResult:
 
 
 # --------------------------------------------------------------------------- CMA-ES
-class CMAES:
-    """Minimal (mu/mu_w, lambda)-CMA-ES that *maximises* (ask/tell), with box bounds by
-    clipping (the clipped point is evaluated and used in the update)."""
+def _cma_strategy(x0: np.ndarray, sigma0: float, population: int,
+                  bounds: tuple[float, float] | None, seed: int) -> Any:
+    """A ``cma.CMAEvolutionStrategy`` that samples from its own seeded generator (never
+    numpy's global one, so other code cannot change its draws) and writes no log files."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cma warns on import when matplotlib is absent
+        import cma
 
-    def __init__(self, x0: Sequence[float], sigma0: float, *, population: int | None = None,
-                 bounds: tuple[float, float] | None = None, seed: int = 0) -> None:
-        self.n = n = len(x0)
-        if n < 1:
-            raise ValueError("CMA-ES needs at least one dimension")
-        self.rng = np.random.default_rng(seed)
-        self.lam = int(population or 4 + int(3 * math.log(n)))
-        if self.lam < 2:
-            raise ValueError("population must be at least 2")
-        self.mu = self.lam // 2
-        w = np.log(self.mu + 0.5) - np.log(np.arange(1, self.mu + 1))
-        self.w = w / w.sum()
-        self.mueff = 1.0 / float((self.w ** 2).sum())
-        self.cc = (4 + self.mueff / n) / (n + 4 + 2 * self.mueff / n)
-        self.cs = (self.mueff + 2) / (n + self.mueff + 5)
-        self.c1 = 2 / ((n + 1.3) ** 2 + self.mueff)
-        self.cmu = min(1 - self.c1, 2 * (self.mueff - 2 + 1 / self.mueff) / ((n + 2) ** 2 + self.mueff))
-        self.damps = 1 + 2 * max(0.0, math.sqrt((self.mueff - 1) / (n + 1)) - 1) + self.cs
-        self.chin = math.sqrt(n) * (1 - 1 / (4 * n) + 1 / (21 * n * n))
-        self.mean = np.asarray(x0, dtype=np.float64).copy()
-        self.sigma = float(sigma0)
-        self.C = np.eye(n)
-        self.pc = np.zeros(n)
-        self.ps = np.zeros(n)
-        self.bounds = bounds
-        self.generation = 0
-        self._B, self._D = np.eye(n), np.ones(n)
-
-    def _clip(self, x: np.ndarray) -> np.ndarray:
-        return np.clip(x, self.bounds[0], self.bounds[1]) if self.bounds is not None else x
-
-    def ask(self) -> list[np.ndarray]:
-        self.C = (self.C + self.C.T) / 2
-        vals, vecs = np.linalg.eigh(self.C)
-        self._D, self._B = np.sqrt(np.maximum(vals, 1e-20)), vecs
-        z = self.rng.standard_normal((self.lam, self.n))
-        return [self._clip(self.mean + self.sigma * (self._B @ (self._D * zi))) for zi in z]
-
-    def tell(self, xs: Sequence[np.ndarray], fitness: Sequence[float]) -> None:
-        order = np.argsort(-np.asarray(fitness, dtype=np.float64), kind="stable")  # best first
-        x = np.asarray(xs, dtype=np.float64)[order[: self.mu]]
-        old = self.mean
-        self.mean = self.w @ x
-        y = (self.mean - old) / self.sigma
-        c_inv_sqrt = self._B @ np.diag(1 / self._D) @ self._B.T
-        self.ps = (1 - self.cs) * self.ps + math.sqrt(self.cs * (2 - self.cs) * self.mueff) * (c_inv_sqrt @ y)
-        self.generation += 1
-        norm_ps = float(np.linalg.norm(self.ps))
-        hsig = norm_ps / math.sqrt(1 - (1 - self.cs) ** (2 * self.generation)) / self.chin < 1.4 + 2 / (self.n + 1)
-        self.pc = (1 - self.cc) * self.pc + hsig * math.sqrt(self.cc * (2 - self.cc) * self.mueff) * y
-        art = (x - old) / self.sigma
-        self.C = ((1 - self.c1 - self.cmu) * self.C
-                  + self.c1 * (np.outer(self.pc, self.pc) + (1 - hsig) * self.cc * (2 - self.cc) * self.C)
-                  + self.cmu * (art.T * self.w) @ art)
-        self.sigma *= math.exp((self.cs / self.damps) * (norm_ps / self.chin - 1))
-        self.sigma = float(min(max(self.sigma, 1e-8), 1e3))
+    rng = np.random.default_rng(seed)
+    options = {
+        "popsize": population,
+        "bounds": [bounds[0], bounds[1]] if bounds is not None else [None, None],
+        "seed": np.nan,  # do not reseed numpy's global generator
+        "randn": lambda *shape: rng.standard_normal(shape),
+        "verbose": -9,
+        "verb_log": 0,
+        "verb_disp": 0,
+        "tolfun": 0, "tolx": 0, "tolfunhist": 0, "tolflatfitness": 0,  # run every generation
+    }
+    return cma.CMAEvolutionStrategy(list(x0), float(sigma0), options)
 
 
 def evolve(
@@ -174,20 +134,28 @@ def evolve(
     cancel: CancelToken | None = None,
     decode: Callable[[np.ndarray], TuneSetting] | None = None,
 ) -> Generator[ProgressEvent, None, tuple[np.ndarray, float, float, list[GenerationRecord], int]]:
-    """Maximise ``fitness`` from ``x0`` (itself evaluated first, so the result is never
-    worse than the start). Yields one "generation" event per generation with the
+    """Maximise ``fitness`` from ``x0`` with CMA-ES (the ``cma`` package), within
+    ``bounds`` (every evaluated point lies inside them). ``x0`` is evaluated first, so the
+    result is never worse than the start. The cancel token is checked before every
+    evaluation. Yields one "generation" event per generation with the
     :class:`GenerationRecord` as payload. Returns ``(best_x, best_f, f(x0), history,
-    evaluations)``."""
+    evaluations)``. The same ``seed`` gives the same search."""
     cancel = cancel or CancelToken()
     decode = decode or (lambda x: TuneSetting({str(i): float(v) for i, v in enumerate(x)}))
-    es = CMAES(x0, sigma0, population=population, bounds=bounds, seed=seed)
-    start = es._clip(np.asarray(x0, dtype=np.float64))
+    start = np.asarray(x0, dtype=np.float64).reshape(-1)
+    if start.size < 1:
+        raise ValueError("CMA-ES needs at least one dimension")
+    if population < 2:
+        raise ValueError("population must be at least 2")
+    if bounds is not None:
+        start = np.clip(start, bounds[0], bounds[1])
+    es = _cma_strategy(start, sigma0, population, bounds, seed)
     cancel.raise_if_cancelled()
     f0 = float(fitness(start))
     best_x, best_f, evals = start.copy(), f0, 1
     history: list[GenerationRecord] = []
     for g in range(1, generations + 1):
-        xs = es.ask()
+        xs = [np.asarray(x, dtype=np.float64) for x in es.ask()]
         fs = []
         for x in xs:
             cancel.raise_if_cancelled()
@@ -198,10 +166,10 @@ def evolve(
             evals += 1
             if f > best_f:
                 best_x, best_f = x.copy(), f
-        es.tell(xs, [f if math.isfinite(f) else -1e30 for f in fs])
+        es.tell(xs, [-f if math.isfinite(f) else 1e30 for f in fs])  # cma minimises
         finite = [f for f in fs if math.isfinite(f)]
         rec = GenerationRecord(g, best_f, max(fs), float(np.mean(finite)) if finite else -math.inf,
-                               es.sigma, evals, decode(best_x))
+                               float(es.sigma), evals, decode(best_x))
         history.append(rec)
         yield ProgressEvent("generation", g / generations,
                             f"generation {g}/{generations}: best {best_f:.4f}", rec)
@@ -326,13 +294,7 @@ def autotune(
     cancel.raise_if_cancelled()
     gen = evolve(lambda x: obj.score(x, val, cancel), obj.x0, sigma0=sigma0, generations=generations,
                  population=population, bounds=bounds, seed=seed, cancel=cancel, decode=obj.setting)
-    while True:
-        try:
-            ev = next(gen)
-        except StopIteration as stop:
-            best_x, best_f, f0, history, evals = stop.value
-            break
-        yield ProgressEvent(ev.stage, 0.02 + 0.9 * ev.fraction, ev.message, ev.payload)
+    best_x, best_f, f0, history, evals = yield from rescaled(gen, 0.02, 0.92, cancel)
     hold = hold0 = None
     if test_sets:
         yield ProgressEvent("holdout", 0.95, "scoring the tuned and the untuned setting on the held-out split")

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from pivotmerge_gui.core.errors import PivotMergeError
-from pivotmerge_gui.core.evaluation.bench import drain
 from pivotmerge_gui.core.evaluation.layer_scores import (
     calibration_from_sets,
     caption_sets_from_pairs,
@@ -14,6 +13,7 @@ from pivotmerge_gui.core.evaluation.layer_scores import (
     match_domains,
 )
 from pivotmerge_gui.core.evaluation.pairs import pairs_from_caption_sets
+from pivotmerge_gui.core.progress import drain
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 from pivotmerge_gui.core.errors import Cancelled, HubError
 from pivotmerge_gui.core.evaluation.llava_hf import LlavaHFBackend, ProjectorMismatch
 from pivotmerge_gui.core.io import load_projector
-from tests.conftest import make_mlp_projector
+from tests.factories import make_mlp_projector
 
 from .llava_tiny import IMAGE_TOKEN, PROMPT, tiny_image_processor, tiny_llava, tiny_tokenizer
 
@@ -175,8 +175,9 @@ def test_half_precision_model_matches_fp32(parts, pixels, device):
 
 
 def test_bench_streams_tokens_and_scores_pil_pairs(backend):
-    from pivotmerge_gui.core.evaluation.bench import drain, run_bench
+    from pivotmerge_gui.core.evaluation.bench import run_bench
     from pivotmerge_gui.core.evaluation.pairs import Pair, tensor_to_pil
+    from pivotmerge_gui.core.progress import drain
 
     g = torch.Generator().manual_seed(4)
     pairs = [Pair(c, "d", tensor_to_pil(torch.rand(3, 8, 8, generator=g))) for c in CAPTIONS]

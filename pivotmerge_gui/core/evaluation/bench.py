@@ -222,12 +222,3 @@ def run_bench(
     yield ProgressEvent("done", 1.0, f"{len(names)} projector(s) on {len(pairs)} pairs in "
                         f"{result.elapsed_s:.1f} s", result)
     return result
-
-
-def drain(gen: Generator[ProgressEvent, None, Any]) -> Any:
-    """Run a progress generator to its end and return its value."""
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value

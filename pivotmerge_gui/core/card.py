@@ -1,0 +1,87 @@
+"""The model card (``README.md``) written beside a merged projector.
+
+Rendered from one template, like mergekit's card: YAML front matter for the Hub (library,
+tags, method, base and experts, projector file), then the method with its reference, the
+experts with weights and input hashes, the parameters, the method's report and the command
+that reproduces the merge. Only the template's slots are computed here.
+"""
+
+from __future__ import annotations
+
+import json
+from string import Template
+from typing import Any
+
+import yaml
+
+from .recipe import Recipe
+
+CARD_TEMPLATE = Template("""\
+---
+${front_matter}
+---
+
+# Merged projector (${method_pretty})
+
+Merged with **${method_pretty}** ([reference](${reference_url})) by PivotMerge Studio. \
+The projector file is a drop-in replacement for the experts' own.
+
+## Experts
+
+| expert | weight | sha256 |
+|---|---|---|
+${expert_rows}
+
+## Parameters
+
+${parameter_lines}
+
+## Merge report
+
+```json
+${method_report}
+```
+
+## Reproduce
+
+```bash
+pivotmerge merge recipe.yml OUT_DIR
+```
+""")
+
+
+def model_card(result: Any, recipe: Recipe, filename: str) -> str:
+    """The card of a merge: ``result`` is a :class:`~pivotmerge_gui.core.pipeline.MergeResult`
+    (its ``report``, ``names``, ``input_hashes`` and ``projector.family`` are used),
+    ``recipe`` the recipe written beside it, ``filename`` the projector file's name."""
+    rep = result.report
+    front = {
+        "library_name": "pivotmerge-studio",
+        "tags": ["merge", "projector", "multimodal", rep["method"]],
+        "merge_method": rep["method"],
+        "base_model": recipe.base_model,
+        "experts": [m.model for m in recipe.models],
+        "projector_family": result.projector.family,
+        "projector_file": filename,
+    }
+    rows = [
+        f"| {name} (`{m.model}`) | {m.parameters.weight:g} | `{result.input_hashes.get(name, '')}` |"
+        for name, m in zip(result.names, recipe.models)
+    ]
+    if recipe.base_model:
+        rows.append(f"| base (`{recipe.base_model}`) | - | `{result.input_hashes.get('base', '')}` |")
+    params = [f"- `{k}`: {v}" for k, v in rep["parameters"].items()]
+    params.append(
+        f"- compute dtype {rep['compute_dtype']}, output dtype {rep['out_dtype']}, "
+        f"device {rep['device']}, seed {rep['seed']}"
+    )
+    if rep.get("layer_coefficients_applied"):
+        params.append(f"- per-layer coefficients: {rep['layer_coefficients_applied']}")
+    return CARD_TEMPLATE.substitute(
+        front_matter=yaml.safe_dump(front, sort_keys=False).strip(),
+        method_pretty=rep["method_pretty"],
+        reference_url=rep["reference_url"],
+        expert_rows="\n".join(rows),
+        parameter_lines="\n".join(params),
+        method_report=json.dumps(rep["method_report"], indent=1, default=str)[:20000],
+    )
