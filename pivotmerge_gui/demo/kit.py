@@ -237,9 +237,8 @@ def expert_set(seed: int = 0, root: Path | str | None = None, cache_dir: Path | 
     """Paths of every projector of one independent training run (``seed``).
 
     The shipped artifacts are the manifest's seed; any other seed is trained on the shipped
-    encoder/LM with the shipped training recipe (about a minute on 2 cores) into
-    ``cache_dir`` (default: the user cache), keyed by the world's file hashes, and reused
-    afterwards. Returns ``{"shared": {domain: Path}, "different": {...}, "base": {"shared":
+    encoder/LM with the shipped training recipe into ``cache_dir`` (default: the user
+    cache), keyed by the world's file hashes, and reused afterwards. Returns ``{"shared": {domain: Path}, "different": {...}, "base": {"shared":
     Path}, "joint": Path, "root": Path}``.
     """
     import hashlib
