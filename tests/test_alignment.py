@@ -13,7 +13,7 @@ from tests.conftest import make_mlp_projector
 
 def make_mlp3(d_in=12, h1=20, h2=16, d_out=10, seed=0, dtype=torch.float32) -> Projector:
     g = torch.Generator().manual_seed(seed)
-    t = lambda *s: (torch.randn(*s, generator=g) * 0.2).to(dtype)  # noqa: E731
+    t = lambda *s: (torch.randn(*s, generator=g) * 0.2).to(dtype)
     return Projector(
         family="llava-mlp3x_gelu",
         layers=[
@@ -85,7 +85,7 @@ def test_shared_init_gives_identity():
 
 def test_chain_mlp3x_planted_permutations_recovered():
     pivot = make_mlp3(seed=3)
-    shuffled, perms = planted(pivot, seed=11)
+    shuffled, _perms = planted(pivot, seed=11)
     aligned, info = align_to_pivot(shuffled, pivot)
     assert len(info.pairs) == 2
     for k, v in pivot.state().items():
@@ -107,7 +107,7 @@ def test_chain_mlp3x_unrelated_is_function_preserving():
 def test_bf16_inputs_keep_dtype_and_recover_permutation():
     pivot = make_mlp_projector(16, 64, 24, seed=1, dtype=torch.bfloat16)
     shuffled, _ = planted(pivot, seed=9)
-    aligned, info = align_to_pivot(shuffled, pivot)
+    aligned, _info = align_to_pivot(shuffled, pivot)
     assert aligned.layer("0").weight.dtype == torch.bfloat16
     for k, v in pivot.state().items():
         assert torch.equal(aligned.state()[k], v), k
@@ -119,7 +119,7 @@ def test_bf16_inputs_keep_dtype_and_recover_permutation():
 def test_large_certificate_path_recovers_planted_permutation():
     """Big enough for the fast (bf16-certificate) path where the device supports it."""
     pivot = make_mlp_projector(256, 1024, 256, seed=2)
-    shuffled, (perm,) = planted(pivot, seed=1)
+    shuffled, (_perm,) = planted(pivot, seed=1)
     aligned, info = align_to_pivot(shuffled, pivot)
     assert info.pairs[0].solver in ("certificate-bf16", "certificate-fp32")
     for k, v in pivot.state().items():

@@ -1,6 +1,7 @@
 import torch
 
-from pivotmerge_gui.core.methods.common import disjoint_mean, elect_sign, low_rank, trim_top_k
+from pivotmerge_gui.core.linalg import low_rank
+from pivotmerge_gui.core.methods.consensus import disjoint_merge, elect_sign, trim_top_k
 
 
 def test_trim_keeps_largest_per_expert():
@@ -13,7 +14,7 @@ def test_sign_election_and_disjoint_mean():
     s = torch.tensor([[1.0, -2.0, 0.0], [3.0, 1.0, 0.0], [-1.0, -2.0, 0.0]])
     sign = elect_sign(s)
     assert torch.equal(sign, torch.tensor([1.0, -1.0, 1.0]))
-    m, agree = disjoint_mean(s, sign)
+    m, agree = disjoint_merge(s, sign)
     assert torch.allclose(m, torch.tensor([2.0, -2.0, 0.0]))
     assert agree.sum().item() == 4
 

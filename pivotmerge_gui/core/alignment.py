@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from functools import cache
 from typing import Any
 
 import numpy as np
 import torch
 
+from .linalg import bf16_is_fast
 from .projector import Projector, check_compatible
 
 # bf16 inputs rounded to nearest (unit roundoff 2^-9), products accumulated in fp32 and
@@ -131,38 +131,6 @@ def identity_info(projector: Projector) -> AlignmentInfo:
 
 
 # --------------------------------------------------------------------------- helpers
-@cache
-def _bf16_is_fast(device_type: str) -> bool:
-    """Whether bf16 matrix products beat fp32 clearly here (CUDA: yes; CPU: AMX/avx512-bf16).
-
-    Read from the CPU flags on Linux, else measured once per process on a 512^3 product.
-    Alignment results do not depend on it (the bf16 path is only accepted with an
-    exact-optimality certificate); randomized sketches use it for speed only."""
-    if device_type == "cuda":
-        return True
-    if device_type != "cpu":
-        return False
-    try:  # deterministic where the CPU says so (a timing probe is noisy on a busy machine)
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            flags = f.read()
-        return "amx_bf16" in flags or "avx512_bf16" in flags
-    except OSError:
-        pass
-    a = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))
-    b16 = a.to(torch.bfloat16)
-    a @ a
-    b16 @ b16
-    t0 = time.perf_counter()
-    for _ in range(3):
-        a @ a
-    t32 = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(3):
-        b16 @ b16
-    t16 = time.perf_counter() - t0
-    return t16 < 0.5 * t32
-
-
 def _features(projector: Projector, in_name: str, out_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per hidden unit: in-side features [W_in row | b_in] and out-side features W_out column."""
     lin = projector.layer(in_name)
@@ -229,7 +197,7 @@ def _solve_pair(
         after = (s[ar, idx] / (pn * en[idx]).clamp_min(1e-12)).mean()
         return float(before), float(after)
 
-    if n * n * d >= _BF16_MIN_MACS and _bf16_is_fast(p_in.device.type):
+    if n * n * d >= _BF16_MIN_MACS and bf16_is_fast(p_in.device.type):
         s16 = _similarity(p_in, p_out, e_in, e_out, torch.bfloat16)
         tol = _BF16_REL_ERROR * pn * en.max()  # per row: rel * ||a_i|| * max_j ||b_j||
         perm = _certified_argmax(s16, tol)
@@ -311,7 +279,7 @@ def _identity_certified(
     if gram is None:
         f_in, f_out = _features(pivot, a, b)
         n, d = f_in.shape[0], f_in.shape[1] + f_out.shape[1]
-        fast = n * n * d >= _BF16_MIN_MACS and _bf16_is_fast(f_in.device.type)
+        fast = n * n * d >= _BF16_MIN_MACS and bf16_is_fast(f_in.device.type)
         dt = torch.bfloat16 if fast else torch.float32
         g = _similarity(f_in, f_out, f_in, f_out, dt)
         rel = _BF16_REL_ERROR if fast else 2.0**-12

@@ -23,7 +23,7 @@ import torch
 
 from pivotmerge_gui.core.methods import list_methods
 from pivotmerge_gui.core.methods.breadcrumbs import breadcrumbs_mask
-from pivotmerge_gui.core.methods.common import trim_top_k
+from pivotmerge_gui.core.methods.consensus import trim_top_k
 from tests.conftest import make_mlp_projector
 
 from .helpers import calibration_for, job_for, offset, random_delta, run

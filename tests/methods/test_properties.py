@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from pivotmerge_gui.core.linalg import polar, svd_top
 from pivotmerge_gui.core.methods.breadcrumbs import breadcrumbs_mask
-from pivotmerge_gui.core.methods.common import polar, svd_top
 from pivotmerge_gui.core.methods.dare import dare
 from pivotmerge_gui.core.methods.knots import knots_align
 from pivotmerge_gui.core.methods.regmean import regmean_solve, shrink_gram
@@ -268,14 +268,14 @@ def test_compute_dtype_is_respected():
 
 
 def test_fused_ties_equals_reference_composition():
-    from pivotmerge_gui.core.methods.common import disjoint_mean, elect_sign, trim_top_k
+    from pivotmerge_gui.core.methods.consensus import disjoint_merge, elect_sign, trim_top_k
     from pivotmerge_gui.core.methods.ties import ties_merge
 
     g = torch.Generator().manual_seed(3)
     taus = torch.randn(4, 300, 256, generator=g).round(decimals=1)  # many exact ties and zeros
     for method in ("sum", "count"):
         trimmed = trim_top_k(taus, 0.3)
-        want, _ = disjoint_mean(trimmed, elect_sign(trimmed, method))
+        want, _ = disjoint_merge(trimmed, elect_sign(trimmed, method))
         facts: dict = {}
         torch.testing.assert_close(ties_merge(taus, 0.3, method, "mean", facts), want)
         assert 0.0 < facts["sign_conflict_fraction"] < 1.0

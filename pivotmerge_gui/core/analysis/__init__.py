@@ -18,7 +18,7 @@ Per layer with a 2-D weight:
 - **sign-conflict rate**: share of coordinates where at least two experts' (nonzero) task
   vector entries have opposite signs;
 - **shared rank r** and **shared-energy ratio** exactly as PivotMerge would choose them for
-  the given ``shared_energy`` (share of the task vectors' energy inside ``U_s C V_s^T``);
+  the given ``shared_energy`` (:func:`..linalg.shared_subspace`, the rule the method uses) (share of the task vectors' energy inside ``U_s C V_s^T``);
 - a data-free **alignment score** per expert and layer: the share of that expert's update
   energy that lies in the shared subspace (1 = its update is fully made of directions the
   experts share; low = idiosyncratic in this layer).
@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 from ..alignment import align_to_pivot
-from ..progress import CancelToken, ProgressEvent
+from ..linalg import lapack_threads, product_dtype, range_finder, shared_subspace
+from ..progress import CancelToken, ProgressEvent, drain
 from ..projector import Projector, check_compatible
 
 FULL_SPECTRUM_LIMIT = 1024
@@ -130,25 +131,13 @@ def singular_values(w: torch.Tensor, top: int | None = TOP_SINGULAR_VALUES) -> S
         if g is None:
             a64 = a.double()
             g = a64.t() @ a64 if n <= m else a64 @ a64.t()
-        from ..methods.pivotmerge import _lapack_threads
-
-        with _lapack_threads(d > 2048 or a.device.type != "cpu"):
+        with lapack_threads(d > 2048 or a.device.type != "cpu"):
             ev = torch.linalg.eigvalsh(g.double()).flip(0).clamp(min=0.0).sqrt()
         return Spectrum(ev.cpu().numpy(), total, d, True)
     p = min(top + max(16, top // 4), d)
-    from ..alignment import _bf16_is_fast
-
-    mm = torch.bfloat16 if m * n * p >= 2**28 and _bf16_is_fast(a.device.type) else torch.float32
-    from ..methods.pivotmerge import _lapack_threads, _orth
-
-    am = a.to(mm)
-    gen = torch.Generator().manual_seed(0)
-    omega = torch.randn(n, p, generator=gen).to(a.device, mm)
-    q = _orth(am @ omega)
-    for _ in range(POWER_ITERS):
-        q = _orth(am @ (am.t() @ q.to(mm)))
+    q = range_finder(a, p, POWER_ITERS, product_dtype(a.device, m * n * p >= 2**28))
     b = q.t() @ a  # fp32 projection: values exact up to the subspace
-    with _lapack_threads(a.device.type != "cpu"):
+    with lapack_threads(a.device.type != "cpu"):
         s = torch.linalg.svdvals(b)[:top]
     return Spectrum(s.double().cpu().numpy(), total, d, False)
 
@@ -354,8 +343,6 @@ def iter_analysis(
     ``align``: permute hidden units of every expert (and of ``merged``) to ``experts[pivot]``
     first (a no-op for experts that share an init). ``shared_energy``/``max_rank``: as in
     PivotMerge, to show the rank it would choose."""
-    from ..methods.pivotmerge import shared_subspace  # the exact rule the method uses
-
     t0 = time.perf_counter()
     cancel = cancel or CancelToken()
     if not experts:
@@ -478,9 +465,4 @@ def iter_analysis(
 
 def analyze(experts: list[Projector], **kwargs: Any) -> Analysis:
     """Blocking :func:`iter_analysis`."""
-    gen = iter_analysis(experts, **kwargs)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+    return drain(iter_analysis(experts, **kwargs))

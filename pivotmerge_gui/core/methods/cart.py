@@ -14,8 +14,9 @@ from collections.abc import Sequence
 
 import torch
 
+from ..linalg import svd_top
 from .base import MergeJob, Param, register
-from .common import is_matrix, svd_top
+from .common import is_matrix
 from .task_arithmetic import TaskVectorMethod
 
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
+from ..linalg import polar, svd_top
 from .base import MergeJob, Param, register
-from .common import is_matrix, polar, svd_top
+from .common import is_matrix
 from .task_arithmetic import TaskVectorMethod
 
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from ..linalg import rank_tol
 from .base import MergeJob, Param, register
-from .common import _rank_tol, is_matrix
+from .common import is_matrix
 from .task_arithmetic import TaskVectorMethod
 from .ties import ties_merge
 
@@ -25,7 +26,7 @@ def knots_align(taus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(U [m, r], coefficients [K, r, n]) with Delta_k = U @ coefficients[k] exactly."""
     gram = torch.einsum("kij,klj->il", taus, taus)
     evals, evecs = torch.linalg.eigh(gram)
-    keep = evals > _rank_tol(evals, max(taus.shape[1], taus.shape[0] * taus.shape[2]))
+    keep = evals > rank_tol(evals, max(taus.shape[1], taus.shape[0] * taus.shape[2]))
     u = evecs[:, keep].flip(1)
     return u, torch.einsum("ir,kin->krn", u, taus)
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import MethodError, NeedsCalibrationError
+from ..linalg import solve_normal_equations
 from ..progress import ProgressEvent
 from .base import MergeJob, MergeMethod, MergeOutput, Param, register
 
@@ -27,22 +28,6 @@ def shrink_gram(gram: torch.Tensor, alpha: float) -> torch.Tensor:
     if alpha >= 1.0:
         return gram
     return alpha * gram + (1.0 - alpha) * torch.diag(torch.diagonal(gram))
-
-
-def solve_normal_equations(lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """lhs^-1 rhs for a symmetric PSD ``lhs``: Cholesky when it is positive definite (the
-    usual case, ~5x cheaper than LU), least squares / pseudo-inverse when it is singular."""
-    if lhs.dtype in (torch.float16, torch.bfloat16):  # no half-precision linalg kernels
-        return solve_normal_equations(lhs.float(), rhs.float()).to(lhs.dtype)
-    chol, info = torch.linalg.cholesky_ex(lhs)
-    if int(info) == 0:
-        sol = torch.cholesky_solve(rhs, chol)
-        if torch.isfinite(sol).all():
-            return sol
-    sol = torch.linalg.lstsq(lhs, rhs).solution
-    if not torch.isfinite(sol).all():
-        sol = torch.linalg.pinv(lhs) @ rhs
-    return sol
 
 
 def regmean_solve(weights: list[torch.Tensor], grams: list[torch.Tensor]) -> torch.Tensor:

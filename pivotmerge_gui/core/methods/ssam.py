@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import torch
 
+from ..linalg import rank_tol
 from .base import MergeJob, Param, register
-from .common import _rank_tol, is_matrix
+from .common import is_matrix
 from .task_arithmetic import TaskVectorMethod
 
 
@@ -29,7 +30,7 @@ def shared_subspaces(taus: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch
     def top(gram: torch.Tensor, size: int) -> torch.Tensor:
         evals, evecs = torch.linalg.eigh(gram)
         evals, evecs = evals.flip(0)[:rank], evecs.flip(1)[:, :rank]
-        return evecs[:, evals > _rank_tol(evals, size)]
+        return evecs[:, evals > rank_tol(evals, size)]
 
     size = max(taus.shape[1], taus.shape[2]) * taus.shape[0]
     u = top(torch.einsum("kij,klj->il", taus, taus), size)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from ..linalg import polar, svd_top
 from .base import MergeJob, Param, register
-from .common import is_matrix, polar, svd_top
+from .common import is_matrix
 from .task_arithmetic import TaskVectorMethod
 
 

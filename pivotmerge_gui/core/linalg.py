@@ -1,0 +1,281 @@
+"""Numerical building blocks shared by the merge methods, the alignment and the analysis.
+
+One home for: LAPACK/torch thread control, orthonormalisation, descending ``eigh``,
+the bf16-speed probe, fixed-seed Gaussian test matrices and randomized range finders
+(sketches), the energy rule for a rank, the shared subspace of a stack of updates,
+truncated SVD / polar factor / best low rank, and PSD solves. Everything here is pure
+torch on the tensors' own device; callers decide dtypes and what the results mean.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from functools import cache
+from typing import Any
+
+import torch
+
+EXACT_GRAM_LIMIT = 1024  # shared_subspace: Gram + eigh when the larger side is at most this
+OVERSAMPLE = 16  # extra sketch columns beyond the rank asked for
+POWER_ITERS = 1  # subspace iterations of the shared-subspace sketch
+SKETCH_SEED = 20260422  # test matrices do not depend on the job's seed: same inputs -> same result
+
+
+# =============================================================================== threads
+@contextmanager
+def lapack_threads(big: bool = False) -> Iterator[None]:
+    """Run small CPU LAPACK calls (QR of 4096 x 272, eigh of 272 x 272) on one thread.
+
+    Multi-threaded LAPACK on such thin problems spends its time in thread start-up and
+    spin-waits, which on a busy machine costs many times the work itself. ``big`` (or a
+    non-CPU device at the caller) keeps the current setting. The thread count is restored
+    afterwards (process-wide setting: only speed, never results, of other threads can be
+    affected meanwhile)."""
+    n = torch.get_num_threads()
+    if big or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+# =============================================================================== bf16 probe
+@cache
+def bf16_is_fast(device_type: str) -> bool:
+    """Whether bf16 matrix products beat fp32 clearly here (CUDA: yes; CPU: AMX/avx512-bf16).
+
+    Read from the CPU flags on Linux, else measured once per process on a 512^3 product.
+    Callers use it for speed only (sketches, certified alignment), never for results that
+    depend on it."""
+    if device_type == "cuda":
+        return True
+    if device_type != "cpu":
+        return False
+    try:  # deterministic where the CPU says so (a timing probe is noisy on a busy machine)
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = f.read()
+        return "amx_bf16" in flags or "avx512_bf16" in flags
+    except OSError:
+        pass
+    a = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))
+    b16 = a.to(torch.bfloat16)
+    a @ a
+    b16 @ b16
+    t0 = time.perf_counter()
+    for _ in range(3):
+        a @ a
+    t32 = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(3):
+        b16 @ b16
+    t16 = time.perf_counter() - t0
+    return t16 < 0.5 * t32
+
+
+def product_dtype(device: torch.device, big: bool) -> torch.dtype:
+    """bf16 for ``big`` products on a device where bf16 is fast, else fp32."""
+    return torch.bfloat16 if big and bf16_is_fast(device.type) else torch.float32
+
+
+# =============================================================================== small pieces
+def orth(y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the columns of ``y`` (reduced QR in fp32)."""
+    with lapack_threads(y.device.type != "cpu"):
+        return torch.linalg.qr(y.float(), mode="reduced")[0]
+
+
+def eigh_desc(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenpairs of the symmetric part of ``g``, eigenvalues descending and clamped at 0."""
+    with lapack_threads(g.shape[0] > 2048 or g.device.type != "cpu"):
+        vals, vecs = torch.linalg.eigh((g + g.transpose(-1, -2)) / 2)
+    return vals.flip(0).clamp(min=0.0), vecs.flip(1)
+
+
+def gaussian(shape: Sequence[int], salt: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Gaussian test matrix from ``SKETCH_SEED + salt``, drawn on the CPU (same numbers on
+    every device)."""
+    gen = torch.Generator().manual_seed(SKETCH_SEED + salt)
+    return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+
+def energy_rank(vals: torch.Tensor, total: float, energy: float) -> int:
+    """Smallest r with ``sum(vals[:r]) >= energy * total`` (``vals`` descending); all of
+    them when even the full sum falls short, 0 when ``total`` is 0."""
+    if total <= 0:
+        return 0
+    cum = torch.cumsum(vals, 0) / total
+    hit = (cum >= energy - 1e-9).nonzero()
+    return int(hit[0]) + 1 if hit.numel() else int(vals.numel())
+
+
+def rank_tol(eigvals: torch.Tensor, size: int) -> float:
+    """Eigenvalues of a Gram matrix below this are numerically zero (matrix_rank rule,
+    applied to sigma^2 = eigenvalue)."""
+    if eigvals.numel() == 0:
+        return 0.0
+    top = float(eigvals.max().clamp(min=0))
+    return top * size * torch.finfo(eigvals.dtype).eps
+
+
+# =============================================================================== sketches
+def sketch_eigh(
+    t: torch.Tensor, p: int, salt: int, power_iters: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-p eigenpairs of A = sum_k t_k t_k^T for a stack ``t`` [K, m, n] (possibly a bf16
+    copy or a transposed view) by randomized subspace iteration on M = [t_1 ... t_K]
+    (Halko et al. 2011). Returns (eigenvalues desc, eigenvectors [m, p]); the big products
+    run in ``t``'s dtype, QR and the small eigenproblem in fp32/fp64."""
+    k, _m, n = t.shape
+    omega = gaussian((k, n, p), salt, t.device, t.dtype)
+    # explicit (batched) matmuls: einsum would copy the transposed 4096x4096 stacks
+    q = orth(torch.matmul(t, omega).float().sum(0))
+    for _ in range(power_iters):
+        z = torch.matmul(t.transpose(1, 2), q.to(t.dtype))  # [K, n, p]
+        q = orth(torch.matmul(t, z).float().sum(0))
+    b = torch.matmul(q.t().to(t.dtype), t).float()  # [K, p, n]
+    h = torch.matmul(b, b.transpose(1, 2)).sum(0)
+    vals, w = eigh_desc(h.double())
+    return vals.float(), q @ w.float()
+
+
+def range_finder(a: torch.Tensor, p: int, power_iters: int, dtype: torch.dtype) -> torch.Tensor:
+    """Orthonormal basis [m, p] of the dominant column space of one matrix ``a`` [m, n]:
+    a Gaussian sketch (seed 0) and ``power_iters`` subspace iterations with the products in
+    ``dtype`` and fp32 QR."""
+    am = a.to(dtype)
+    omega = torch.randn(a.shape[1], p, generator=torch.Generator().manual_seed(0)).to(a.device, dtype)
+    q = orth(am @ omega)
+    for _ in range(power_iters):
+        q = orth(am @ (am.t() @ q.to(dtype)))
+    return q
+
+
+def shared_subspace(
+    taus: torch.Tensor, energy: float, max_rank: int, *, salt: int = 0, total: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Shared bases (U_s [m, r], V_s [n, r], fp32) of a stack of updates ``taus`` [K, m, n].
+
+    U_s: top-r eigenvectors of ``sum tau tau^T``; V_s: of ``sum tau^T tau``; r = the
+    smallest rank whose eigenvalues hold ``energy`` of the trace on either side (the larger
+    of the two), capped by ``max_rank`` (0 = no cap). Small layers use the exact Gram
+    matrices; large ones randomized subspace iteration with ``max_rank + OVERSAMPLE``
+    columns (bf16 products where they are fast; the subspace is approximate, everything
+    computed from it afterwards is exact). ``taus`` may be a bf16 copy; ``total`` is then
+    the exact fp32 energy sum_k ||tau_k||^2. Never a full SVD of the concatenation.
+    The info dict says how (``method``), the ranks and the captured energies."""
+    k, m, n = taus.shape
+    if total is None:
+        total = float(torch.linalg.vector_norm(taus.float())) ** 2
+    cap = min(m, n) if max_rank <= 0 else min(max_rank, m, n)
+    info: dict[str, Any] = {"method": "exact-gram"}
+    if total == 0.0:
+        z = taus.new_zeros
+        return z(m, 0), z(n, 0), {"method": "zero", "rank": 0, "rank_u": 0, "rank_v": 0,
+                                  "energy_u": 1.0, "energy_v": 1.0, "spectrum": []}
+    if max(m, n) <= EXACT_GRAM_LIMIT:
+        t = taus.float()
+        a = torch.matmul(t, t.transpose(1, 2)).sum(0)
+        b = torch.matmul(t.transpose(1, 2), t).sum(0)
+        va, ua = eigh_desc(a)
+        vb, ub = eigh_desc(b)
+    else:
+        mm_dtype = product_dtype(taus.device, m * n * k >= 2**22)
+        p = min(cap + OVERSAMPLE, min(m, n)) if max_rank > 0 else min(256, min(m, n))
+        t = taus.to(mm_dtype)
+        while True:
+            va, ua = sketch_eigh(t, p, salt * 2, POWER_ITERS)
+            vb, ub = sketch_eigh(t.transpose(1, 2), p, salt * 2 + 1, POWER_ITERS)
+            reached = energy_rank(va, total, energy) < p - OVERSAMPLE // 2 or p >= min(m, n)
+            if max_rank > 0 or reached:
+                break
+            p = min(2 * p, min(m, n))
+        info = {"method": f"randomized-{str(mm_dtype).replace('torch.', '')}", "sketch": p}
+    r_u = min(energy_rank(va, total, energy), cap)
+    r_v = min(energy_rank(vb, total, energy), cap)
+    r = max(1, max(r_u, r_v))
+    r = min(r, cap, ua.shape[1], ub.shape[1])
+    info.update(
+        rank=r, rank_u=r_u, rank_v=r_v,
+        energy_u=float(va[:r].sum() / total), energy_v=float(vb[:r].sum() / total),
+        spectrum=[float(v / total) for v in va[: min(64, va.numel())]],
+    )
+    return ua[:, :r].contiguous(), ub[:, :r].contiguous(), info
+
+
+# =============================================================================== low rank
+def svd_top(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` singular triplets (U [r_m, r], S [r], Vh [r, n]) of a 2-D tensor.
+
+    Computed from ``eigh`` of the Gram matrix on the smaller side rather than a full SVD:
+    for 4096x4096 updates that is about 3x faster on CPU, and only the leading, well
+    separated components are asked for. Components whose singular value is numerically
+    zero are dropped, so fewer than ``rank`` may come back.
+    """
+    rows, cols = m.shape
+    rank = max(0, min(int(rank), rows, cols))
+    if rank == 0:
+        return m.new_zeros(rows, 0), m.new_zeros(0), m.new_zeros(0, cols)
+    if rows <= cols:
+        evals, evecs = torch.linalg.eigh(m @ m.T)
+    else:
+        evals, evecs = torch.linalg.eigh(m.T @ m)
+    evals, evecs = evals.flip(0)[:rank], evecs.flip(1)[:, :rank]
+    keep = evals > rank_tol(evals, max(rows, cols))
+    evals, evecs = evals[keep], evecs[:, keep]
+    s = evals.sqrt()
+    if rows <= cols:
+        u = evecs
+        vh = (evecs.T @ m) / s.unsqueeze(1)
+    else:
+        vh = evecs.T
+        u = (m @ evecs) / s.unsqueeze(0)
+    return u, s, vh
+
+
+def polar(a: torch.Tensor) -> torch.Tensor:
+    """Orthonormal polar factor of ``a`` (the U V^T of its SVD), via eigh of the Gram matrix.
+
+    Directions whose singular value is numerically zero are left out (a pseudo-polar
+    factor): where the references orthogonalise a rank-deficient stack with a full SVD, the
+    vectors they attach to zero singular values are arbitrary (LAPACK-dependent), so we
+    drop them instead. For full-rank input this is exactly U V^T.
+    """
+    rows, cols = a.shape
+    if cols <= rows:
+        evals, q = torch.linalg.eigh(a.T @ a)
+        keep = evals > rank_tol(evals, rows)
+        q, evals = q[:, keep], evals[keep]
+        return (a @ q) @ (q.T / evals.sqrt().unsqueeze(1))
+    return polar(a.T).T
+
+
+def low_rank(m: torch.Tensor, rank: int) -> torch.Tensor:
+    """Best rank-``rank`` approximation of a 2-D tensor (truncated SVD)."""
+    if rank <= 0:
+        return torch.zeros_like(m)
+    if rank >= min(m.shape):
+        return m
+    u, s, vh = torch.linalg.svd(m.float(), full_matrices=False)
+    return ((u[:, :rank] * s[:rank]) @ vh[:rank]).to(m.dtype)
+
+
+# =============================================================================== solves
+def solve_normal_equations(lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """lhs^-1 rhs for a symmetric PSD ``lhs``: Cholesky when it is positive definite (the
+    usual case, ~5x cheaper than LU), least squares / pseudo-inverse when it is singular."""
+    if lhs.dtype in (torch.float16, torch.bfloat16):  # no half-precision linalg kernels
+        return solve_normal_equations(lhs.float(), rhs.float()).to(lhs.dtype)
+    chol, info = torch.linalg.cholesky_ex(lhs)
+    if int(info) == 0:
+        sol = torch.cholesky_solve(rhs, chol)
+        if torch.isfinite(sol).all():
+            return sol
+    sol = torch.linalg.lstsq(lhs, rhs).solution
+    if not torch.isfinite(sol).all():
+        sol = torch.linalg.pinv(lhs) @ rhs
+    return sol

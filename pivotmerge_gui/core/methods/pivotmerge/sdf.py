@@ -1,0 +1,261 @@
+"""PivotMerge stage 2: Shared-space Decomposition and Filtering (SDF), tensor by tensor.
+
+Why: task vectors of different domains interfere where they share directions and carry
+complementary knowledge where they do not. Each 2-D update is split into coordinates in
+the experts' shared subspace (:func:`...linalg.shared_subspace`), merged there with the
+sign consensus of :mod:`..consensus` when conflict filtering is on, plus each expert's top
+residual directions, combined by an overlap-normalised sum (identical residuals average,
+orthogonal ones add). Other tensors are merged entry-wise the same way. Big layers never
+hold an fp32 stack of task vectors (:class:`TaskStack`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ...linalg import (
+    EXACT_GRAM_LIMIT,
+    gaussian,
+    lapack_threads,
+    orth,
+    product_dtype,
+    shared_subspace,
+)
+from ...progress import ProgressEvent
+from ...projector import Projector
+from ..base import MergeJob
+from ..consensus import agreement, disjoint_merge, elect_sign, trim_top_k
+from .report import TensorReport
+from .settings import Settings
+
+
+class TaskStack:
+    """Task vectors ``tau_k = theta_k - ref`` of one 2-D weight without an fp32 stack.
+
+    Big layers (4096x4096, 4 experts: a 268 MB fp32 stack) keep only ``low``, a copy in the
+    sketch dtype (bf16 where fast), for the randomized range finder; every exact product
+    uses the experts' own fp32 tensors, ``tau_k @ x = theta_k @ x - ref @ x``."""
+
+    def __init__(self, thetas: Sequence[torch.Tensor], ref: torch.Tensor, low_dtype: torch.dtype) -> None:
+        self.thetas = [t.float() for t in thetas]
+        self.ref = ref.float()
+        k = len(self.thetas)
+        m, n = self.ref.shape
+        self.shape = (k, m, n)
+        self.low = torch.empty((k, m, n), dtype=low_dtype, device=self.ref.device)
+        norm2 = []
+        for i, th in enumerate(self.thetas):
+            d = th - self.ref
+            norm2.append(float(torch.linalg.vector_norm(d)) ** 2)
+            self.low[i].copy_(d)
+            del d
+        self.norm2 = torch.tensor(norm2, dtype=torch.float64)
+        self.total = float(self.norm2.sum())
+
+    def tau(self, i: int) -> torch.Tensor:
+        return self.thetas[i] - self.ref
+
+    def mul(self, i: int, x: torch.Tensor) -> torch.Tensor:  # tau_i @ x
+        return self.thetas[i] @ x - self.ref @ x
+
+    def tmul(self, i: int, y: torch.Tensor) -> torch.Tensor:  # tau_i^T @ y
+        yt = y.t()  # (y^T theta)^T reads theta row-major: ~2x faster than theta^T @ y on CPU
+        return (yt @ self.thetas[i] - yt @ self.ref).t()
+
+    def coords(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """C_k = U^T tau_k V for every k, [K, r, r] (fp32)."""
+        rv = u.t() @ self.ref @ v
+        return torch.stack([(u.t() @ th) @ v - rv for th in self.thetas])
+
+
+def residual_lowrank(
+    ts: TaskStack, i: int, u: torch.Tensor, c: torch.Tensor, v: torch.Tensor, rank: int, salt: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` SVD factors of R = tau_i - U C V^T without forming R (randomized, fp32)."""
+    _, m, n = ts.shape
+    rank = min(rank, m, n)
+
+    def r_mul(x: torch.Tensor) -> torch.Tensor:  # R @ x
+        return ts.mul(i, x) - u @ (c @ (v.t() @ x))
+
+    def rt_mul(y: torch.Tensor) -> torch.Tensor:  # R^T @ y
+        return ts.tmul(i, y) - v @ (c.t() @ (u.t() @ y))
+
+    if max(m, n) <= EXACT_GRAM_LIMIT // 2:
+        res = ts.tau(i) - u @ c @ v.t()
+        with lapack_threads(res.device.type != "cpu"):
+            uu, ss, vh = torch.linalg.svd(res, full_matrices=False)
+        return uu[:, :rank], ss[:rank], vh[:rank].t()
+    p = min(rank + 8, m, n)
+    q = orth(r_mul(gaussian((n, p), salt, ts.ref.device, torch.float32)))
+    q = orth(r_mul(rt_mul(q)))
+    bt = rt_mul(q)  # [n, p] = (Q^T R)^T
+    with lapack_threads(bt.device.type != "cpu"):
+        ub, s, vh = torch.linalg.svd(bt.t(), full_matrices=False)
+    return (q @ ub)[:, :rank], s[:rank], vh[:rank].t()
+
+
+def overlap_normalised_sum(
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """Combine low-rank pieces P_k = U_k diag(s_k) V_k^T into one update.
+
+    Returns ``Q_U^{-1/2} (sum_k P_k) Q_V^{-1/2}`` with ``Q_U = sum_k U_k U_k^T`` whose
+    eigenvalues are floored at 1 (likewise Q_V). Identical pieces come out averaged,
+    mutually orthogonal pieces summed; nearly-equal pieces are averaged along their common
+    directions and their small differences kept unscaled (no blow-up, unlike a polar
+    factor of a near-singular stack)."""
+    ucat = torch.cat([f[0] for f in factors], 1)
+    scat = torch.cat([f[1] for f in factors], 0)
+    vcat = torch.cat([f[2] for f in factors], 1)
+
+    def normalise(x: torch.Tensor) -> torch.Tensor:
+        with lapack_threads(x.device.type != "cpu"):
+            a, s, bh = torch.linalg.svd(x, full_matrices=False)
+        g = s / s.pow(2).clamp(min=1.0).sqrt()
+        return (a * g) @ bh
+
+    return (normalise(ucat) * scat) @ normalise(vcat).t()
+
+
+def elect_and_merge(
+    stack: torch.Tensor, weights: torch.Tensor, *, filter_conflicts: bool, trim_density: float = 1.0
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Merge ``stack`` [K, ...] of updates entry-wise.
+
+    ``filter_conflicts``: weighted sign consensus (:mod:`..consensus`: sign of the total
+    mass, majority of signs where the mass is zero up to rounding, an exact tie drops the
+    entry), then the weighted mean of the agreeing entries. Without filtering: weighted
+    mean. ``trim_density`` < 1 first keeps only the largest-magnitude fraction of each
+    stack[k] (TIES trim).
+
+    Returns (merged, stats) with ``conflict_fraction`` (share of nonzero entries that
+    disagree with the elected sign), ``trimmed_fraction`` and ``agree_energy`` (share of
+    the update energy in entries that agree with it)."""
+    stats: dict[str, float] = {"conflict_fraction": 0.0, "trimmed_fraction": 0.0}
+    if trim_density < 1.0:
+        before = (stack != 0).sum()
+        stack = trim_top_k(stack, trim_density)
+        after = (stack != 0).sum()
+        stats["trimmed_fraction"] = float(1.0 - after / before.clamp(min=1))
+    sign = elect_sign(stack, weights=weights)
+    if filter_conflicts:
+        merged, agree = disjoint_merge(stack, sign, weights)
+    else:
+        agree = agreement(stack, sign)
+        w = weights.to(stack.dtype).view(stack.shape[0], *([1] * (stack.dim() - 1)))
+        merged = (stack * w).sum(0) / w.sum()
+    nonzero = stack != 0
+    energy = stack.pow(2).sum()
+    stats["agree_energy"] = float((stack.pow(2) * agree).sum() / energy) if energy > 0 else 1.0
+    n_nonzero = nonzero.sum()
+    stats["conflict_fraction"] = (
+        float((nonzero & ~agree).sum() / n_nonzero) if n_nonzero > 0 else 0.0
+    )
+    return merged, stats
+
+
+def sdf_tensor(
+    ts: TaskStack, weights: torch.Tensor, s: Settings, salt: int, entry: TensorReport
+) -> tuple[torch.Tensor, float]:
+    """SDF of one 2-D weight: shared subspace, filtered coordinates, merged residuals.
+    Fills ``entry``; returns (merged update, shared-energy fraction)."""
+    k, m, n = ts.shape
+    total = ts.total
+    u, v, sub = shared_subspace(ts.low, s.shared_energy, s.max_rank, salt=salt, total=total)
+    ts.low = ts.low.new_empty(0)  # the sketch copy is no longer needed: free it now
+    r = u.shape[1]
+    c = ts.coords(u, v) if r > 0 else torch.zeros(k, 0, 0, device=ts.ref.device)
+    shared_e = float(c.pow(2).sum()) / total if total > 0 else 1.0
+    c_star, st = elect_and_merge(c, weights, filter_conflicts=s.filter_conflicts,
+                                 trim_density=s.trim_density)
+    merged = u @ c_star @ v.t() if r > 0 else torch.zeros(m, n, device=ts.ref.device)
+    entry.subspace, entry.rank = sub["method"], r
+    entry.rank_u, entry.rank_v = sub["rank_u"], sub["rank_v"]
+    entry.conflict_fraction = round(st["conflict_fraction"], 6)
+    entry.trimmed_fraction = round(st["trimmed_fraction"], 6)
+    entry.residual_rank = 0
+    if s.residuals and s.residual_weight > 0 and r < min(m, n):
+        factors = []
+        kept = 0.0
+        for i in range(k):
+            uu, ss, vv = residual_lowrank(ts, i, u, c[i], v, s.residual_rank, salt * 131 + i)
+            kept += float(ss.pow(2).sum())
+            factors.append((uu, ss * weights[i], vv))
+        merged = merged + s.residual_weight * overlap_normalised_sum(factors)
+        entry.residual_rank = int(factors[0][1].numel())
+        entry.residual_energy_kept = round(kept / total, 6) if total > 0 else 0.0
+    entry.shared_energy = min(shared_e, 1.0)
+    return merged, entry.shared_energy
+
+
+@dataclass
+class SdfResult:
+    """Merged update per tensor, and per layer what data-free ALM needs."""
+
+    tau_star: dict[str, torch.Tensor] = field(default_factory=dict)
+    tensors: list[TensorReport] = field(default_factory=list)
+    typical_sq: dict[str, float] = field(default_factory=dict)  # expert-typical ||tau||^2
+    merged_sq: dict[str, float] = field(default_factory=dict)  # ||tau*||^2
+    energy: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # (fraction, weight)
+
+    def shared_fraction(self) -> dict[str, float]:
+        """Per layer: energy-weighted shared (or sign-agreeing) fraction of the updates."""
+        out = {}
+        for lname, parts in self.energy.items():
+            tot = sum(w for _, w in parts)
+            out[lname] = sum(e * w for e, w in parts) / tot if tot > 0 else 1.0
+        return out
+
+
+def layer_of(key: str) -> str:
+    """Layer name of a canonical tensor name ``"<layer>.<role>"``."""
+    return key.rsplit(".", 1)[0]
+
+
+def merge_task_vectors(
+    job: MergeJob, ref: Projector, aligned: list[Projector], weights: torch.Tensor, s: Settings
+) -> Generator[ProgressEvent, None, SdfResult]:
+    """Stage 2 over every tensor (progress 0.32 to 0.82)."""
+    ref_state = ref.state()
+    states = [a.state() for a in aligned]
+    keys = list(ref_state)
+    k_exp = len(aligned)
+    res = SdfResult()
+    for ti, key in enumerate(keys):
+        job.cancel.raise_if_cancelled()
+        lname = layer_of(key)
+        yield ProgressEvent("sdf", 0.32 + 0.5 * ti / len(keys), f"PivotMerge: merging {key}")
+        r0 = ref_state[key].to(job.dtype)
+        if r0.dim() == 2 and s.sdf and min(r0.shape) > 1:
+            entry = TensorReport(key, list(r0.shape), "sdf", 0.0, bool(s.filter_conflicts), 0.0)
+            big = r0.numel() * k_exp >= 2**22 and max(r0.shape) > EXACT_GRAM_LIMIT
+            ts = TaskStack([st_[key] for st_ in states], r0, product_dtype(r0.device, big))
+            tnorm2 = ts.norm2.to(weights.device, torch.float32)
+            merged, e = sdf_tensor(ts, weights, s, ti, entry)
+            del ts
+        else:
+            # one fp32 stack filled in place (no per-expert temporaries)
+            t32 = torch.empty((k_exp, *r0.shape), dtype=torch.float32, device=r0.device)
+            for i, st_ in enumerate(states):
+                torch.sub(st_[key].float(), r0.float(), out=t32[i])
+            tnorm2 = torch.linalg.vector_norm(t32.flatten(1), dim=1) ** 2
+            merged, st = elect_and_merge(t32, weights, filter_conflicts=s.filter_conflicts,
+                                         trim_density=s.trim_density if r0.dim() == 2 else 1.0)
+            entry = TensorReport(key, list(r0.shape), "entry-wise",
+                                 round(st["conflict_fraction"], 6), bool(s.filter_conflicts),
+                                 round(st["trimmed_fraction"], 6))
+            e = st["agree_energy"]
+            del t32
+        res.typical_sq[lname] = res.typical_sq.get(lname, 0.0) + float((tnorm2 * weights).sum() / k_exp)
+        entry.energy = float(tnorm2.sum())
+        res.energy.setdefault(lname, []).append((e, float(tnorm2.sum())))
+        res.merged_sq[lname] = res.merged_sq.get(lname, 0.0) + float(merged.pow(2).sum())
+        res.tau_star[key] = merged.to(job.dtype)
+        res.tensors.append(entry)
+        del merged
+    yield ProgressEvent("sdf", 0.82, "PivotMerge: shared-space merge done")
+    return res

@@ -1,0 +1,129 @@
+"""core.linalg: the shared numerical building blocks, checked against plain SVD/eigh."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pivotmerge_gui.core import linalg
+
+
+def _rand(*shape, seed=0, dtype=torch.float64):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.mark.parametrize("shape", [(30, 12), (12, 30), (9, 9)])
+def test_polar_is_orthogonal_and_matches_svd(shape):
+    a = _rand(*shape, seed=1)
+    p = linalg.polar(a)
+    u, _, vh = torch.linalg.svd(a, full_matrices=False)
+    torch.testing.assert_close(p, u @ vh)
+    k = min(shape)
+    gram = p.T @ p if shape[1] <= shape[0] else p @ p.T
+    torch.testing.assert_close(gram, torch.eye(k, dtype=a.dtype))
+
+
+def test_polar_drops_null_directions():
+    a = _rand(20, 3, seed=2)
+    p = linalg.polar(torch.cat([a, a], 1))
+    assert torch.linalg.matrix_rank(p).item() == 3
+    # on its range it is still an isometry: singular values are exactly 1 or 0
+    s = torch.linalg.svdvals(p)
+    torch.testing.assert_close(s[:3], torch.ones(3, dtype=a.dtype))
+
+
+def test_svd_top_and_low_rank_match_truncated_svd():
+    m = _rand(25, 40, seed=3)
+    u0, s0, vh0 = torch.linalg.svd(m, full_matrices=False)
+    u, s, vh = linalg.svd_top(m, 4)
+    torch.testing.assert_close(s, s0[:4])
+    best = (u0[:, :4] * s0[:4]) @ vh0[:4]
+    torch.testing.assert_close((u * s) @ vh, best)
+    torch.testing.assert_close(linalg.low_rank(m, 4), best, atol=1e-4, rtol=0)  # fp32 SVD inside
+    assert torch.equal(linalg.low_rank(m, 0), torch.zeros_like(m))
+
+
+def test_orth_and_eigh_desc():
+    y = _rand(50, 6, seed=4)
+    q = linalg.orth(y)
+    torch.testing.assert_close(q.T @ q, torch.eye(6), atol=1e-5, rtol=0)
+    # same column space: projecting y onto span(q) keeps it
+    torch.testing.assert_close(q @ (q.T @ y.float()), y.float(), atol=1e-4, rtol=0)
+    g = y @ y.T
+    vals, vecs = linalg.eigh_desc(g)
+    assert bool((vals[:-1] >= vals[1:]).all()) and bool((vals >= 0).all())
+    torch.testing.assert_close((vecs[:, :6] * vals[:6]) @ vecs[:, :6].T, g)
+
+
+def test_energy_rank():
+    vals = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    assert linalg.energy_rank(vals, 10.0, 0.7) == 2
+    assert linalg.energy_rank(vals, 10.0, 0.71) == 3
+    assert linalg.energy_rank(vals, 10.0, 1.0) == 4
+    assert linalg.energy_rank(vals, 20.0, 0.9) == 4  # the spectrum falls short: all of it
+    assert linalg.energy_rank(vals, 0.0, 0.5) == 0
+
+
+def test_sketches_find_an_exactly_low_rank_range():
+    g = torch.Generator().manual_seed(5)
+    taus = torch.stack([torch.randn(300, 5, generator=g) @ torch.randn(5, 200, generator=g) for _ in range(3)])
+    exact = torch.linalg.eigvalsh((taus @ taus.transpose(1, 2)).sum(0).double()).flip(0)[:15].float()
+    vals, vecs = linalg.sketch_eigh(taus, 15, salt=0, power_iters=1)
+    torch.testing.assert_close(vals, exact, rtol=1e-3, atol=1e-2 * float(exact[0]) * 1e-3)
+    torch.testing.assert_close(vecs.T @ vecs, torch.eye(15), atol=1e-4, rtol=0)
+    q = linalg.range_finder(taus[0], 8, 2, torch.float32)
+    torch.testing.assert_close(q @ (q.T @ taus[0]), taus[0], atol=1e-3, rtol=0)
+
+
+def test_shared_subspace_of_one_direction_is_rank_one():
+    u = torch.nn.functional.normalize(_rand(40, seed=6, dtype=torch.float32), dim=0)
+    v = torch.nn.functional.normalize(_rand(30, seed=7, dtype=torch.float32), dim=0)
+    taus = torch.stack([c * torch.outer(u, v) for c in (1.0, 2.0, -0.5)])
+    us, vs, info = linalg.shared_subspace(taus, 0.9, 0)
+    assert info["method"] == "exact-gram" and info["rank"] == 1 and us.shape == (40, 1)
+    assert abs(float(us[:, 0] @ u)) == pytest.approx(1.0, abs=1e-5)
+    assert abs(float(vs[:, 0] @ v)) == pytest.approx(1.0, abs=1e-5)
+    zero_u, _, zero_info = linalg.shared_subspace(torch.zeros(2, 5, 4), 0.9, 0)
+    assert zero_u.shape == (5, 0) and zero_info["method"] == "zero"
+
+
+def test_solve_normal_equations_definite_and_singular():
+    a = _rand(8, 5, seed=8)
+    lhs = a.T @ a + 0.1 * torch.eye(5, dtype=a.dtype)
+    rhs = _rand(5, 3, seed=9)
+    torch.testing.assert_close(lhs @ linalg.solve_normal_equations(lhs, rhs), rhs)
+    sing = torch.diag(torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64))
+    sol = linalg.solve_normal_equations(sing, torch.tensor([[2.0], [3.0], [0.0]], dtype=torch.float64))
+    torch.testing.assert_close(sol[:2, 0], torch.tensor([1.0, 3.0], dtype=torch.float64))
+
+
+def test_rank_tol_scales_with_the_top_eigenvalue():
+    assert linalg.rank_tol(torch.tensor([]), 10) == 0.0
+    t = linalg.rank_tol(torch.tensor([4.0, 1.0]), 10)
+    assert t == pytest.approx(4.0 * 10 * torch.finfo(torch.float32).eps)
+
+
+def test_lapack_threads_restores_the_thread_count():
+    before = torch.get_num_threads()
+    with linalg.lapack_threads():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with linalg.lapack_threads(big=True):
+        assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), linalg.lapack_threads():
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == before
+
+
+def test_bf16_probe_and_product_dtype():
+    assert linalg.bf16_is_fast("cuda") is True
+    assert linalg.bf16_is_fast("meta") is False
+    assert isinstance(linalg.bf16_is_fast("cpu"), bool)
+    assert linalg.product_dtype(torch.device("cpu"), big=False) == torch.float32
+    assert linalg.product_dtype(torch.device("meta"), big=True) == torch.float32
+
+
+def test_gaussian_is_seed_fixed_and_salted():
+    a = linalg.gaussian((4, 3), 1, torch.device("cpu"), torch.float32)
+    assert torch.equal(a, linalg.gaussian((4, 3), 1, torch.device("cpu"), torch.float32))
+    assert not torch.equal(a, linalg.gaussian((4, 3), 2, torch.device("cpu"), torch.float32))
