@@ -130,3 +130,41 @@ def test_bfloat16_compute(cls):
         # Breadcrumbs), so compare whole tensors, not entries
         err = (v.float() - ref.state[k]).norm() / ref.state[k].norm()
         assert err < 0.05, (k, float(err))
+
+
+# ------------------------------------------------------------------ discovery
+def test_every_method_module_is_discovered():
+    import pkgutil
+
+    import pivotmerge_gui.core.methods as pkg
+    from pivotmerge_gui.core.methods.base import NOT_METHODS
+
+    modules = {i.name for i in pkgutil.iter_modules(pkg.__path__) if not i.name.startswith("_")}
+    registered = {m.__module__.split(".")[3] for m in list_methods()}
+    assert registered == modules - NOT_METHODS
+
+
+def test_a_new_module_with_register_is_enough(tmp_path, monkeypatch):
+    """Adding a merge method touches one place: a module in the package."""
+    import sys
+
+    import pivotmerge_gui.core.methods as pkg
+    from pivotmerge_gui.core.methods import base
+
+    (tmp_path / "zz_probe_method.py").write_text(
+        "from pivotmerge_gui.core.methods.base import MergeMethod, register\n"
+        "@register\n"
+        "class Probe(MergeMethod):\n"
+        "    name = 'zz_probe'\n"
+        "    pretty_name = 'Probe'\n"
+        "    reference_url = 'https://example.org'\n"
+        "    description = 'a probe'\n"
+    )
+    monkeypatch.setattr(pkg, "__path__", [*pkg.__path__, str(tmp_path)])
+    monkeypatch.setattr(base, "_loaded", False)
+    try:
+        assert base.get_method("zz_probe").pretty_name == "Probe"
+        assert "zz_probe" in {m.name for m in list_methods()}
+    finally:
+        base.REGISTRY.pop("zz_probe", None)
+        sys.modules.pop("pivotmerge_gui.core.methods.zz_probe_method", None)

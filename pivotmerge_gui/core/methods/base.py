@@ -239,6 +239,9 @@ def register(cls: type[MergeMethod]) -> type[MergeMethod]:
     return cls
 
 
+#: modules of this package that hold shared helpers, not methods (never imported by
+#: discovery); every other module or subpackage is imported and registers its methods
+NOT_METHODS = frozenset({"base", "common", "consensus", "helpers"})
 _loaded = False
 
 
@@ -249,7 +252,7 @@ def _load_all() -> None:
     from .. import methods as pkg
 
     for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name not in ("base", "common") and not info.name.startswith("_"):
+        if info.name not in NOT_METHODS and not info.name.startswith("_"):
             importlib.import_module(f"{pkg.__name__}.{info.name}")
     _loaded = True
 
