@@ -1,29 +1,12 @@
 """Hidden-unit permutation alignment of an expert projector to a pivot (weight matching).
 
 Why: projectors trained from different random inits compute (nearly) the same function
-with their hidden units in a different order. ``Linear -> act -> Linear`` is invariant to
-permuting the hidden units (rows of the in-layer and its bias, columns of the out-layer),
-so before any element-wise merge each expert is brought into the pivot's frame.
-
-Method (Git Re-Basin "weight matching", Ainsworth et al. 2022): for every
-``linear -> act -> linear`` pair of :meth:`Projector.hidden_pairs` the similarity of pivot
-unit ``i`` and expert unit ``j`` is ``<[W_in[i] | b_in[i]], [W_in'[j] | b_in'[j]]> +
-<W_out[:, i], W_out'[:, j]>``; one linear assignment (maximised,
-``scipy.optimize.linear_sum_assignment``) per pair gives the permutation. Chains (mlp3x)
-are solved pair by pair in forward order, with a few coordinate-descent sweeps because a
-middle layer takes part in two pairs (its columns follow the previous pair, its rows the
-next one).
-
-Speed: the similarity matrix of a LLaVA-1.5-7B projector (4096 hidden units) costs
-~86 G multiply-adds. On devices where bf16 matrix products are fast (CUDA, CPUs with
-AMX) a bf16 product is tried first and accepted only with a *certificate*: if every row's
-best column beats every other column by more than the bf16 error bound and the row-best
-columns form a permutation, that permutation is provably the exact fp32 optimum (each
-term of the objective is at its row maximum). Otherwise the similarity is recomputed in
-fp32 and the assignment problem is solved. The same certificate in fp32 skips the
-assignment solver when the answer is obvious (shared inits, planted permutations).
-All arithmetic on the weights is fp32; the returned projector keeps the expert's dtype
-(a permutation is exact in every dtype).
+with their hidden units in a different order, and ``Linear -> act -> Linear`` is invariant
+to permuting them; before any element-wise merge each expert is brought into the pivot's
+frame. How: Git Re-Basin "weight matching" (Ainsworth et al. 2022), one linear assignment
+per ``linear -> act -> linear`` pair (chains solved pair by pair with a few sweeps), with
+cheap optimality certificates that skip the solver or the fp32 similarity where they can.
+Exactly function preserving; the returned projector keeps the expert's dtype.
 """
 
 from __future__ import annotations
@@ -180,6 +163,14 @@ def _solve_pair(
     p_in: torch.Tensor, p_out: torch.Tensor | None, e_in: torch.Tensor, e_out: torch.Tensor | None
 ) -> tuple[torch.Tensor, str, float, float]:
     """Permutation maximising sum_i S[i, perm[i]] (rows: pivot units, columns: expert units).
+
+    S[i, j] = <[W_in[i] | b_in[i]], [W_in'[j] | b_in'[j]]> + <W_out[:, i], W_out'[:, j]>.
+    Where bf16 products are fast and the matrix is big, a bf16 S is tried first and
+    accepted only with a certificate: if every row's best column beats every other one by
+    more than the bf16 error bound and the row-best columns form a permutation, that
+    permutation is provably the exact fp32 optimum (every term is at its row maximum).
+    Otherwise S is recomputed in fp32; the same certificate (without error bound) skips
+    ``scipy.optimize.linear_sum_assignment`` when the answer is obvious.
 
     Also returns the mean cosine similarity of matched units before (identity) and after,
     read off the similarity matrix that was computed anyway (bf16-accurate on the fast path,

@@ -211,9 +211,9 @@ def shared_subspace(
 def svd_top(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` singular triplets (U [r_m, r], S [r], Vh [r, n]) of a 2-D tensor.
 
-    Computed from ``eigh`` of the Gram matrix on the smaller side rather than a full SVD:
-    for 4096x4096 updates that is about 3x faster on CPU, and only the leading, well
-    separated components are asked for. Components whose singular value is numerically
+    Computed from ``eigh`` of the Gram matrix on the smaller side rather than a full SVD
+    (faster for large updates, and only the leading, well separated components are asked
+    for). Components whose singular value is numerically
     zero are dropped, so fewer than ``rank`` may come back.
     """
     rows, cols = m.shape

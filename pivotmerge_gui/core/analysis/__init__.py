@@ -1,31 +1,14 @@
 """Analysis of a set of expert projectors for the GUI's Layers/Spectra/Similarity views and
 ``pivotmerge analyze``: pure functions returning dataclasses and numpy arrays.
 
-Per layer with a 2-D weight:
-
-- singular values of every expert's weight (and of the base, the merged projector and the
-  task vectors), with the **effective rank** (Roy & Vetterli 2007: ``exp(H(p))`` with
-  ``p_i = sigma_i / sum sigma``) and the **stable rank** ``||W||_F^2 / sigma_max^2``.
-  Small sides (<= ``FULL_SPECTRUM_LIMIT``) use the exact spectrum from the eigenvalues of
-  the fp64 Gram matrix of the smaller side; larger ones the top ``TOP_SINGULAR_VALUES``
-  by randomized subspace iteration (a few % off on flat spectra), with the effective
-  rank estimated by spreading the exactly known remaining energy evenly over the missing
-  values (flagged as estimated);
-- Frobenius norms, pairwise **cosine similarity** of the experts' weights and of their
-  **task vectors** (relative to the base, or to the mean of the experts when there is no
-  base: such task vectors sum to zero, so their cosines lean negative and their signs
-  conflict by construction; the result says so);
-- **sign-conflict rate**: share of coordinates where at least two experts' (nonzero) task
-  vector entries have opposite signs;
-- **shared rank r** and **shared-energy ratio** exactly as PivotMerge would choose them for
-  the given ``shared_energy`` (:func:`..linalg.shared_subspace`, the rule the method uses) (share of the task vectors' energy inside ``U_s C V_s^T``);
-- a data-free **alignment score** per expert and layer: the share of that expert's update
-  energy that lies in the shared subspace (1 = its update is fully made of directions the
-  experts share; low = idiosyncratic in this layer).
-
-Experts from different random inits are first aligned (hidden-unit permutation) to a
-pivot so that element-wise similarities mean something (``align=True``); the result
-records what was moved.
+Per layer: spectra with effective and stable rank (experts, base, merged, task vectors),
+norms, pairwise cosine similarity of weights and task vectors, the sign-conflict rate,
+and the shared rank / shared energy / per-expert alignment score exactly as PivotMerge
+would choose them (:func:`..linalg.shared_subspace`); ``COLUMN_HELP`` defines each column.
+Why: these are the quantities that say whether, and where, experts can be merged. Experts
+from different inits are first aligned to a pivot so element-wise similarities mean
+something; without a base, task vectors are measured from the experts' mean (they then
+sum to zero and conflict by construction, and the result says so).
 """
 
 from __future__ import annotations
@@ -116,9 +99,10 @@ def singular_values(w: torch.Tensor, top: int | None = TOP_SINGULAR_VALUES) -> S
     Exact (eigenvalues of the fp64 Gram of the smaller side) when that side is at most
     ``FULL_SPECTRUM_LIMIT`` or ``top`` is None; else the top ``top`` values by randomized
     subspace iteration (``top/4`` oversampling, 4 power iterations; bf16 products where they
-    are fast, fp32 QR and projection). A full ``eigvalsh`` of a 4096-wide Gram costs ~6
-    CPU-seconds here, the truncated spectrum a small fraction of that; on flat spectra the
-    top values are accurate to a few %, on decaying ones (task vectors) far better."""
+    are fast, fp32 QR and projection), much cheaper than a full ``eigvalsh`` of a wide Gram;
+    accurate on decaying spectra (task vectors), a little low on flat ones. A truncated
+    spectrum is flagged (``complete=False``) and its effective rank estimated by spreading
+    the exactly known remaining energy evenly over the missing values."""
     a = w.detach().float()
     m, n = a.shape
     d = min(m, n)

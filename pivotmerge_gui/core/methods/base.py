@@ -2,8 +2,9 @@
 
 Every method module in this package defines a subclass of :class:`MergeMethod` decorated
 with :func:`register`. The registry (``REGISTRY``/``get_method``/``list_methods``) imports
-every module of the package, so a new method needs no change anywhere else: the CLI, the
-GUI settings form and the benchmarks are generated from the metadata.
+every module and subpackage of the package except the helpers in ``NOT_METHODS``, so a new
+method needs no change anywhere else: the CLI, the GUI settings form and the benchmarks
+are generated from the metadata (see CONTRIBUTING.md, "Adding a merge method").
 
 A method's :meth:`MergeMethod.merge` is a generator: it yields
 :class:`~pivotmerge_gui.core.progress.ProgressEvent` objects, checks ``job.cancel`` between
