@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import make_mlp_projector
+from tests.factories import make_mlp_projector
 
 # The offscreen platform plugin itself logs this when a top-level window is shown; it says
 # nothing about our code, every other Qt warning still fails the test.

@@ -262,3 +262,17 @@ def test_dragging_rows_reorders_the_expert_list(qtbot, window, expert_files):
     assert window.list_panel.selected_rows() == [2]
     wait_idle(qtbot, window)
     assert all(e.status == "ready" for e in model.entries)
+
+
+def test_views_are_registered_once_with_tab_menu_entry_and_shortcut(window):
+    keys = list(window.views.views)
+    assert keys == ["layers", "spectra", "similarity", "report", "bench", "autotune"]
+    titles = [window.tabs.tabText(i) for i in range(window.tabs.count())]
+    menu = [a.text() for a in window.view_menu.actions()]
+    assert titles == menu == ["Layers", "Spectra", "Similarity", "Merge report", "Test bench", "Auto-tune"]
+    shortcuts = [a.shortcut().toString() for a in window.view_menu.actions()]
+    assert shortcuts == [f"Ctrl+{i}" for i in range(1, 7)]
+    window.view_menu.actions()[4].trigger()
+    assert window.views.current() == "bench" and window.tabs.currentIndex() == 4
+    # the auto-tune panel got the registry's methods once the engine was up
+    assert window.autotune_panel.method_combo.count() == len(window.methods) > 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.conftest import make_mlp_projector
+from tests.factories import make_mlp_projector
 
 from .conftest import save_llava, wait_idle
 

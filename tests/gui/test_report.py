@@ -9,7 +9,7 @@ import torch
 from pivotmerge_gui.core.methods.base import Calibration
 from pivotmerge_gui.core.pipeline import merge_projectors
 from pivotmerge_gui.gui.panels.report import ReportPanel, report_html
-from tests.conftest import make_mlp_projector
+from tests.factories import make_mlp_projector
 
 
 def _report() -> dict:
