@@ -42,6 +42,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from ..jobs import Jobs
 from ..workers import GeneratorWorker, WorkContext
 
 
@@ -65,7 +66,9 @@ class AutoTunePanel(QWidget):
         self.val_sets: Any = None
         self.test_sets: Any = None
         self.user_pairs: Any = None
-        self.worker: GeneratorWorker | None = None
+        self.job = Jobs().slot("autotune", progressed=self._progress, finished=self._done,
+                               failed=lambda exc, tb: self._error(f"Auto-tune failed: {exc}"),
+                               cancelled=self._cancelled, stopped=self._stopped)
         self.records: list[Any] = []
         self.result: Any = None
         self.best: Any = None  # best TuneSetting so far (also after a cancel)
@@ -200,8 +203,12 @@ class AutoTunePanel(QWidget):
         return str(self.method_combo.currentData())
 
     # ------------------------------------------------------------------ run
+    @property
+    def worker(self) -> GeneratorWorker | None:
+        return self.job.worker
+
     def is_busy(self) -> bool:
-        return self.worker is not None
+        return self.job.busy
 
     def run(self) -> GeneratorWorker | None:
         if self.worker is not None:
@@ -239,29 +246,21 @@ class AutoTunePanel(QWidget):
         self.records, self.result, self.best = [], None, None
         self._draw()
         self.table.setRowCount(0)
-        w = GeneratorWorker(job, name="autotune")
-        w.progressed.connect(self._progress)
-        w.finished.connect(self._done)
-        w.failed.connect(lambda exc, tb: self._error(f"Auto-tune failed: {exc}"))
-        w.cancelled.connect(self._cancelled)
-        w.stopped.connect(self._stopped)
-        self.worker = w
+        w = self.job.start(job)
         self.progress.setValue(0)
         self.status.setText(f"Auto-tuning {method}…")
         self._update_buttons()
         self.busy_changed.emit(True)
-        return w.start()
+        return w
 
     def cancel(self) -> None:
-        if self.worker is not None:
-            self.worker.cancel()
+        self.job.cancel()
 
     def apply(self) -> None:
         if self.best is not None:
             self.apply_requested.emit(self.best)
 
     def _stopped(self) -> None:
-        self.worker = None
         self._update_buttons()
         self.busy_changed.emit(False)
 

@@ -50,6 +50,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from ..jobs import Jobs
 from ..workers import GeneratorWorker, WorkContext
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
@@ -100,7 +101,8 @@ class TestBenchPanel(QWidget):
         self.calibration: Any = None
         self.backend: Any = None  # loaded lazily in a worker
         self.backend_spec = "demo"
-        self.worker: GeneratorWorker | None = None
+        self.job = Jobs().slot("bench", progressed=self._progress, stopped=self._stopped,
+                               cancelled=lambda: self.status.setText("Cancelled."))
         self._columns: list[str] = []
         self._partial: dict[str, list[Any]] = {}
         self.last_error = ""
@@ -353,8 +355,12 @@ class TestBenchPanel(QWidget):
         return self.backend
 
     # ------------------------------------------------------------------ run
+    @property
+    def worker(self) -> GeneratorWorker | None:
+        return self.job.worker
+
     def is_busy(self) -> bool:
-        return self.worker is not None
+        return self.job.busy
 
     def run(self) -> GeneratorWorker | None:
         """Caption and score every pair with every ticked projector (worker)."""
@@ -403,24 +409,17 @@ class TestBenchPanel(QWidget):
         return self._start(job, "alignment-scores", self._scores_done)
 
     def cancel(self) -> None:
-        if self.worker is not None:
-            self.worker.cancel()
+        self.job.cancel()
 
-    def _start(self, job: Any, name: str, done: Any) -> GeneratorWorker:
-        w = GeneratorWorker(job, name=name)
-        w.progressed.connect(self._progress)
-        w.finished.connect(done)
-        w.failed.connect(lambda exc, tb: self._error(f"{name} failed: {exc}"))
-        w.cancelled.connect(lambda: self.status.setText("Cancelled."))
-        w.stopped.connect(self._stopped)
-        self.worker = w
+    def _start(self, job: Any, name: str, done: Any) -> GeneratorWorker | None:
+        self.job.name = name
+        w = self.job.start(job, finished=done, failed=lambda exc, tb: self._error(f"{name} failed: {exc}"))
         self.progress.setValue(0)
         self._update_buttons()
         self.busy_changed.emit(True)
-        return w.start()
+        return w
 
     def _stopped(self) -> None:
-        self.worker = None
         self._update_buttons()
         self.busy_changed.emit(False)
 
