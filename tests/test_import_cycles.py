@@ -13,12 +13,7 @@ import pytest
 grimp = pytest.importorskip("grimp")
 
 # {frozenset of a cycle's modules: why it is tolerated for now}; keep this empty if you can
-ALLOWED: dict[frozenset[str], str] = {
-    frozenset({"pivotmerge_gui.core.methods", "pivotmerge_gui.core.methods.base"}): (
-        "the method registry in methods/base.py imports its own package ('from .. import "
-        "methods as pkg') to list the method modules; owned by the numerics engineer"
-    ),
-}
+ALLOWED: dict[frozenset[str], str] = {}
 
 
 def _cycles(graph) -> list[frozenset[str]]:

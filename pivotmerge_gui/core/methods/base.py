@@ -250,7 +250,7 @@ def _load_all() -> None:
     global _loaded
     if _loaded:
         return
-    from .. import methods as pkg
+    pkg = importlib.import_module(__package__)  # the package's modules are the plug-ins
 
     for info in pkgutil.iter_modules(pkg.__path__):
         if info.name not in NOT_METHODS and not info.name.startswith("_"):
