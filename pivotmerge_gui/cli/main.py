@@ -127,7 +127,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
         cancel.cancel()
         print("\ncancelled; nothing was written", file=sys.stderr)
         return EXIT_CANCELLED
-    paths = pipeline.save_result(result, args.out_dir, overwrite=args.overwrite)
+    try:  # the save swaps a complete folder in at its very end: an interrupt before that writes nothing
+        paths = pipeline.save_result(result, args.out_dir, overwrite=args.overwrite, cancel=cancel)
+    except KeyboardInterrupt:
+        cancel.cancel()
+        print("\ncancelled; nothing was written", file=sys.stderr)
+        return EXIT_CANCELLED
     if args.json:
         print(json.dumps({"outputs": [str(p) for p in paths], "report": result.report}, indent=2, default=str))
     else:

@@ -163,6 +163,20 @@ class OutputError(PivotMergeError):
         self.path = str(path)
 
 
+class OutputLocked(OutputError):
+    """Another save into the same output folder is running (its lock file is held)."""
+
+    def __init__(self, path: str, pid: int | None, lock: str) -> None:
+        holder = f"process {pid}" if pid else "another process"
+        super().__init__(
+            path,
+            f"{holder} is saving into this folder (lock file {lock}); wait for it to finish "
+            "or pick another output folder",
+        )
+        self.pid = pid
+        self.lock = lock
+
+
 class Cancelled(PivotMergeError):
     """Work was cancelled through a :class:`~pivotmerge_gui.core.progress.CancelToken`."""
 

@@ -388,21 +388,30 @@ OUTPUT_FILES = ("recipe.yml", "README.md")
 
 
 def _input_files(plan: Plan) -> list[Path]:
-    """Every file an input (expert or base) was read from: never to be overwritten."""
-    return [Path(f) for p in [*plan.experts, *([plan.base] if plan.base else [])] for f in p.files]
+    """Every file an input was read from (experts, base, the calibration file): never to be
+    overwritten."""
+    files = [Path(f) for p in [*plan.experts, *([plan.base] if plan.base else [])] for f in p.files]
+    if plan.recipe.calibration:
+        files.append(Path(plan.recipe.calibration))
+    return files
+
+
+def _output_names(projector: Projector, fmt: str) -> list[str]:
+    from .io import output_filename
+
+    return [output_filename(projector, fmt), *OUTPUT_FILES]
 
 
 def check_output_dir(plan: Plan, out_dir: str | Path, *, fmt: str | None = None, overwrite: bool = False) -> list[Path]:
     """Before a merge: raise :class:`~.errors.OutputError` if :func:`save_result` would
-    refuse ``out_dir`` (an input would be overwritten, or an earlier output without
-    ``overwrite``), so a long merge does not end in a refusal. Returns the planned paths."""
-    from .io import output_filename
-    from .io.atomic import check_writable
+    refuse ``out_dir`` (it holds an input, an input would be overwritten, an earlier output
+    exists without ``overwrite``), so a long merge does not end in a refusal. Returns the
+    planned paths."""
+    from .io.atomic import check_folder
 
-    out_dir = Path(out_dir)
-    protected = _input_files(plan)
-    names = [output_filename(plan.experts[0], fmt or plan.recipe.output_format), *OUTPUT_FILES]
-    return [check_writable(out_dir / n, protected=protected, overwrite=overwrite) for n in names]
+    names = _output_names(plan.experts[0], fmt or plan.recipe.output_format)
+    check_folder(out_dir, names, _input_files(plan), overwrite)
+    return [Path(out_dir) / n for n in names]
 
 
 def save_result(
@@ -412,37 +421,42 @@ def save_result(
     fmt: str | None = None,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
+    cancel: CancelToken | None = None,
 ) -> list[Path]:
     """Write the merged projector, the recipe YAML and a model card into ``out_dir``.
 
-    Every file is written atomically; nothing is written over an input checkpoint, and an
-    earlier output is only replaced with ``overwrite=True`` (checked before anything is
-    written, so a refusal leaves the folder untouched).
+    All or nothing for the whole folder (:func:`~.io.atomic.atomic_folder`): the files are
+    written into a sibling temp folder that replaces ``out_dir`` in one rename, so a crash,
+    a full disk, Ctrl-C or ``cancel`` before the swap leave an earlier output exactly as it
+    was. Nothing is written over an input (the folder may not hold one), an earlier output
+    is only replaced with ``overwrite=True``, and a second save into the same folder at the
+    same time is refused (:class:`~.errors.OutputLocked`).
     """
+    from .io import atomic as atomic_io
     from .io import write_projector
-    from .io.atomic import atomic_write_text, check_writable
 
-    out_dir = Path(out_dir)
     fmt = fmt or result.recipe.output_format
     projector = result.projector
     if dtype is not None:
         projector = projector.to(dtype=dtype)
     recipe = _portable_recipe(result.recipe, fmt)
-    for name in OUTPUT_FILES:
-        check_writable(out_dir / name, protected=result.protected, overwrite=overwrite)
+    names = _output_names(projector, fmt)
     recipe_yaml = recipe.to_yaml()
     metadata = {
         "pivotmerge_recipe": recipe_yaml,
         "pivotmerge_inputs_sha256": json.dumps(result.input_hashes),
         "pivotmerge_method": result.report["method"],
     }
-    proj_path = write_projector(
-        projector, out_dir, fmt=fmt, metadata=metadata, protected=result.protected, overwrite=overwrite
-    )
-    recipe_path = atomic_write_text(out_dir / "recipe.yml", recipe_yaml, protected=result.protected, overwrite=overwrite)
-    card = model_card(result, recipe, proj_path.name)
-    card_path = atomic_write_text(out_dir / "README.md", card, protected=result.protected, overwrite=overwrite)
-    return [proj_path, recipe_path, card_path]
+    with atomic_io.atomic_folder(
+        out_dir, names=names, protected=result.protected, overwrite=overwrite, cancel=cancel
+    ) as tmp:
+        proj_path = write_projector(projector, tmp, fmt=fmt, metadata=metadata, protected=result.protected)
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        atomic_io.atomic_write_text(tmp / "recipe.yml", recipe_yaml, protected=result.protected)
+        card = model_card(result, recipe, proj_path.name)
+        atomic_io.atomic_write_text(tmp / "README.md", card, protected=result.protected)
+    return [Path(out_dir) / n for n in names]
 
 
 def _absolute_paths(recipe: Recipe, base_dir: Path | None, loaded: Mapping[str, Projector]) -> Recipe:
