@@ -16,11 +16,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .bounded import AliasError, NestingError, yaml_load
 from .errors import RecipeError
 from .io.discovery import display_name
 from .options import DTYPES, OUT_DTYPES, OUTPUT_FORMATS
 
 SCHEMA_VERSION = 1
+MAX_RECIPE_CHARS = 1_000_000  # thousands of experts fit; a runaway document does not
 # the value types of the recipe's name fields, built from the one list of names
 DtypeName = Literal[DTYPES]  # type: ignore[valid-type]
 OutDtypeName = Literal[OUT_DTYPES]  # type: ignore[valid-type]
@@ -86,8 +88,14 @@ class Recipe(_Strict):
 
     @classmethod
     def from_yaml(cls, text: str, source: str | None = None) -> Recipe:
+        if len(text) > MAX_RECIPE_CHARS:
+            raise RecipeError(
+                f"a recipe of {len(text):,} characters is larger than the {MAX_RECIPE_CHARS:,} allowed", source
+            )
         try:
-            data = yaml.safe_load(text)
+            data = yaml_load(text)
+        except (AliasError, NestingError) as e:
+            raise RecipeError(str(e) if isinstance(e, AliasError) else f"the YAML is {e}", source) from None
         except yaml.YAMLError as e:
             raise RecipeError(f"not valid YAML: {e}".replace("\n", " "), source) from None
         return cls.from_dict(data, source)

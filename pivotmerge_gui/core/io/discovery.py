@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..bounded import NestingError, json_loads
 from ..errors import CheckpointError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -103,7 +104,9 @@ def read_index(index_path: Path) -> dict[str, str]:
     if not raw.strip():
         raise CheckpointError(p, "shard index is empty")
     try:
-        doc = json.loads(raw.decode("utf-8"))
+        doc = json_loads(raw.decode("utf-8"))
+    except NestingError as exc:
+        raise CheckpointError(p, f"shard index is {exc}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(p, f"shard index is not valid JSON ({exc})") from exc
     wm = doc.get("weight_map") if isinstance(doc, dict) else None

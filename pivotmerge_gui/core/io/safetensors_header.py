@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..bounded import NestingError, json_loads
 from ..errors import CheckpointError
 
 # The safetensors reference implementation refuses headers above 100 MB; so do we.
@@ -105,7 +106,9 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     if len(raw) != n:
         raise CheckpointError(p, "truncated while reading the safetensors header")
     try:
-        doc = json.loads(raw.decode("utf-8"))
+        doc = json_loads(raw.decode("utf-8"))
+    except NestingError as exc:
+        raise CheckpointError(p, f"safetensors header is {exc}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(p, f"safetensors header is not valid JSON ({exc})") from exc
     if not isinstance(doc, dict):
