@@ -155,6 +155,21 @@ class DeviceOutOfMemory(PivotMergeError):
         self.device = device
 
 
+class CastOverflow(PivotMergeError):
+    """Casting a finite tensor to the output dtype would turn values into Inf."""
+
+    def __init__(self, tensor: str, largest: float, dtype: str, dtype_max: float) -> None:
+        super().__init__(
+            f"tensor '{tensor}': its largest absolute value {largest:.6g} exceeds the {dtype} "
+            f"maximum {dtype_max:.6g}, so the {dtype} output would hold Inf; nothing was written "
+            "(pick a wider output dtype such as float32 or bfloat16)"
+        )
+        self.tensor = tensor
+        self.largest = largest
+        self.dtype = dtype
+        self.dtype_max = dtype_max
+
+
 class OutputError(PivotMergeError):
     """An output cannot be written (would overwrite an input or an earlier output)."""
 

@@ -25,7 +25,7 @@ import torch
 from .calibration import Calibration, calibration_device, load_calibration
 from .card import model_card
 from .devices import dtype_name, parse_dtype, resolve_device
-from .errors import DeviceOutOfMemory, MethodError, RecipeError, ResourceError
+from .errors import CastOverflow, DeviceOutOfMemory, MethodError, RecipeError, ResourceError
 from .io.discovery import display_name
 from .methods.base import MergeJob, MergeMethod, get_method
 from .progress import CancelToken, ProgressEvent, drain, rescaled
@@ -306,7 +306,7 @@ def _execute(
             f"the {plan.method.pretty_name} merge produced NaN/Inf in {', '.join(bad)}; "
             "try a smaller scale or the float64 compute dtype"
         )
-    out_state = {k: state[k].detach().to("cpu", plan.out_dtype).contiguous() for k in template.state()}
+    out_state = cast_state({k: state[k] for k in template.state()}, plan.out_dtype)
     merged = template.with_state(
         out_state,
         source=f"merged ({plan.method.name})",
@@ -336,6 +336,25 @@ def _execute(
     result = MergeResult(merged, report, plan.recipe, input_hashes, elapsed, list(plan.names), protected)
     yield ProgressEvent("done", 1.0, f"merged in {elapsed:.2f} s", result)
     return result
+
+
+def cast_state(state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``state`` on the CPU in ``dtype`` (floating tensors only), contiguous. Raises
+    :class:`~.errors.CastOverflow` naming the tensor if the cast turns a finite value into
+    Inf (fp32 values above 65504 in float16); values that were NaN/Inf already pass, so
+    inputs allowed with ``allow_nonfinite`` keep their behaviour."""
+    out: dict[str, torch.Tensor] = {}
+    for key, src in state.items():
+        t = src.detach()
+        cast = t.to("cpu", dtype).contiguous() if t.is_floating_point() else t.to("cpu").contiguous()
+        if cast.is_floating_point() and not all_finite(cast):
+            src_cpu = t.to("cpu")
+            finite = torch.isfinite(src_cpu)
+            if bool((torch.isinf(cast) & finite).any()):
+                largest = float(src_cpu[finite].abs().max())
+                raise CastOverflow(key, largest, dtype_name(dtype), float(torch.finfo(dtype).max))
+        out[key] = cast
+    return out
 
 
 def run(plan_: Plan, cancel: CancelToken | None = None, *, release_inputs: bool = False) -> MergeResult:
@@ -437,8 +456,8 @@ def save_result(
 
     fmt = fmt or result.recipe.output_format
     projector = result.projector
-    if dtype is not None:
-        projector = projector.to(dtype=dtype)
+    if dtype is not None:  # checked before anything is written
+        projector = projector.with_state(cast_state(projector.state(), dtype))
     recipe = _portable_recipe(result.recipe, fmt)
     names = _output_names(projector, fmt)
     recipe_yaml = recipe.to_yaml()
