@@ -267,7 +267,10 @@ def low_rank(m: torch.Tensor, rank: int) -> torch.Tensor:
 # =============================================================================== solves
 def solve_normal_equations(lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """lhs^-1 rhs for a symmetric PSD ``lhs``: Cholesky when it is positive definite (the
-    usual case, ~5x cheaper than LU), least squares / pseudo-inverse when it is singular."""
+    usual case, ~5x cheaper than LU); when it is singular, the minimum-norm solution from
+    its eigendecomposition (eigenvalues under :func:`rank_tol` dropped). LAPACK's
+    least-squares driver gave run-to-run different answers for an exactly singular
+    matrix here, and CUDA's has no rank-revealing driver at all."""
     if lhs.dtype in (torch.float16, torch.bfloat16):  # no half-precision linalg kernels
         return solve_normal_equations(lhs.float(), rhs.float()).to(lhs.dtype)
     chol, info = torch.linalg.cholesky_ex(lhs)
@@ -275,6 +278,11 @@ def solve_normal_equations(lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor
         sol = torch.cholesky_solve(rhs, chol)
         if torch.isfinite(sol).all():
             return sol
+    sym = (lhs + lhs.transpose(-1, -2)) / 2
+    w, v = torch.linalg.eigh(sym)
+    keep = w > rank_tol(w, sym.shape[-1])
+    vk = v[:, keep]
+    return vk @ ((vk.transpose(-1, -2) @ rhs) / w[keep].unsqueeze(-1))
     sol = torch.linalg.lstsq(lhs, rhs).solution
     if not torch.isfinite(sol).all():
         sol = torch.linalg.pinv(lhs) @ rhs
