@@ -68,3 +68,28 @@ def test_allowed_nonfinite_inputs_keep_their_behaviour(tmp_path):
     assert res.projector.dtype == torch.float16
     assert bool(torch.isnan(res.projector.state()["0.bias"][0]))
     pipeline.save_result(res, tmp_path / "out")  # NaN that was there already is no cast overflow
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.bool, torch.complex64])
+@pytest.mark.parametrize("as_base", [False, True])
+def test_non_float_and_complex_experts_are_refused_at_plan(tmp_path, capsys, dtype, as_base):
+    from pivotmerge_gui.core.errors import CheckpointError
+
+    paths = _experts(tmp_path, big=None)
+    sd = make_mlp_projector(seed=5).original_state_dict()
+    sd["model.mm_projector.2.bias"] = sd["model.mm_projector.2.bias"].to(dtype)
+    odd = tmp_path / "odd" / "mm_projector.bin"
+    odd.parent.mkdir()
+    torch.save(sd, odd)
+    recipe = _recipe(paths, base_model=str(odd)) if as_base else _recipe([*paths, str(odd)])
+    with pytest.raises(CheckpointError) as info:
+        pipeline.plan(recipe)
+    msg = str(info.value)
+    assert msg.startswith(str(odd)) and "'model.mm_projector.2.bias'" in msg
+    assert str(dtype).removeprefix("torch.") in msg and "floating-point" in msg
+    assert ("(complex)" in msg) == dtype.is_complex
+    path = recipe.save(tmp_path / "recipe.yml")
+    assert cli_main(["merge", str(path), str(tmp_path / "out"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mm_projector.2.bias" in err[0]
+    assert not (tmp_path / "out").exists()

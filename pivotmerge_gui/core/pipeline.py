@@ -25,7 +25,14 @@ import torch
 from .calibration import Calibration, calibration_device, load_calibration
 from .card import model_card
 from .devices import dtype_name, parse_dtype, resolve_device
-from .errors import CastOverflow, DeviceOutOfMemory, MethodError, RecipeError, ResourceError
+from .errors import (
+    CastOverflow,
+    CheckpointError,
+    DeviceOutOfMemory,
+    MethodError,
+    RecipeError,
+    ResourceError,
+)
 from .io.discovery import display_name
 from .methods.base import MergeJob, MergeMethod, get_method
 from .progress import CancelToken, ProgressEvent, drain, rescaled
@@ -135,6 +142,8 @@ def plan(
         return load_projector(spec, cancel=cancel)
 
     experts = [load(m.model) for m in recipe.models]
+    for proj in experts:
+        _check_float(proj)
     names = recipe.display_names()
     if len(set(names)) != len(names):  # keep names unique for reports and errors
         names = [f"{n} ({i + 1})" for i, n in enumerate(names)]
@@ -142,6 +151,7 @@ def plan(
     base = None
     if recipe.base_model is not None:
         base = load(recipe.base_model)
+        _check_float(base)
         check_compatible([experts[0], base], [names[0], f"base {display_name(recipe.base_model)}"])
     method.check_job(base is not None, calibration is not None or recipe.calibration is not None)
 
@@ -225,6 +235,20 @@ def plan(
         estimated_peak_bytes=peak,
         allow_nonfinite=allow_nonfinite,
     )
+
+
+def _check_float(proj: Projector) -> None:
+    """Integer, bool and complex tensors are not projector weights a merge can average (a
+    complex one would lose its imaginary part): refused, naming the file and the tensor."""
+    for layer in proj.layers:
+        for role, t in layer.tensors.items():
+            if not t.is_floating_point():
+                kind = "complex" if t.is_complex() else "not floating-point"
+                raise CheckpointError(
+                    str(proj.files[0]) if proj.files else proj.source,
+                    f"tensor '{layer.keys.get(role, f'{layer.name}.{role}')}' is {dtype_name(t.dtype)} "
+                    f"({kind}); only floating-point projector weights can be merged",
+                )
 
 
 # --------------------------------------------------------------------------- execute
