@@ -89,3 +89,16 @@ def json_loads(text: str | bytes) -> Any:
         elif isinstance(node, list):
             stack.extend((v, depth + 1) for v in node if isinstance(v, (dict, list)))
     return doc
+
+
+def json_document(raw: bytes, path: str, what: str) -> Any:
+    """Parse UTF-8 JSON ``raw`` read from ``path``: nesting, encoding and syntax problems
+    become a :class:`~pivotmerge_gui.core.errors.CheckpointError` naming ``what`` it is."""
+    from .errors import CheckpointError
+
+    try:
+        return json_loads(raw.decode("utf-8"))
+    except NestingError as exc:
+        raise CheckpointError(path, f"{what} is {exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(path, f"{what} is not valid JSON ({exc})") from exc

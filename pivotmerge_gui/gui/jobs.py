@@ -170,3 +170,20 @@ class Jobs:
             s.detach()
         for q in self.queues.values():
             q.detach()
+
+
+class SingleJobPanel:
+    """For panels that run one background job at a time through ``self.job`` (a
+    :class:`JobSlot`): the worker, busy state and cancel, written once."""
+
+    job: JobSlot
+
+    @property
+    def worker(self) -> GeneratorWorker | None:
+        return self.job.worker
+
+    def is_busy(self) -> bool:
+        return self.job.busy
+
+    def cancel(self) -> None:
+        self.job.cancel()

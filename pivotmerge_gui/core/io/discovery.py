@@ -10,14 +10,13 @@ Safetensors wins over pickle when both exist (no unpickling, only the projector'
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..bounded import NestingError, json_loads
+from ..bounded import json_document
 from ..errors import CheckpointError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -103,12 +102,7 @@ def read_index(index_path: Path) -> dict[str, str]:
         raise CheckpointError(p, f"cannot read shard index: {exc.strerror or exc}") from exc
     if not raw.strip():
         raise CheckpointError(p, "shard index is empty")
-    try:
-        doc = json_loads(raw.decode("utf-8"))
-    except NestingError as exc:
-        raise CheckpointError(p, f"shard index is {exc}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(p, f"shard index is not valid JSON ({exc})") from exc
+    doc = json_document(raw, p, "shard index")
     wm = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
         raise CheckpointError(p, "shard index has no 'weight_map' object mapping tensor names to shard files")

@@ -9,7 +9,6 @@ inspecting a 15 GB shard costs a few kilobytes of I/O.
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..bounded import NestingError, json_loads
+from ..bounded import json_document
 from ..errors import CheckpointError
 
 # The safetensors reference implementation refuses headers above 100 MB; so do we.
@@ -105,12 +104,7 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         raise CheckpointError(p, f"cannot read file: {exc.strerror or exc}") from exc
     if len(raw) != n:
         raise CheckpointError(p, "truncated while reading the safetensors header")
-    try:
-        doc = json_loads(raw.decode("utf-8"))
-    except NestingError as exc:
-        raise CheckpointError(p, f"safetensors header is {exc}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(p, f"safetensors header is not valid JSON ({exc})") from exc
+    doc = json_document(raw, p, "safetensors header")
     if not isinstance(doc, dict):
         raise CheckpointError(p, "safetensors header is not a JSON object")
     meta = doc.pop("__metadata__", None) or {}

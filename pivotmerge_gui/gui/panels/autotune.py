@@ -42,11 +42,11 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from ..jobs import Jobs
+from ..jobs import Jobs, SingleJobPanel
 from ..workers import GeneratorWorker, WorkContext
 
 
-class AutoTunePanel(QWidget):
+class AutoTunePanel(SingleJobPanel, QWidget):
     """Run auto-tune, plot best fitness per generation, apply the best setting."""
 
     apply_requested = Signal(object)
@@ -203,13 +203,6 @@ class AutoTunePanel(QWidget):
         return str(self.method_combo.currentData())
 
     # ------------------------------------------------------------------ run
-    @property
-    def worker(self) -> GeneratorWorker | None:
-        return self.job.worker
-
-    def is_busy(self) -> bool:
-        return self.job.busy
-
     def run(self) -> GeneratorWorker | None:
         if self.worker is not None:
             return None
@@ -252,9 +245,6 @@ class AutoTunePanel(QWidget):
         self._update_buttons()
         self.busy_changed.emit(True)
         return w
-
-    def cancel(self) -> None:
-        self.job.cancel()
 
     def apply(self) -> None:
         if self.best is not None:

@@ -50,7 +50,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from ..jobs import Jobs
+from ..jobs import Jobs, SingleJobPanel
 from ..workers import GeneratorWorker, WorkContext
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
@@ -79,7 +79,7 @@ def _thumb(image: Any) -> QIcon:
     return QIcon(QPixmap.fromImage(q.scaled(THUMB, THUMB, Qt.AspectRatioMode.KeepAspectRatio, mode)))
 
 
-class TestBenchPanel(QWidget):
+class TestBenchPanel(SingleJobPanel, QWidget):
     """Sample pairs x projectors grid, per-domain bar chart, alignment scores."""
 
     __test__ = False  # not a pytest class
@@ -355,13 +355,6 @@ class TestBenchPanel(QWidget):
         return self.backend
 
     # ------------------------------------------------------------------ run
-    @property
-    def worker(self) -> GeneratorWorker | None:
-        return self.job.worker
-
-    def is_busy(self) -> bool:
-        return self.job.busy
-
     def run(self) -> GeneratorWorker | None:
         """Caption and score every pair with every ticked projector (worker)."""
         projs = self.projectors()
@@ -407,9 +400,6 @@ class TestBenchPanel(QWidget):
             return scores, calibration_from_sets(backend, sets, scores.domains)
 
         return self._start(job, "alignment-scores", self._scores_done)
-
-    def cancel(self) -> None:
-        self.job.cancel()
 
     def _start(self, job: Any, name: str, done: Any) -> GeneratorWorker | None:
         self.job.name = name
