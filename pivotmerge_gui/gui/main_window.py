@@ -257,7 +257,7 @@ class MainWindow(MergeFlowMixin, QMainWindow):
         self.merge_panel.set_devices(devices)
         self.autotune_panel.set_methods(methods)
         self._pull_form()
-        self.session.set_engine(methods, devices)  # a recipe that waited applies now
+        self.session.set_engine(methods)  # a recipe that waited applies now
         self._sync_side_panels()
         self.statusBar().showMessage(f"Merge engine ready: {len(methods)} methods.", 5000)
         self._schedule_validation()
@@ -305,9 +305,7 @@ class MainWindow(MergeFlowMixin, QMainWindow):
     def add_from_hub(self) -> None:
         dlg = HubDialog(self)
         if dlg.exec() == HubDialog.DialogCode.Accepted and dlg.projector is not None:
-            from pivotmerge_gui.session import describe_projector
-
-            self.session.add_loaded(dlg.spec, dlg.projector, describe_projector(dlg.projector))
+            self.session.add_loaded(dlg.spec, dlg.projector)
             self.settings.add_recent(dlg.spec)
 
     def set_base(self, spec: str | None) -> None:

@@ -112,7 +112,6 @@ class MergeFlowMixin:
         self.merge_panel.show_progress(0.0, "Starting…")
         self._merge_inputs = s.current_inputs()
         self.merge_job.start(tasks.merge(plan))
-        s.merging = True
         log.info("merge started: %s", plan.method.name)
 
     _merge_inputs: tuple[Any, ...] = ()
@@ -135,13 +134,9 @@ class MergeFlowMixin:
         self.show_error("The merge failed", exc, tb)
 
     def _merge_stopped(self) -> None:
-        self.session.merging = False
         self.merge_panel.set_running(False)
         self.merge_panel.save_button.setEnabled(self.merge_result is not None)
         self.validate_now()  # the cached plan re-enables Merge at once
-
-    def set_merge_result(self, result: Any) -> None:
-        self.session.set_result(result)
 
     def _result_changed(self) -> None:
         result = self.session.merge_result

@@ -19,7 +19,7 @@ from pivotmerge_gui.core.errors import PivotMergeError
 from pivotmerge_gui.core.io.discovery import display_name, expand_paths
 
 from .events import Event
-from .experts import ExpertEntry, ExpertList
+from .experts import ExpertEntry, ExpertList, describe_projector
 
 log = logging.getLogger("pivotmerge_gui.session")
 
@@ -79,8 +79,7 @@ class SessionModel:
         self.base: ExpertEntry | None = None
         self.core_ready = False
         self.methods: list[Any] = []  # method classes of the core registry, once loaded
-        self.devices: list[Any] = []
-        self.merging = False  # a merge job is running (set by whoever runs it)
+        self.merging = False  # a merge job is running (mirrored by whoever runs merges)
         # the merge setup
         self.method_name: str | None = None
         self.params: dict[str, Any] = {}
@@ -107,9 +106,9 @@ class SessionModel:
         self.experts.changed.connect(self._inputs_changed)
 
     # ------------------------------------------------------------------ engine
-    def set_engine(self, methods: list[Any], devices: list[Any]) -> None:
-        """The core's method registry and devices are loaded; a recipe that waited applies."""
-        self.methods, self.devices, self.core_ready = list(methods), list(devices), True
+    def set_engine(self, methods: list[Any]) -> None:
+        """The core's method registry is loaded; a recipe that waited applies now."""
+        self.methods, self.core_ready = list(methods), True
         if self.pending_recipe is not None:
             recipe, base_dir = self.pending_recipe
             self.pending_recipe = None
@@ -141,9 +140,10 @@ class SessionModel:
         self.load_requested.emit(entry.uid, spec, "expert")
         return entry
 
-    def add_loaded(self, spec: str, projector: Any, desc: dict[str, Any]) -> ExpertEntry:
+    def add_loaded(self, spec: str, projector: Any) -> ExpertEntry:
         """Add an expert that is already loaded (Add from Hub)."""
-        entry = ExpertEntry(spec=spec, name=display_name(spec), status="ready", projector=projector, **desc)
+        entry = ExpertEntry(spec=spec, name=display_name(spec), status="ready", projector=projector,
+                            **describe_projector(projector))
         self.experts.add(entry)
         return entry
 
