@@ -58,6 +58,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for layer in d["layers"]:
             shapes = ", ".join(f"{role} {list(t['shape'])} {t['dtype']}" for role, t in layer["tensors"].items())
             print(f"    {layer['name']:<28} {layer['kind']:<9} {shapes}")
+        for extra in d.get("extras", []):
+            print(f"  extra  : {extra['key']} {extra['shape']} {extra['dtype']} (not projector; carried into merges)")
     return 0
 
 

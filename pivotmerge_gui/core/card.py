@@ -35,7 +35,7 @@ ${expert_rows}
 ## Parameters
 
 ${parameter_lines}
-
+${extras_section}
 ## Merge report
 
 ```json
@@ -77,11 +77,17 @@ def model_card(result: Any, recipe: Recipe, filename: str) -> str:
     )
     if rep.get("layer_coefficients_applied"):
         params.append(f"- per-layer coefficients: {rep['layer_coefficients_applied']}")
+    extras = rep.get("extras") or []
+    extras_section = "".join(
+        ["\n## Other tensors of the adapter file\n\n| tensor | shape | dtype | how |\n|---|---|---|---|\n"]
+        + [f"| `{e['key']}` | {e['shape']} | {e['dtype']} | {e['action']} |\n" for e in extras]
+    ) if extras else ""
     return CARD_TEMPLATE.substitute(
         front_matter=yaml.safe_dump(front, sort_keys=False).strip(),
         method_pretty=rep["method_pretty"],
         reference_url=rep["reference_url"],
         expert_rows="\n".join(rows),
         parameter_lines="\n".join(params),
+        extras_section=extras_section,
         method_report=json.dumps(rep["method_report"], indent=1, default=str)[:20000],
     )

@@ -34,6 +34,7 @@ from .errors import (
     ResourceError,
 )
 from .io.discovery import display_name
+from .io.extras import check_extras, merge_extras
 from .methods.base import MergeJob, MergeMethod, get_method
 from .progress import CancelToken, ProgressEvent, drain, rescaled
 from .projector import Projector, all_finite, check_compatible, mean_projector, nonfinite_tensors
@@ -148,6 +149,7 @@ def plan(
     if len(set(names)) != len(names):  # keep names unique for reports and errors
         names = [f"{n} ({i + 1})" for i, n in enumerate(names)]
     check_compatible(experts, names)
+    extras_warnings = check_extras(experts, names)  # adapter tensors besides the projector
     base = None
     if recipe.base_model is not None:
         base = load(recipe.base_model)
@@ -174,7 +176,7 @@ def plan(
         if not math.isfinite(value) or abs(value) > 100:
             raise RecipeError(f"layer_coefficients: '{name}' = {value} is not a sane coefficient")
 
-    warnings = []
+    warnings = list(extras_warnings)
     for proj, name in zip([*experts, *([base] if base else [])], [*names, "base"]):
         if proj.metadata.get("finite_checked"):  # the reader already screened it
             bad = [b for b in proj.metadata.get("nonfinite_tensors", "").split(",") if b]
@@ -279,6 +281,7 @@ def _execute(
     if plan.base is not None:
         input_hashes["base"] = plan.base.sha256
     protected = _input_files(plan)
+    extras, extras_report = merge_extras(plan.experts, plan.names)
     experts = [e.to(plan.device, plan.dtype) for e in plan.experts]
     base = plan.base.to(plan.device, plan.dtype) if plan.base is not None else None
     if release_inputs:
@@ -337,6 +340,7 @@ def _execute(
         sha256="",
         files=(),
         metadata={"merge_method": plan.method.name},
+        extras=extras,
     )
     elapsed = time.perf_counter() - t0
     report = {
@@ -355,6 +359,7 @@ def _execute(
         "warnings": list(plan.warnings),
         "estimated_peak_gib": round(plan.estimated_peak_bytes / 2**30, 3),
         "method_report": jsonable(output.report),
+        "extras": extras_report,
         "elapsed_s": round(elapsed, 4),
     }
     result = MergeResult(merged, report, plan.recipe, input_hashes, elapsed, list(plan.names), protected)

@@ -99,6 +99,9 @@ class Projector:
     sha256: str = ""
     files: tuple[str, ...] = ()
     metadata: dict[str, str] = field(default_factory=dict)
+    # non-projector tensors of an adapter file (original key -> tensor), carried into merged
+    # outputs and written back by the writers; not part of state() (see core.io.extras)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     # ----------------------------------------------------------------- structure
     def layer(self, name: str) -> Layer:

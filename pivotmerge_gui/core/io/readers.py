@@ -42,6 +42,7 @@ from .discovery import (
     parse_hub_id,
     read_index,
 )
+from .extras import adapter_extras
 from .families import FamilySpec, build_projector, layout, pretty_family, projector_keys
 from .hashing import raw_digest, sha256_file, tensor_digest
 from .safetensors_header import DTYPES, SafetensorsHeader, is_safetensors, read_header
@@ -73,6 +74,8 @@ class CheckpointInfo:
     in_features: int | None = None
     out_features: int | None = None
     warnings: list[str] = field(default_factory=list)
+    # non-projector tensors of an adapter file, carried into merges: (key, shape, dtype)
+    extras: list[tuple[str, tuple[int, ...], str]] = field(default_factory=list)
 
     @property
     def sha256_short(self) -> str:
@@ -98,6 +101,7 @@ class CheckpointInfo:
             "sha256_short": self.sha256_short,
             "sha256_of": self.sha256_of,
             "warnings": list(self.warnings),
+            "extras": [{"key": k, "shape": list(s), "dtype": d} for k, s, d in self.extras],
         }
 
 
@@ -244,6 +248,7 @@ class _Read:
     sha256: str
     sha256_of: str
     container: str | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _safetensors_space(plan: _Plan) -> tuple[dict[str, tuple[str, Any]], dict[str, SafetensorsHeader], list[str]]:
@@ -281,22 +286,22 @@ def _safetensors_space(plan: _Plan) -> tuple[dict[str, tuple[str, Any]], dict[st
             everything[key] = (name, entry)
     source = str(plan.base / plan.files[0]) if len(plan.files) == 1 else str(plan.base)
     _, _, keys = projector_keys(everything.keys(), source)
-    return {k: everything[k] for k in keys}, headers, keys
+    return {k: everything[k] for k in [*keys, *adapter_extras(everything, keys)]}, headers, keys
 
 
 def _read_safetensors(plan: _Plan, progress: ProgressFn | None, cancel: CancelToken | None) -> _Read:
     from safetensors import safe_open
 
     space, headers, keys = _safetensors_space(plan)
-    for key in keys:
+    for key in space:
         name, entry = space[key]
         if entry.torch_dtype is None:
             raise CheckpointError(str(plan.base / name), f"tensor '{key}' has dtype {entry.dtype}, which torch cannot load")
     by_file: dict[str, list[str]] = {}
-    for key in keys:
+    for key in space:
         by_file.setdefault(space[key][0], []).append(key)
     tensors: dict[str, torch.Tensor] = {}
-    total = max(1, sum(space[k][1].nbytes for k in keys))
+    total = max(1, sum(space[k][1].nbytes for k in space))
     done = 0
     for name, fkeys in by_file.items():
         fp = plan.base / name
@@ -327,9 +332,10 @@ def _read_safetensors(plan: _Plan, progress: ProgressFn | None, cancel: CancelTo
                 raise
             raise CheckpointError(str(fp), f"cannot read tensors: {exc}") from exc
     files = tuple(str(plan.base / n) for n in by_file)
-    if plan.weight_map is None and len(plan.files) == 1 and set(keys) == set(headers[plan.files[0]].tensors):
-        return _Read(tensors, files, sha256_file(plan.base / plan.files[0]), "file")
-    return _Read(tensors, files, tensor_digest(tensors), "tensors")
+    extras = {k: tensors.pop(k) for k in space if k not in keys}
+    if plan.weight_map is None and len(plan.files) == 1 and set(space) == set(headers[plan.files[0]].tensors):
+        return _Read(tensors, files, sha256_file(plan.base / plan.files[0]), "file", extras=extras)
+    return _Read(tensors, files, tensor_digest(tensors), "tensors", extras=extras)
 
 
 def _read_pickle(plan: _Plan, progress: ProgressFn | None, cancel: CancelToken | None) -> _Read:
@@ -370,8 +376,9 @@ def _read_pickle(plan: _Plan, progress: ProgressFn | None, cancel: CancelToken |
             continue
         # clone: detach the few projector tensors from the memory map of the whole file
         tensors = {k: flat[k].clone() for k in keys}
+        extras = {k: flat[k].clone() for k in adapter_extras(flat, keys)}
         _report(progress, 1.0, f"read {len(tensors)} tensors")
-        return _Read(tensors, (str(fp),), sha256_file(fp), "file", container)
+        return _Read(tensors, (str(fp),), sha256_file(fp), "file", container, extras)
     all_keys = [f"{c}.{k}" if c else k for c, flat in candidates for k in flat]
     assert last is not None
     raise UnknownLayoutError(str(fp), all_keys, last.patterns)
@@ -425,6 +432,7 @@ def load_projector(
     path = read.files[0] if len(read.files) == 1 else str(plan.base)
     projector = build_projector(read.tensors, path=path, source=text, files=read.files, sha256=read.sha256)
     projector.metadata["sha256_of"] = read.sha256_of
+    projector.extras = read.extras
     if read.container:
         projector.metadata["container_key"] = read.container
     bad = _finite_warnings(projector)
@@ -453,6 +461,7 @@ def inspect_checkpoint(spec: str | os.PathLike[str]) -> CheckpointInfo:
             sha256_of=p.metadata.get("sha256_of", "file"), ops=p.ops, in_features=p.in_features,
             out_features=p.out_features,
             warnings=p.metadata["warnings"].split("\n") if p.metadata.get("warnings") else [],
+            extras=[(k, tuple(t.shape), _dtype_name(t.dtype)) for k, t in sorted(p.extras.items())],
         )
     space, headers, keys = _safetensors_space(plan)
     shapes = {k: space[k][1].shape for k in keys}
@@ -463,7 +472,7 @@ def inspect_checkpoint(spec: str | os.PathLike[str]) -> CheckpointInfo:
     for name, kind, ks in lay["layers"]:
         layers.append((name, kind, {r: (shapes[k], _st_dtype_name(space[k][1].dtype)) for r, k in ks.items()}))
     files = tuple(sorted({str(plan.base / space[k][0]) for k in keys}))
-    if plan.weight_map is None and len(plan.files) == 1 and set(keys) == set(headers[plan.files[0]].tensors):
+    if plan.weight_map is None and len(plan.files) == 1 and set(space) == set(headers[plan.files[0]].tensors):
         sha, sha_of = sha256_file(plan.base / plan.files[0]), "file"
     else:
         sha, sha_of = raw_digest(plan.base, space, keys), "tensors"
@@ -476,6 +485,7 @@ def inspect_checkpoint(spec: str | os.PathLike[str]) -> CheckpointInfo:
         dtype=_st_dtype_name(float_dtypes.most_common(1)[0][0]), num_params=numel,
         nbytes=sum(space[k][1].nbytes for k in keys), sha256=sha, sha256_of=sha_of, ops=lay["ops"],
         in_features=ins, out_features=outs,
+        extras=[(k, space[k][1].shape, _st_dtype_name(space[k][1].dtype)) for k in sorted(set(space) - set(keys))],
     )
 
 

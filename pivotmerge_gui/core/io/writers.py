@@ -14,6 +14,12 @@ Formats (``fmt``):
 - ``hf-llava``: ``multi_modal_projector.linear_{1,2}.{weight,bias}`` (+ ``image_newline``
   for LLaVA-NeXT), loadable with ``strict=True`` into transformers' Llava projector.
 
+Non-projector tensors of an adapter file (``projector.extras``: LLaVA's
+``model.embed_tokens.weight``, LLaVA-NeXT's ``vision_resampler.*``, see :mod:`.extras`) are
+written under their original keys, in their own dtype, beside the projector in ``auto``,
+``llava-bin`` and ``safetensors``; ``hf-llava`` (transformers' projector, loaded with
+``strict=True``) has no place for them and refuses a projector that carries any.
+
 Tensors are written contiguous and cloned (a view of a larger storage would otherwise
 save the whole storage with ``torch.save``, and safetensors refuses shared storage).
 """
@@ -62,6 +68,15 @@ def _keyed(projector: Projector, dtype: torch.dtype | None, rename: Mapping[str,
                 raise OutputError(key, "two tensors would be written under the same key")
             out[key] = _prepare(t, dtype)
     return out
+
+
+def _with_extras(projector: Projector, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` plus the projector's extras under their original keys (own dtype)."""
+    for key, t in projector.extras.items():
+        if key in state:
+            raise OutputError(key, "a carried non-projector tensor has the key of a projector tensor")
+        state[key] = _prepare(t, None)
+    return state
 
 
 def hf_llava_state(projector: Projector, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -173,14 +188,20 @@ def write_projector(
     spec = _spec(projector)
     meta = dict(metadata or {})
     if fmt == "llava-bin" or (fmt == "auto" and name == LLAVA_BIN):
-        writer = _save_torch(_llava_state(projector, dtype))
+        writer = _save_torch(_with_extras(projector, _llava_state(projector, dtype)))
     elif fmt == "hf-llava":
+        if projector.extras:
+            raise OutputError(
+                name,
+                f"the projector carries non-projector tensors ({', '.join(sorted(projector.extras))}) "
+                "that transformers' projector file has no place for; use output format 'auto'",
+            )
         writer = _save_safetensors(hf_llava_state(projector, dtype), meta)
     elif fmt == "auto" and spec is not None and spec.container_key:
         container = projector.metadata.get("container_key") or spec.container_key
-        writer = _save_torch({container: _keyed(projector, dtype)})
+        writer = _save_torch({container: _with_extras(projector, _keyed(projector, dtype))})
     else:
-        writer = _save_safetensors(_keyed(projector, dtype), meta)
+        writer = _save_safetensors(_with_extras(projector, _keyed(projector, dtype)), meta)
     return atomic_write(target, writer, protected=list(protected) + list(projector.files), overwrite=overwrite)
 
 

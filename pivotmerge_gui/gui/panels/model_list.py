@@ -282,6 +282,13 @@ class ModelListPanel(QWidget):
                       f"Weight:  {e.weight:g}"]
             if e.message:
                 lines.append(f"Note:    {e.message}")
+            extras = getattr(e.projector, "extras", None) or {}
+            if extras:
+                # imported here: torch is loaded once a projector is, not at window start
+                from pivotmerge_gui.core.io.extras import describe_extras
+
+                lines.append("Carried: other tensors of the adapter file, kept in merges:")
+                lines += [f"         {line}" for line in describe_extras(extras)]
         if e.details:
             lines += ["", e.details]
         self.details.setPlainText("\n".join(lines))
