@@ -11,6 +11,7 @@ explicit ``save_result`` step).
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import math
 import time
@@ -38,7 +39,7 @@ from .io.extras import check_extras, merge_extras
 from .methods.base import MergeJob, MergeMethod, get_method
 from .progress import CancelToken, ProgressEvent, drain, rescaled
 from .projector import Projector, all_finite, check_compatible, mean_projector, nonfinite_tensors
-from .recipe import Recipe
+from .recipe import CalibrationRef, Recipe
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -101,6 +102,7 @@ class MergeResult:
     elapsed_s: float
     names: list[str] = field(default_factory=list)
     protected: list[Path] = field(default_factory=list)  # input files, never overwritten
+    calibration: Calibration | None = None  # the features the merge used (saved with it)
 
 
 # --------------------------------------------------------------------------- plan
@@ -158,14 +160,16 @@ def plan(
     method.check_job(base is not None, calibration is not None or recipe.calibration is not None)
 
     if calibration is None and recipe.calibration is not None:
-        calibration = load_calibration(
-            Path(recipe.calibration), len(experts), experts[0].in_features
-        )
-    if calibration is not None and len(calibration.features) != len(experts):
-        raise RecipeError(
-            f"calibration has features for {len(calibration.features)} domains but the recipe "
-            f"lists {len(experts)} experts"
-        )
+        ref = recipe.calibration
+        if len(set(recipe.display_names())) != len(names):
+            raise RecipeError("two experts have the same name: give each a unique models[].name so "
+                              "that calibration domains can be mapped to experts by name")
+        calibration = load_calibration(Path(ref.file), names, experts[0].in_features,
+                                       ref.domains, ref.sha256)
+    uncovered: list[str] = []
+    if calibration is not None:
+        _check_calibration(calibration, names, experts[0].in_features)
+        uncovered = [names[k] for k in calibration.missing]
 
     layer_names = experts[0].layer_names
     for name, value in (recipe.layer_coefficients or {}).items():
@@ -177,6 +181,10 @@ def plan(
             raise RecipeError(f"layer_coefficients: '{name}' = {value} is not a sane coefficient")
 
     warnings = list(extras_warnings)
+    if uncovered:
+        warnings.append(
+            "no calibration data for " + ", ".join(uncovered) + ": data-driven steps protect "
+            "that domain instead of fitting it (its score stays near the data-free merge's)")
     for proj, name in zip([*experts, *([base] if base else [])], [*names, "base"]):
         if proj.metadata.get("finite_checked"):  # the reader already screened it
             bad = [b for b in proj.metadata.get("nonfinite_tensors", "").split(",") if b]
@@ -237,6 +245,21 @@ def plan(
         estimated_peak_bytes=peak,
         allow_nonfinite=allow_nonfinite,
     )
+
+
+def _check_calibration(cal: Calibration, names: list[str], in_features: int) -> None:
+    """One feature set (or None) per expert, each [N, in_features] and finite."""
+    if len(cal.features) != len(names):
+        raise RecipeError(
+            f"calibration has features for {len(cal.features)} domains but the recipe lists "
+            f"{len(names)} experts")
+    if not cal.covered:
+        raise RecipeError("the calibration holds no features for any expert")
+    for k, f in enumerate(cal.features):
+        if f is not None and (f.dim() != 2 or f.shape[1] != in_features):
+            raise RecipeError(
+                f"calibration features for {names[k]} have shape {list(f.shape)}; the projector "
+                f"takes [N, {in_features}]")
 
 
 def _check_float(proj: Projector) -> None:
@@ -362,7 +385,10 @@ def _execute(
         "extras": extras_report,
         "elapsed_s": round(elapsed, 4),
     }
-    result = MergeResult(merged, report, plan.recipe, input_hashes, elapsed, list(plan.names), protected)
+    if plan.calibration is not None:
+        report["calibration"] = calibration_summary(plan.calibration, plan.names)
+    result = MergeResult(merged, report, plan.recipe, input_hashes, elapsed, list(plan.names), protected,
+                         plan.calibration)
     yield ProgressEvent("done", 1.0, f"merged in {elapsed:.2f} s", result)
     return result
 
@@ -440,14 +466,38 @@ def _input_files(plan: Plan) -> list[Path]:
     overwritten."""
     files = [Path(f) for p in [*plan.experts, *([plan.base] if plan.base else [])] for f in p.files]
     if plan.recipe.calibration:
-        files.append(Path(plan.recipe.calibration))
+        files.append(Path(plan.recipe.calibration.file))
     return files
 
 
-def _output_names(projector: Projector, fmt: str) -> list[str]:
+CALIBRATION_FILE = "calibration.safetensors"
+
+
+def calibration_summary(cal: Calibration, names: Sequence[str]) -> dict[str, Any]:
+    """What the report and the model card say of the calibration a merge used."""
+    src = cal.source or {}
+    prov = src.get("provenance") or {}
+    return {
+        "file": Path(src["file"]).name if src.get("file") else None,
+        "sha256": src.get("sha256"),
+        "tokens": {n: (int(f.shape[0]) if f is not None else 0) for n, f in zip(names, cal.features)},
+        "domains": {n: (cal.domains[k] or None) if k < len(cal.domains) else None for k, n in enumerate(names)},
+        "missing": [names[k] for k in cal.missing],
+        "encoder": (prov.get("encoder") or {}).get("spec"),
+        "provenance": {k: prov[k] for k in ("encoder", "features", "sampling", "tool", "created") if k in prov},
+    }
+
+
+def _output_names(projector: Projector, fmt: str, with_calibration: bool = False) -> list[str]:
     from .io import output_filename
 
-    return [output_filename(projector, fmt), *OUTPUT_FILES]
+    return [output_filename(projector, fmt), *OUTPUT_FILES, *([CALIBRATION_FILE] if with_calibration else [])]
+
+
+def _writes_calibration(result: MergeResult) -> bool:
+    """The merge used in-memory features (no file the recipe can name): they are saved
+    beside the output so that the recipe reproduces the merge."""
+    return result.calibration is not None and result.recipe.calibration is None
 
 
 def check_output_dir(plan: Plan, out_dir: str | Path, *, fmt: str | None = None, overwrite: bool = False) -> list[Path]:
@@ -487,8 +537,19 @@ def save_result(
     projector = result.projector
     if dtype is not None:  # checked before anything is written
         projector = projector.with_state(cast_state(projector.state(), dtype))
-    recipe = _portable_recipe(result.recipe, fmt)
-    names = _output_names(projector, fmt)
+    recipe = _portable_recipe(result.recipe, fmt, result.calibration)
+    cal_bytes = None
+    if _writes_calibration(result):
+        from .calibration import store
+
+        assert result.calibration is not None
+        tensors, mapping = store.from_calibration(result.calibration, result.names)
+        src = result.calibration.source or {}
+        cal_bytes = store.encode(tensors, src.get("provenance") or store.default_provenance(
+            features={"description": "features held in the app's memory when the merge ran"}))
+        recipe = recipe.model_copy(update={"calibration": CalibrationRef(
+            file=CALIBRATION_FILE, sha256=hashlib.sha256(cal_bytes).hexdigest(), domains=mapping)})
+    names = _output_names(projector, fmt, cal_bytes is not None)
     recipe_yaml = recipe.to_yaml()
     metadata = {
         "pivotmerge_recipe": recipe_yaml,
@@ -501,6 +562,8 @@ def save_result(
         proj_path = write_projector(projector, tmp, fmt=fmt, metadata=metadata, protected=result.protected)
         if cancel is not None:
             cancel.raise_if_cancelled()
+        if cal_bytes is not None:
+            atomic_io.atomic_write_bytes(tmp / CALIBRATION_FILE, cal_bytes, protected=result.protected)
         atomic_io.atomic_write_text(tmp / "recipe.yml", recipe_yaml, protected=result.protected)
         card = model_card(result, recipe, proj_path.name)
         atomic_io.atomic_write_text(tmp / "README.md", card, protected=result.protected)
@@ -517,12 +580,19 @@ def _absolute_paths(recipe: Recipe, base_dir: Path | None, loaded: Mapping[str, 
     if data.get("base_model") and data["base_model"] not in loaded:
         data["base_model"] = resolve_spec(data["base_model"], base_dir)
     if data.get("calibration"):
-        data["calibration"] = resolve_spec(data["calibration"], base_dir)
+        data["calibration"]["file"] = resolve_spec(data["calibration"]["file"], base_dir)
     return Recipe.model_validate(data)
 
 
-def _portable_recipe(recipe: Recipe, fmt: str) -> Recipe:
-    return recipe.model_copy(update={"output_format": fmt})
+def _portable_recipe(recipe: Recipe, fmt: str, calibration: Calibration | None = None) -> Recipe:
+    """The recipe written beside an output: its output format, and a calibration reference
+    completed with the file's hash and the expert -> domain mapping the merge used."""
+    update: dict[str, Any] = {"output_format": fmt}
+    src = (calibration.source or {}) if calibration is not None else {}
+    if recipe.calibration is not None and src.get("sha256"):
+        update["calibration"] = recipe.calibration.model_copy(update={
+            "sha256": src["sha256"], "domains": dict(src.get("domains") or {}) or recipe.calibration.domains})
+    return recipe.model_copy(update=update)
 
 
 def jsonable(obj: Any) -> Any:

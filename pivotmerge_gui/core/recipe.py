@@ -43,6 +43,15 @@ class ModelEntry(_Strict):
     parameters: ModelParameters = Field(default_factory=ModelParameters)
 
 
+class CalibrationRef(_Strict):
+    file: str = Field(min_length=1, description="calibration file (safetensors, one tensor per domain)")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$",
+                               description="the file's sha256; a different file is refused")
+    domains: dict[str, str | None] | None = Field(
+        None, description="expert name -> domain of the file (null: no data for that expert); "
+                          "default: the domain named like the expert")
+
+
 class Recipe(_Strict):
     schema_version: int = SCHEMA_VERSION
     merge_method: str = Field(min_length=1)
@@ -50,12 +59,15 @@ class Recipe(_Strict):
     models: list[ModelEntry] = Field(min_length=1)
     parameters: dict[str, Any] = Field(default_factory=dict)
     layer_coefficients: dict[str, float] | None = None
-    calibration: str | None = Field(
-        None, description="safetensors file of calibration features (expert_0, expert_1, ...)"
+    calibration: CalibrationRef | None = Field(
+        None, description="calibration features: a file name, or {file, sha256, domains}"
     )
     dtype: DtypeName = "float32"
     out_dtype: OutDtypeName = "auto"
     output_format: OutputFormatName = "auto"
+    into: str | None = Field(
+        None, min_length=1, description="full-model export: the model folder or Hub id the merged projector goes into"
+    )
     device: str = "auto"
     random_seed: int = 0
 
@@ -65,6 +77,11 @@ class Recipe(_Strict):
         if v != SCHEMA_VERSION:
             raise ValueError(f"unsupported schema_version {v}; this release reads {SCHEMA_VERSION}")
         return v
+
+    @field_validator("calibration", mode="before")
+    @classmethod
+    def _calibration_file(cls, v: Any) -> Any:
+        return {"file": v} if isinstance(v, str) else v  # the short form: just the file
 
     @field_validator("parameters")
     @classmethod
@@ -117,9 +134,12 @@ class Recipe(_Strict):
         for e in d["models"]:
             if e.get("name") is None:
                 e.pop("name", None)
-        for key in ("layer_coefficients", "calibration", "base_model"):
+        for key in ("layer_coefficients", "calibration", "base_model", "into"):
             if d.get(key) is None:
                 d.pop(key)
+        cal = d.get("calibration")
+        if cal is not None:
+            d["calibration"] = {k: v for k, v in cal.items() if v is not None}
         return d
 
     def to_yaml(self) -> str:

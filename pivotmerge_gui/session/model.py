@@ -19,6 +19,7 @@ from pivotmerge_gui.core.errors import PivotMergeError
 from pivotmerge_gui.core.io.discovery import display_name, expand_paths
 
 from .events import Event
+from .calibration import CalibrationFileRef, MemoryCalibration, SessionCalibration
 from .experts import ExpertEntry, ExpertList, describe_projector
 
 log = logging.getLogger("pivotmerge_gui.session")
@@ -36,41 +37,6 @@ class Readiness:
     message: str
 
 
-@dataclass
-class MemoryCalibration:
-    """Calibration features held in memory (demo, test bench); not part of a recipe.
-    ``uids``: the experts whose domains ``calibration.features`` belong to, in that order
-    (None = by list position)."""
-
-    calibration: Any
-    label: str
-    uids: tuple[int, ...] | None = None
-    _view: tuple[tuple[int, ...], Any] | None = field(default=None, repr=False)
-
-    def for_order(self, entries: list[ExpertEntry]) -> Any:
-        """The feature sets for ``entries`` in their order (same object for the same order,
-        so validation results stay cached). Raises PivotMergeError naming the experts that
-        have no feature set."""
-        cal = self.calibration
-        if self.uids is None:
-            return cal
-        order = tuple(e.uid for e in entries)
-        if order == self.uids:
-            return cal
-        if self._view is not None and self._view[0] == order:
-            return self._view[1]
-        pos = {u: i for i, u in enumerate(self.uids)}
-        missing = [e.name for e in entries if e.uid not in pos]
-        if missing:
-            raise PivotMergeError(
-                "the calibration features in memory have no set for " + ", ".join(missing)
-                + " (added after they were computed): compute alignment scores again in the "
-                "Test bench, choose a calibration file, or clear them")
-        mapped = cal.select([pos[u] for u in order])
-        self._view = (order, mapped)
-        return mapped
-
-
 class SessionModel:
     """State of one PivotMerge Studio session (see the module docstring)."""
 
@@ -86,8 +52,7 @@ class SessionModel:
         self.layer_coefficients: dict[str, float] = {}
         self.settings: dict[str, Any] = dict(DEFAULT_SETTINGS)
         self.allow_nonfinite = False
-        self.calibration_path: str | None = None
-        self.memory_calibration: MemoryCalibration | None = None
+        self.calibration = SessionCalibration()
         # results
         self.merge_result: Any = None
         self.result_inputs: tuple[Any, ...] = ()
@@ -211,6 +176,7 @@ class SessionModel:
         # the merged result belongs to the inputs it was made from
         if self.merge_result is not None and self.result_inputs != self.current_inputs():
             self.set_result(None)
+        self.calibration.experts_changed(self.experts.entries)
         self.inputs_changed.emit()
 
     # ------------------------------------------------------------------ the merge setup
@@ -258,8 +224,9 @@ class SessionModel:
         return Readiness("check", "Checking the setup…")
 
     # ------------------------------------------------------------------ recipe in / out
-    def recipe(self) -> Any:
-        """The recipe the session describes right now (raises RecipeError on a bad setup)."""
+    def recipe(self, calibration: dict[str, Any] | None | bool = True) -> Any:
+        """The recipe the session describes right now (raises RecipeError on a bad setup).
+        ``calibration``: True = the session's file reference, else this reference."""
         from pivotmerge_gui.core.recipe import Recipe
 
         method = self.method()
@@ -277,7 +244,8 @@ class SessionModel:
                        for e in self.experts.entries],
             "parameters": params,
             "layer_coefficients": self.layer_coefficients or None,
-            "calibration": self.calibration_path,
+            "calibration": (self.calibration.recipe_ref(self.experts.entries) if calibration is True
+                            else calibration),
             **self.settings,
         }
         return Recipe.from_dict(data, "current setup")
@@ -305,46 +273,80 @@ class SessionModel:
         self.layer_coefficients = dict(recipe.layer_coefficients or {})
         self.settings = {"dtype": recipe.dtype, "out_dtype": recipe.out_dtype, "device": recipe.device,
                          "random_seed": recipe.random_seed}
-        self.set_calibration_path(resolve_spec(recipe.calibration, base_dir) if recipe.calibration else None)
+        problem = None
+        if recipe.calibration is not None:
+            ref = recipe.calibration
+            try:
+                self.set_calibration_file(resolve_spec(ref.file, base_dir), ref.domains, ref.sha256)
+            except PivotMergeError as exc:
+                self.clear_calibration()
+                problem = f"The recipe's calibration was not restored: {exc}"
+        else:
+            self.clear_calibration()
         self.setup_replaced.emit()
+        if problem:
+            self.message.emit(problem)
         if not known:
             self.message.emit(f"The recipe's method '{recipe.merge_method}' is not available.")
         return known
 
     # ------------------------------------------------------------------ calibration
+    @property
+    def calibration_path(self) -> str | None:
+        return self.calibration.file.path if self.calibration.file is not None else None
+
+    @property
+    def memory_calibration(self) -> MemoryCalibration | None:
+        return self.calibration.memory
+
+    def set_calibration_file(self, path: str | None, mapping: dict[str, str | None] | None = None,
+                             sha256: str | None = None, label: str = "") -> CalibrationFileRef | None:
+        """Use a calibration file (goes into the recipe with its hash and each expert's
+        domain); replaces in-memory features. Raises PivotMergeError for a bad file."""
+        if path is None:
+            self.clear_calibration()
+            return None
+        ref = self.calibration.use_file(path, self.experts.entries, mapping, sha256, label)
+        self.calibration_changed.emit()
+        return ref
+
     def set_calibration_path(self, path: str | None) -> None:
-        """A calibration features file (goes into the recipe); replaces in-memory features."""
-        self.calibration_path = path
-        self.memory_calibration = None
+        """Like :meth:`set_calibration_file`, but a bad file is reported, not raised (the
+        GUI's file chooser)."""
+        try:
+            self.set_calibration_file(path)
+        except PivotMergeError as exc:
+            self.message.emit(f"Calibration file not used: {exc}")
+
+    def set_calibration_domain(self, uid: int, domain: str | None) -> None:
+        self.calibration.set_domain(uid, domain)
         self.calibration_changed.emit()
 
     def set_memory_calibration(self, calibration: Any, label: str, uids: list[int] | None) -> None:
         """Hold calibration features in memory. ``uids``: the experts whose domains the
         feature sets belong to, in that order, so they follow their experts when the list is
         reordered or shrunk; None = by position."""
-        self.calibration_path = None
-        self.memory_calibration = MemoryCalibration(calibration, label,
-                                                    tuple(uids) if uids is not None else None)
+        self.calibration.use_memory(calibration, label, tuple(uids) if uids is not None else None)
         self.calibration_changed.emit()
 
     def clear_calibration(self) -> None:
-        self.set_calibration_path(None)
+        had = self.calibration.file is not None or self.calibration.memory is not None
+        self.calibration.clear()
+        if had:
+            self.calibration_changed.emit()
 
     def calibration_label(self) -> tuple[str, str]:
         """(short label, tooltip) of the calibration in use."""
-        if self.calibration_path is not None:
-            return Path(self.calibration_path).name, self.calibration_path
-        if self.memory_calibration is not None:
-            return (self.memory_calibration.label,
-                    "Used for this session's merges; save them to a file to put them in a recipe")
-        return "none", ""
+        return self.calibration.label(self.experts.entries)
+
+    def uncovered_experts(self) -> list[str]:
+        """Experts without calibration data while calibration is in use."""
+        return self.calibration.uncovered(self.experts.entries)
 
     def calibration_for(self, entries: list[ExpertEntry] | None = None) -> Any:
         """In-memory features for ``entries`` (default: the whole list) in their order, or
-        None (none held, or a file is set). Raises PivotMergeError when an expert has none."""
-        if self.memory_calibration is None:
-            return None
-        return self.memory_calibration.for_order(self.experts.entries if entries is None else entries)
+        None (none held, or a file is set). Raises PivotMergeError when no expert has any."""
+        return self.calibration.for_plan(self.experts.entries if entries is None else entries)
 
     def calibration_for_plan(self) -> tuple[Any, str | None]:
         """(in-memory calibration to plan with, or None; why it cannot be used, or None)."""
@@ -396,7 +398,9 @@ class SessionModel:
         try:
             from pivotmerge_gui.core.io.atomic import atomic_write_text
 
-            atomic_write_text(path, self.recipe().to_yaml(), overwrite=True)
+            cal = self.calibration.persist(path.with_name(path.stem + "-calibration.safetensors"),
+                                           self.experts.entries)
+            atomic_write_text(path, self.recipe(cal).to_yaml(), overwrite=True)
             return True
         except (PivotMergeError, OSError) as exc:
             log.warning("session autosave skipped: %s", exc)

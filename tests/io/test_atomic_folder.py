@@ -215,7 +215,7 @@ def test_outputs_never_overwrite_the_calibration_file(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     calib = out / "model.safetensors"
-    save_calibration(Calibration([torch.randn(8, 16), torch.randn(8, 16)]), calib)
+    save_calibration(Calibration([torch.randn(8, 16), torch.randn(8, 16)], ["dom0", "dom1"]), calib)
     before = calib.read_bytes()
     plan = pipeline.plan(_recipe(paths, calibration=str(calib), output_format="safetensors"))
     with pytest.raises(OutputError, match="refusing to overwrite the input"):

@@ -25,6 +25,8 @@ class Recorder:
     def __init__(self, session: SessionModel) -> None:
         self.loads: list[tuple[int, str, str]] = []
         self.counts: dict[str, int] = {}
+        self.messages: list[str] = []
+        session.message.connect(self.messages.append)
         session.load_requested.connect(lambda uid, spec, target: self.loads.append((uid, spec, target)))
         for name in ("inputs_changed", "result_changed", "calibration_changed", "setup_replaced", "base_changed"):
             getattr(session, name).connect(lambda *a, name=name: self._count(name))
@@ -143,18 +145,45 @@ def test_memory_calibration_follows_its_experts_by_uid():
     assert [float(f[0, 0]) for f in mapped.features] == [2.0, 0.0]
     assert s.calibration_for() is mapped  # the same object while the order holds (plan cache)
     newcomer = s.add_spec("/experts/new.bin")
-    with pytest.raises(PivotMergeError, match="new"):
-        s.calibration_for()
-    # a method that does not use calibration plans without it; one that does is blocked
+    # a newcomer has no features: its domain is uncovered (protected by the merge), not an error
+    mapped = s.calibration_for()
+    assert mapped.features[2] is None and mapped.missing == [2] and s.uncovered_experts() == ["new"]
     s.load_finished(newcomer.uid, "expert", make_mlp_projector(8, 16, 12), {})
-    s.update_setup("linear", {}, {}, {}, False)
-    assert s.plan_inputs()[2] is None
     s.update_setup("regmean", {}, {}, {}, False)
-    assert "new" in s.plan_inputs()[2]
-    # a calibration file replaces the features in memory and goes into the recipe
-    s.set_calibration_path("/data/cal.safetensors")
-    assert s.memory_calibration is None and s.recipe().calibration == "/data/cal.safetensors"
+    assert s.plan_inputs()[2] is None
+    # only when no listed expert has features is the calibration unusable
+    s.experts.remove_rows([0, 1])
+    with pytest.raises(PivotMergeError, match="none of the listed experts"):
+        s.calibration_for()
+    assert "none of the listed experts" in s.plan_inputs()[2]
+    s.update_setup("linear", {}, {}, {}, False)
+    assert s.plan_inputs()[2] is None  # a method that does not use calibration plans without it
+
+
+def test_calibration_file_is_mapped_by_name_and_follows_its_experts(tmp_path):
+    from pivotmerge_gui.core.calibration import save_calibration
+
+    s, rec = _ready_session(3)
+    names = [e.name for e in s.experts.entries]
+    path = save_calibration(Calibration([torch.randn(4, 8) for _ in range(2)], [names[2], names[0]]),
+                            tmp_path / "cal.safetensors")
+    s.set_calibration_file(str(path))
+    assert s.memory_calibration is None and s.calibration_path == str(path)
+    ref = s.recipe().calibration
+    assert ref.file == str(path) and len(ref.sha256) == 64
+    assert ref.domains == {names[0]: names[0], names[1]: None, names[2]: names[2]}
+    assert s.uncovered_experts() == [names[1]]
+    s.experts.move_rows_to([2], 0)  # order does not matter: the mapping is by expert
+    assert s.recipe().calibration.domains[names[2]] == names[2]
+    s.set_calibration_domain(s.experts.entries[2].uid, names[0])  # the user re-maps one
+    assert s.recipe().calibration.domains[names[1]] == names[0]
     assert s.calibration_label()[0] == "cal.safetensors"
+    with pytest.raises(PivotMergeError, match="sha256"):
+        s.set_calibration_file(str(path), sha256="0" * 64)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    s.set_calibration_path(str(bad))  # the file chooser reports, never raises
+    assert s.calibration_path == str(path) and "bad.safetensors" in rec.messages[-1]
 
 
 def test_a_merge_result_belongs_to_the_inputs_it_was_made_from():
@@ -198,6 +227,30 @@ def test_autosave_and_restore(tmp_path: Path):
     assert recipe is not None and len(other.experts) == 2
     assert other.method_name == "task_arithmetic" and other.params == {"scaling": 0.4}
     assert other.settings["random_seed"] == 3
+    # calibration features in memory and per-layer coefficients survive the restart
+    s.update_setup("pivotmerge", {}, {"0": 0.7}, {}, False)
+    feats = [torch.randn(5, 8), torch.randn(3, 8)]
+    s.set_memory_calibration(Calibration(feats, ["a", "b"]), "from the bench", [e.uid for e in s.experts.entries])
+    assert s.autosave(path)
+    other = SessionModel()
+    other.set_engine(list_methods())
+    other.restore(path)
+    assert other.layer_coefficients == {"0": 0.7}
+    ref = other.recipe().calibration
+    assert ref is not None and Path(ref.file).parent == path.parent and ref.domains == {"e0": "a", "e1": "b"}
+    from pivotmerge_gui.core.calibration import load_calibration
+
+    back = load_calibration(Path(ref.file), ["e0", "e1"], 8, ref.domains, ref.sha256)
+    assert all(torch.equal(x, y) for x, y in zip(back.features, feats))
+    # a calibration file that changed since is named in one message, the rest restores
+    Path(ref.file).write_bytes(b"changed")
+    third = SessionModel()
+    msgs: list[str] = []
+    third.message.connect(msgs.append)
+    third.set_engine(list_methods())
+    third.restore(path)
+    assert len(third.experts) == 2 and third.calibration_path is None
+    assert len(msgs) == 1 and "calibration" in msgs[0]
     # an unreadable session file is set aside, not fatal
     path.write_text("merge_method: [unclosed")
     assert SessionModel().restore(path) is None
