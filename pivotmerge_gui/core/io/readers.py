@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import re
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -45,6 +44,7 @@ from .discovery import (
 from .extras import adapter_extras
 from .families import FamilySpec, build_projector, layout, pretty_family, projector_keys
 from .hashing import raw_digest, sha256_file, tensor_digest
+from .pickle_scan import refusal_reason, scan_pickle, view_problem
 from .safetensors_header import DTYPES, SafetensorsHeader, is_safetensors, read_header
 
 ProgressFn = Callable[[ProgressEvent], None]
@@ -184,13 +184,11 @@ def _torch_load(path: Path) -> Any:
     p = str(path)
     try:
         size = path.stat().st_size
-        with open(path, "rb") as fh:
-            magic = fh.read(4)
     except OSError as exc:
         raise CheckpointError(p, f"cannot read file: {exc.strerror or exc}") from exc
     if size == 0:
         raise CheckpointError(p, "file is empty (0 bytes)")
-    zipped = magic == b"PK\x03\x04"
+    scan = scan_pickle(path)  # sizes, offsets and strides checked before torch reads a byte
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -200,27 +198,43 @@ def _torch_load(path: Path) -> Any:
                     return torch.load(fh, map_location="cpu", weights_only=True)
             # zip checkpoints are memory-mapped: tensors we do not touch are never read.
             # Old (pre-1.6) non-zip files cannot be mapped and are read whole.
-            return torch.load(p, map_location="cpu", weights_only=True, mmap=zipped)
+            return torch.load(p, map_location="cpu", weights_only=True, mmap=scan.format == "zip")
     except pickle.UnpicklingError as exc:
         detail = str(exc)
-        m = re.search(r"(Unsupported global: [^\n]*|Unsupported operand [^\n]*|WeightsUnpickler error: [^\n]*)", detail)
-        reason = m.group(1).strip() if m else detail.splitlines()[0][:200] if detail else "unknown object"
-        if "Weights only load failed" not in detail and not m:
+        if "Weights only load failed" not in detail and "WeightsUnpickler" not in detail:
+            reason = _short(detail.strip().splitlines()[0] if detail.strip() else type(exc).__name__)
             raise CheckpointError(p, f"corrupt pickle checkpoint ({reason})") from exc
         raise UnsafeCheckpointError(
             p,
             "refused: this pickle checkpoint needs to run code to load "
-            f"({reason}). PivotMerge only loads pickles with weights_only=True and never "
-            "executes code from a checkpoint. If you trust its author, convert it to "
+            f"({refusal_reason(detail, scan.globals)}). PivotMerge only loads pickles with weights_only=True and "
+            "never executes code from a checkpoint. If you trust its author, convert it to "
             "safetensors in a separate, sandboxed environment",
         ) from exc
-    except (EOFError, RuntimeError, ValueError, KeyError, IndexError, TypeError, AttributeError, OSError) as exc:
-        msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    except MemoryError as exc:
+        raise CheckpointError(p, "not enough memory to read this checkpoint") from exc
+    except (EOFError, RuntimeError, ValueError, KeyError, IndexError, TypeError, AttributeError, OSError,
+            AssertionError, OverflowError, RecursionError) as exc:
+        msg = _short(str(exc).strip().splitlines()[0]) if str(exc).strip() else type(exc).__name__
         if isinstance(exc, EOFError) or "central directory" in msg or "truncat" in msg.lower():
             raise CheckpointError(p, f"truncated or corrupt checkpoint ({msg or 'unexpected end of file'})") from exc
         raise CheckpointError(
             p, f"not a readable torch checkpoint: corrupt, or not a checkpoint at all ({type(exc).__name__}: {msg})"
         ) from exc
+
+
+def _short(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more characters)"
+
+
+def _copy_tensor(t: torch.Tensor, path: str, key: str) -> torch.Tensor:
+    """A private copy of a loaded tensor, refused when the copy would be larger than its
+    storage (a stride-0 or overlapping view: the scan normally stops those first)."""
+    problem = view_problem(t.untyped_storage().nbytes() // max(1, t.element_size()), t.storage_offset(),
+                           tuple(t.shape), tuple(t.stride()))
+    if problem:
+        raise CheckpointError(path, f"refused: tensor '{key}': {problem}")
+    return t.clone()
 
 
 def _tensor_dicts(obj: Any, path: str) -> list[tuple[str | None, dict[str, torch.Tensor]]]:
@@ -356,7 +370,7 @@ def _read_pickle(plan: _Plan, progress: ProgressFn | None, cancel: CancelToken |
                 if plan.weight_map[k] == shard:
                     if k not in flat:
                         raise CheckpointError(str(fp), f"shard index says it holds '{k}' but the shard has no such tensor")
-                    tensors[k] = flat[k].clone()
+                    tensors[k] = _copy_tensor(flat[k], str(fp), k)
             _report(progress, (i + 1) / len(shards), f"read {shard}")
         return _Read(tensors, tuple(str(plan.base / s) for s in shards), tensor_digest(tensors), "tensors")
     fp = plan.base / plan.files[0]
@@ -375,8 +389,8 @@ def _read_pickle(plan: _Plan, progress: ProgressFn | None, cancel: CancelToken |
             last = exc
             continue
         # clone: detach the few projector tensors from the memory map of the whole file
-        tensors = {k: flat[k].clone() for k in keys}
-        extras = {k: flat[k].clone() for k in adapter_extras(flat, keys)}
+        tensors = {k: _copy_tensor(flat[k], str(fp), k) for k in keys}
+        extras = {k: _copy_tensor(flat[k], str(fp), k) for k in adapter_extras(flat, keys)}
         _report(progress, 1.0, f"read {len(tensors)} tensors")
         return _Read(tensors, (str(fp),), sha256_file(fp), "file", container, extras)
     all_keys = [f"{c}.{k}" if c else k for c, flat in candidates for k in flat]
