@@ -14,6 +14,7 @@ import gc
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -183,8 +184,9 @@ def plan(
     warnings = list(extras_warnings)
     if uncovered:
         warnings.append(
-            "no calibration data for " + ", ".join(uncovered) + ": data-driven steps protect "
-            "that domain instead of fitting it (its score stays near the data-free merge's)")
+            "no calibration data for " + ", ".join(uncovered) + ": data-driven steps fit that "
+            "expert on the other domains' features pooled (its own outputs as targets); measure "
+            "its domain before relying on the merge")
     for proj, name in zip([*experts, *([base] if base else [])], [*names, "base"]):
         if proj.metadata.get("finite_checked"):  # the reader already screened it
             bad = [b for b in proj.metadata.get("nonfinite_tensors", "").split(",") if b]
@@ -581,7 +583,13 @@ def _absolute_paths(recipe: Recipe, base_dir: Path | None, loaded: Mapping[str, 
         data["base_model"] = resolve_spec(data["base_model"], base_dir)
     if data.get("calibration"):
         data["calibration"]["file"] = resolve_spec(data["calibration"]["file"], base_dir)
-    return Recipe.model_validate(data)
+    for spec in [m["model"] for m in data["models"]] + [data.get("base_model") or ""]:
+        try:
+            spec.encode("utf-8")
+        except UnicodeEncodeError:  # a name with bytes that are not UTF-8 (surrogate-escaped)
+            raise RecipeError(f"path {os.fsencode(spec)!r} is not valid UTF-8 (a folder or file name in another "
+                              "encoding): rename it, or move the recipe and checkpoints to a UTF-8 path") from None
+    return Recipe.from_dict(data)
 
 
 def _portable_recipe(recipe: Recipe, fmt: str, calibration: Calibration | None = None) -> Recipe:

@@ -11,15 +11,15 @@ torch is imported only by the methods that need the engine (never at start-up).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pivotmerge_gui.core.errors import PivotMergeError
 from pivotmerge_gui.core.io.discovery import display_name, expand_paths
 
-from .events import Event
 from .calibration import CalibrationFileRef, MemoryCalibration, SessionCalibration
+from .events import Event
 from .experts import ExpertEntry, ExpertList, describe_projector
 
 log = logging.getLogger("pivotmerge_gui.session")

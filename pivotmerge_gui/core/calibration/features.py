@@ -37,6 +37,16 @@ class Calibration:
         """Indices of the experts whose domain has no features."""
         return [k for k, f in enumerate(self.features) if f is None]
 
+    def with_stand_ins(self) -> Calibration:
+        """Every expert with features: one whose domain has none gets the other domains'
+        features pooled (:func:`pooled_features`). The data-driven steps then fit that
+        expert's own function on those inputs (distillation on proxy data from the same
+        encoder) instead of ignoring its domain; benchmarks/missing_domain.py measures it."""
+        if not self.missing:
+            return self
+        pooled = pooled_features(self.features)
+        return Calibration([f if f is not None else pooled for f in self.features], list(self.domains), self.source)
+
     def select(self, indices: Sequence[int]) -> Calibration:
         """A new Calibration with ``features[i]`` for ``i`` in ``indices``, in that order
         (e.g. to follow the experts after the user re-ordered them). Domain names follow
@@ -48,6 +58,17 @@ class Calibration:
             raise IndexError(f"calibration has {n} feature sets; no index {bad[0]}")
         domains = [self.domains[i] for i in idx] if len(self.domains) == n else []
         return Calibration([self.features[i] for i in idx], domains, self.source)
+
+
+def pooled_features(features: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """The covered domains' features pooled: evenly spaced rows of each, as many in all as
+    one domain has on average (raises ValueError when no domain has features)."""
+    have = [f for f in features if f is not None]
+    if not have:
+        raise ValueError("no domain has calibration features")
+    per = max(1, sum(len(f) for f in have) // len(have) // len(have))
+    parts = [f[torch.linspace(0, len(f) - 1, min(per, len(f)), device=f.device).round().long()] for f in have]
+    return torch.cat(parts, 0)
 
 
 def calibration_from_features(

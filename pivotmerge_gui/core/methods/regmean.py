@@ -93,6 +93,8 @@ class RegMean(MergeMethod):
         # one expert's layer inputs are held in memory
         normal: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         samples: list[int] = []
+        missing = cal.missing
+        cal = cal.with_stand_ins()  # an uncovered domain: the others' features pooled
         for k, (expert, feats) in enumerate(zip(job.experts, cal.features)):
             job.cancel.raise_if_cancelled()
             yield ProgressEvent("calibrate", 0.8 * k / k_count, f"RegMean: inputs of {names[k]}")
@@ -135,6 +137,7 @@ class RegMean(MergeMethod):
             "method": self.name,
             "params": {"alpha": alpha},
             "calibration_samples": samples,
+            "stand_in_domains": [names[k] for k in missing] or None,
             "solved_tensors": solved,
         }
         return MergeOutput(out, report)

@@ -104,6 +104,9 @@ def run_alm(
     if report.data_driven:
         cal = job.calibration
         report.domains = list(cal.domains) if cal is not None and cal.domains else None
+        if cal is not None and cal.missing:
+            names = list(job.expert_names or [f"expert {k}" for k in range(len(job.experts))])
+            report.uncovered = [names[k] for k in cal.missing]
     coeff = {n: float(user[n]) if n in user else float(s.scale) * lam[n] for n in layer_names}
     return AlmResult(lam, coeff, fitted_layers, report)
 
@@ -151,7 +154,8 @@ def fit_layers(
     in closed form, ``mu = ridge * trace(G) / N`` with ``G`` the weighted Gram of
     ``[H_k 1]`` and N the calibration tokens (dual form when N < unknowns; a solve that
     would raise the residual keeps the prior). Fills ``report``; returns the fitted
-    updates "layer.role" -> fitted value - ref (fp32)."""
+    updates "layer.role" -> fitted value - ref (fp32). An expert whose domain has no
+    features arrives with the other domains' features pooled as its inputs."""
     dev = job.device
     ref32 = ref.to(dev, torch.float32)
     ref_state = ref32.state()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...alignment import AlignmentInfo, align_to_pivot, identity_info
+from ...alignment import AlignmentInfo, align_to_pivot, identity_info, shares_coordinates
 from ...errors import ParameterError
 from ...progress import ProgressEvent, rescaled
 from ...projector import Projector, token_group
@@ -39,11 +39,14 @@ def expert_names(job: MergeJob) -> list[str]:
 
 
 def calibration_batches(job: MergeJob, max_tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Evenly spaced subsample of each domain's features and the expert's own outputs."""
+    """Evenly spaced subsample of each domain's features and the expert's own outputs. An
+    expert whose domain has no features gets the others' pooled (its own outputs on them
+    are the targets: see :meth:`Calibration.with_stand_ins`)."""
     xs, ys = [], []
     assert job.calibration is not None
     group = token_group(job.experts[0].ops)  # token-merging families keep whole groups
-    for k, feats in enumerate(job.calibration.features):
+    for k, feats in enumerate(job.calibration.with_stand_ins().features):
+        assert feats is not None
         x = feats.to(job.device, job.dtype)
         n = x.shape[0] // group
         if n > max(1, max_tokens // group):
@@ -124,6 +127,11 @@ def choose_pivot_and_align(
         raise ParameterError("pivotmerge", "pivot", f"{pivot} is not an expert index (0..{k_exp - 1})")
     do_align = align and bool(experts[0].hidden_pairs())
     aligned_done = False
+    if do_align and job.base is not None and all(shares_coordinates(e, job.base) for e in experts):
+        # fine-tuned from the given base: every expert is in its frame, so the weight matching
+        # would return the identity; the cheap test replaces the search (same result)
+        do_align = False
+        infos = [identity_info(e, "shared-base-frame") for e in experts]
     if pivot >= 0:
         chosen_by = "user"
     elif cal_x is not None and cal_y is not None:
@@ -147,4 +155,4 @@ def choose_pivot_and_align(
     yield ProgressEvent("pivot", 0.16, f"PivotMerge: pivot = {names[pivot]} ({chosen_by})")
     if do_align and not aligned_done:
         aligned, infos = yield from rescaled(align_experts(job, experts, pivot, names), 0.16, 0.3)
-    return PivotStage(choice, aligned, infos, do_align)
+    return PivotStage(choice, aligned, infos, align and bool(experts[0].hidden_pairs()))

@@ -143,6 +143,7 @@ class AlmReport:
     objective: float | None = None  # ... after the fit
     iterations: int | None = None
     domains: list[str] | None = None
+    uncovered: list[str] | None = None  # experts whose domain had no features (pooled stand-in)
 
     @property
     def data_driven(self) -> bool:
@@ -161,6 +162,8 @@ class AlmReport:
                 d[key] = getattr(self, key)
         if self.data_driven:
             d["domains"] = self.domains
+            if self.uncovered:
+                d["uncovered"] = self.uncovered
         return d
 
 
