@@ -154,3 +154,44 @@ def test_an_uncovered_expert_is_fitted_on_the_pooled_stand_in(method, params):
         assert rep["method_report"]["alm"]["uncovered"] == [rep["experts"][1]]
     else:
         assert rep["method_report"]["stand_in_domains"] == [rep["experts"][1]]
+
+
+def _all_methods() -> list[str]:
+    from pivotmerge_gui.core.methods import list_methods
+
+    return [m.name for m in list_methods()]
+
+
+@pytest.mark.parametrize("method", _all_methods())
+def test_a_saved_merge_with_calibration_in_memory_reproduces_from_its_recipe(tmp_path, method):
+    """What the app does: plan with in-memory features (one domain without), merge, save;
+    then ``pivotmerge merge OUT/recipe.yml`` must give the same tensors."""
+    from safetensors.torch import load_file
+
+    paths = _experts(tmp_path)
+    base = tmp_path / "base" / "mm_projector.bin"
+    base.parent.mkdir()
+    torch.save(make_mlp_projector(seed=9).original_state_dict(), base)
+    g = torch.Generator().manual_seed(3)
+    cal = Calibration([torch.randn(40, 16, generator=g), None, torch.randn(32, 16, generator=g)],
+                      ["web", "", "charts"])
+    params = {"alm": "data"} if method == "pivotmerge" else {}
+    recipe = Recipe.from_dict({"merge_method": method, "base_model": str(base), "parameters": params,
+                               "models": [{"model": p, "name": f"e{k}"} for k, p in enumerate(paths)],
+                               "output_format": "safetensors", "random_seed": 5})
+    res = pipeline.run(pipeline.plan(recipe, calibration=cal))
+    out = tmp_path / "out"
+    written = pipeline.save_result(res, out)
+    assert out / pipeline.CALIBRATION_FILE in written
+    saved = Recipe.load(out / "recipe.yml")
+    assert saved.calibration.file == pipeline.CALIBRATION_FILE and len(saved.calibration.sha256) == 64
+    assert saved.calibration.domains == {"e0": "web", "e1": None, "e2": "charts"}
+    assert "## Calibration" in (out / "README.md").read_text()
+    assert cli_main(["merge", str(out / "recipe.yml"), str(tmp_path / "again"), "--quiet"]) == 0
+    proj = written[0].name
+    assert proj != pipeline.CALIBRATION_FILE
+    a = load_file(str(out / proj))
+    b = load_file(str(tmp_path / "again" / proj))
+    assert a.keys() == b.keys() and len(a) >= 4
+    for k in a:
+        assert torch.equal(a[k], b[k]), (method, k)

@@ -35,7 +35,7 @@ ${expert_rows}
 ## Parameters
 
 ${parameter_lines}
-${extras_section}
+${calibration_section}${extras_section}
 ## Merge report
 
 ```json
@@ -47,13 +47,16 @@ ${method_report}
 ```bash
 pivotmerge merge recipe.yml OUT_DIR
 ```
-""")
+${usage}""")
 
 
-def model_card(result: Any, recipe: Recipe, filename: str) -> str:
+def model_card(result: Any, recipe: Recipe, filename: str, *, base_model: str | None = None,
+               usage: str = "") -> str:
     """The card of a merge: ``result`` is a :class:`~pivotmerge_gui.core.pipeline.MergeResult`
     (its ``report``, ``names``, ``input_hashes`` and ``projector.family`` are used),
-    ``recipe`` the recipe written beside it, ``filename`` the projector file's name."""
+    ``recipe`` the recipe written beside it, ``filename`` the projector file's name. A
+    full-model export (``usage``: its "Use the merged model" section) names the model it
+    was spliced into as ``base_model`` (a Hub id; the merge's own base is ``merge_base``)."""
     rep = result.report
     front = {
         "library_name": "pivotmerge-studio",
@@ -64,6 +67,9 @@ def model_card(result: Any, recipe: Recipe, filename: str) -> str:
         "projector_family": result.projector.family,
         "projector_file": filename,
     }
+    if usage:
+        front["merge_base"] = front.pop("base_model")
+        front.update({"base_model": base_model} if base_model else {"into": recipe.into})
     rows = [
         f"| {name} (`{m.model}`) | {m.parameters.weight:g} | `{result.input_hashes.get(name, '')}` |"
         for name, m in zip(result.names, recipe.models)
@@ -77,6 +83,7 @@ def model_card(result: Any, recipe: Recipe, filename: str) -> str:
     )
     if rep.get("layer_coefficients_applied"):
         params.append(f"- per-layer coefficients: {rep['layer_coefficients_applied']}")
+    calibration_section = _calibration_section(rep.get("calibration"), recipe)
     extras = rep.get("extras") or []
     extras_section = "".join(
         ["\n## Other tensors of the adapter file\n\n| tensor | shape | dtype | how |\n|---|---|---|---|\n"]
@@ -88,6 +95,37 @@ def model_card(result: Any, recipe: Recipe, filename: str) -> str:
         reference_url=rep["reference_url"],
         expert_rows="\n".join(rows),
         parameter_lines="\n".join(params),
+        calibration_section=calibration_section,
         extras_section=extras_section,
         method_report=json.dumps(rep["method_report"], indent=1, default=str)[:20000],
+        usage="\n" + usage if usage else "",
     )
+
+
+def _calibration_section(cal: dict[str, Any] | None, recipe: Recipe) -> str:
+    """Where the calibration features came from (the file, its hash, each expert's domain
+    and token count, and the encoder/sampling provenance the file records)."""
+    if not cal:
+        return ""
+    ref = recipe.calibration
+    lines = ["\n## Calibration\n"]
+    if ref is not None:
+        lines.append(f"File `{ref.file}`" + (f", sha256 `{ref.sha256}`" if ref.sha256 else "") + ".\n")
+    lines.append("| expert | domain | tokens |\n|---|---|---|")
+    for name, tokens in (cal.get("tokens") or {}).items():
+        dom = (cal.get("domains") or {}).get(name)
+        lines.append(f"| {name} | {dom or '(none: pooled stand-in)'} | {tokens:,} |")
+    prov = cal.get("provenance") or {}
+    enc = prov.get("encoder") or {}
+    if enc.get("spec"):
+        rev = f" @ {enc['revision']}" if enc.get("revision") else ""
+        lines.append(f"\nEncoder: `{enc['spec']}`{rev}" + (f" (weights sha256 `{enc['sha256']}`)" if enc.get("sha256") else ""))
+    feat = prov.get("features") or {}
+    if feat:
+        lines.append("Features: " + ", ".join(f"{k} {v}" for k, v in feat.items()))
+    samp = prov.get("sampling") or {}
+    if samp:
+        lines.append("Sampling: " + ", ".join(f"{k} {v}" for k, v in samp.items()))
+    if prov.get("tool"):
+        lines.append(f"Made by {prov['tool']}" + (f" on {prov['created']}" if prov.get("created") else ""))
+    return "\n".join(lines) + "\n"
