@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from ..core.errors import PivotMergeError
+from .text import clean
 
 
 def _progress(quiet: bool):  # type: ignore[no-untyped-def]
@@ -28,7 +29,7 @@ def _progress(quiet: bool):  # type: ignore[no-untyped-def]
         if ev.stage != "done" and now - last[0] < 1.0:
             return
         last[0] = now
-        sys.stderr.write(f"[{ev.fraction * 100:5.1f}%] {ev.stage}: {ev.message}\n")
+        sys.stderr.write(f"[{ev.fraction * 100:5.1f}%] {ev.stage}: {clean(ev.message)}\n")
         sys.stderr.flush()
 
     return show
@@ -101,22 +102,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
     cols = ["nll", "token_accuracy", "exact_match"] + (["retrieval_accuracy"] if args.retrieval else [])
-    print(f"back end: {result.backend}   pairs: {len(result.pairs)}   time: {result.elapsed_s:.1f} s")
+    print(f"back end: {clean(result.backend)}   pairs: {len(result.pairs)}   time: {result.elapsed_s:.1f} s")
     for name in result.projectors:
         ev = result.metrics[name]
-        print(f"\n{name}")
+        print(f"\n{clean(name)}")
         print("  " + "domain".ljust(14) + "n".rjust(5) + "".join(c.rjust(20) for c in cols))
         rows = [(d, m) for d, m in ev.per_domain.items()] + [("mean", ev.mean)]
         for d, m in rows:
             vals = "".join(f"{getattr(m, c):20.4f}" if getattr(m, c) is not None else "-".rjust(20) for c in cols)
-            print("  " + d.ljust(14) + str(m.n).rjust(5) + vals)
+            print("  " + clean(d).ljust(14) + str(m.n).rjust(5) + vals)
         shown: set[str] = set()
         for r in result.results[name]:
             if r.domain in shown:
                 continue
             shown.add(r.domain)
-            print(f"    [{r.domain}] reference: {r.reference}   (its NLL/token: {r.nll:.3f})")
-            print(f"    [{r.domain}] caption  : {r.caption}")
+            print(clean(f"    [{r.domain}] reference: {r.reference}   (its NLL/token: {r.nll:.3f})"))
+            print(clean(f"    [{r.domain}] caption  : {r.caption}"))
     return 0
 
 

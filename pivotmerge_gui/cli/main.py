@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .text import clean
+
 EXIT_USER_ERROR = 2
 EXIT_CANCELLED = 130
 
@@ -29,7 +31,7 @@ def _progress_printer(quiet: bool):
         if ev.stage != "done" and now - last[0] < (0.1 if tty else 1.0):
             return
         last[0] = now
-        line = f"[{ev.fraction * 100:5.1f}%] {ev.stage}: {ev.message}"
+        line = f"[{ev.fraction * 100:5.1f}%] {ev.stage}: {clean(ev.message)}"
         if tty:
             sys.stderr.write("\r\033[K" + line[:150])
             if ev.stage == "done":
@@ -50,16 +52,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     for info in infos:
         d = info.to_dict()
-        print(f"{d['spec']}")
-        print(f"  family : {d.get('pretty_family') or d['family']} ({d['family']})")
-        print(f"  files  : {', '.join(d['files'])}")
-        print(f"  dtype  : {d['dtype']}   params: {d['num_params']:,}   bytes: {_size(d['nbytes'])}")
-        print(f"  sha256 : {d.get('sha256', '')}")
+        _line(f"{d['spec']}")
+        _line(f"  family : {d.get('pretty_family') or d['family']} ({d['family']})")
+        _line(f"  files  : {', '.join(d['files'])}")
+        _line(f"  dtype  : {d['dtype']}   params: {d['num_params']:,}   bytes: {_size(d['nbytes'])}")
+        _line(f"  sha256 : {d.get('sha256', '')}")
         for layer in d["layers"]:
             shapes = ", ".join(f"{role} {list(t['shape'])} {t['dtype']}" for role, t in layer["tensors"].items())
-            print(f"    {layer['name']:<28} {layer['kind']:<9} {shapes}")
+            _line(f"    {layer['name']:<28} {layer['kind']:<9} {shapes}")
         for extra in d.get("extras", []):
-            print(f"  extra  : {extra['key']} {extra['shape']} {extra['dtype']} (not projector; carried into merges)")
+            _line(f"  extra  : {extra['key']} {extra['shape']} {extra['dtype']} (not projector; carried into merges)")
     return 0
 
 
@@ -121,7 +123,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         except DeviceOutOfMemory as e:
             if not args.cpu_fallback:
                 raise
-            print(f"pivotmerge: {e}; retrying on the CPU", file=sys.stderr)
+            print(f"pivotmerge: {clean(e)}; retrying on the CPU", file=sys.stderr)
             plan = pipeline.plan(recipe, base_dir=base_dir, device="cpu", allow_low_memory=args.allow_low_memory,
                                  allow_nonfinite=args.allow_nonfinite)
             result = merge(plan)
@@ -141,9 +143,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
         rep = result.report
         print(f"merged {n_experts} experts with {rep['method_pretty']} in {result.elapsed_s:.2f} s on {rep['device']}")
         for w in rep["warnings"]:
-            print(f"warning: {w}")
+            _line(f"warning: {w}")
         for p in paths:
-            print(f"wrote {p}")
+            _line(f"wrote {p}")
         summary = rep.get("method_report") or {}
         if summary:
             print("report:")
@@ -179,7 +181,12 @@ def _cell(v: Any) -> str:
         return f"{v:.4g}"
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_cell(x) for x in v) + "]"
-    return str(v)
+    return clean(v)
+
+
+def _line(text: str) -> None:
+    """Print one line of values from files or recipes with control characters escaped."""
+    print(clean(text))
 
 
 def _size(n: int) -> str:
@@ -244,10 +251,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except Cancelled as e:
-        print(f"pivotmerge: {e}", file=sys.stderr)
+        print(f"pivotmerge: {clean(e)}", file=sys.stderr)
         return EXIT_CANCELLED
     except PivotMergeError as e:
-        print(f"pivotmerge: error: {e}", file=sys.stderr)
+        print(f"pivotmerge: error: {clean(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("\npivotmerge: interrupted", file=sys.stderr)

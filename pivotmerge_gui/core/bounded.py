@@ -67,6 +67,10 @@ def yaml_load(text: str) -> Any:
     loader = _PlainLoader(text)
     try:
         return loader.get_single_data()
+    except (AliasError, NestingError):
+        raise
+    except ValueError as exc:  # e.g. an integer past Python's 4300-digit conversion limit
+        raise yaml.YAMLError(f"value not representable: {str(exc)[:120]}") from None
     finally:
         loader.dispose()
 
@@ -79,6 +83,10 @@ def json_loads(text: str | bytes) -> Any:
         doc = json.loads(text)
     except RecursionError:  # the decoder recursed past the interpreter's limit
         raise NestingError() from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise
+    except ValueError as exc:  # e.g. an integer past Python's 4300-digit conversion limit
+        raise json.JSONDecodeError(f"value not representable ({str(exc)[:80]})", "", 0) from None
     stack = [(doc, 1)]
     while stack:  # iterative, so the check itself cannot recurse
         node, depth = stack.pop()

@@ -64,10 +64,15 @@ class IncompatibleExperts(PivotMergeError):
         reference_shape: Any,
         detail: str = "",
     ) -> None:
-        msg = (
-            f"expert '{expert}' is incompatible with '{reference}': tensor '{tensor}' "
-            f"has shape {_fmt(shape)} but {_fmt(reference_shape)} was expected"
-        )
+        if shape == "missing":
+            msg = f"expert '{expert}' is incompatible with '{reference}': it has no tensor '{tensor}' (shape {_fmt(reference_shape)} in '{reference}')"
+        elif reference_shape == "missing":
+            msg = f"expert '{expert}' is incompatible with '{reference}': its tensor '{tensor}' (shape {_fmt(shape)}) is not in '{reference}'"
+        else:
+            msg = (
+                f"expert '{expert}' is incompatible with '{reference}': tensor '{tensor}' "
+                f"has shape {_fmt(shape)} but {_fmt(reference_shape)} was expected"
+            )
         if detail:
             msg += f" ({detail})"
         super().__init__(msg)
@@ -200,7 +205,9 @@ class Cancelled(PivotMergeError):
 
 
 def _fmt(shape: Any) -> str:
+    if isinstance(shape, str):  # "missing", "-"
+        return shape
     try:
         return "[" + ", ".join(str(int(s)) for s in shape) + "]"
-    except TypeError:
+    except (TypeError, ValueError):
         return str(shape)

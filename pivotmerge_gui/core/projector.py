@@ -28,7 +28,7 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .errors import IncompatibleExperts
+from .errors import IncompatibleExperts, MethodError
 
 LayerKind = Literal["linear", "layernorm", "rmsnorm", "vector"]
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
@@ -276,6 +276,11 @@ def check_compatible(
     if not projectors:
         return
     names = list(names) if names is not None else [p.source or f"expert {i}" for i, p in enumerate(projectors)]
+    for p, name in zip(projectors, names):  # zero-unit layers: refused once here, not per method
+        empty = next(((k, s) for k, s in p.signature() if 0 in s), None)
+        if empty is not None:
+            raise MethodError(f"expert '{name}': tensor '{empty[0]}' has shape {list(empty[1])}, a layer "
+                              "with no units (zero-size dimension): there is nothing to merge")
     ref, ref_name = projectors[0], names[0]
     ref_sig = dict(ref.signature())
     for p, name in zip(projectors[1:], names[1:]):

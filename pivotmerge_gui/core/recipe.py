@@ -69,7 +69,7 @@ class Recipe(_Strict):
         None, min_length=1, description="full-model export: the model folder or Hub id the merged projector goes into"
     )
     device: str = "auto"
-    random_seed: int = 0
+    random_seed: int = Field(0, ge=-(2**63), lt=2**64, description="any 64-bit seed (torch's range)")
 
     @field_validator("schema_version")
     @classmethod

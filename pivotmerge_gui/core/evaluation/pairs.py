@@ -9,8 +9,10 @@ Two on-disk forms are read:
 - a ``.jsonl`` file, one object per line: ``{"image": path, "caption": text,
   "domain": optional}``; relative image paths are relative to the ``.jsonl`` file.
 
-Images are decoded with Pillow when they are read, so a broken file is reported at load
-time as a :class:`PairsError` naming it (not half-way through an evaluation). In-memory
+Image headers are checked with Pillow when the pairs are read, so a file that is not an
+image, or one over the decompression-bomb pixel limit, is reported at load time as a
+:class:`PairsError` naming it; pixels are decoded only when a pair's ``image`` is first used
+(``evaluate --max-pairs 1`` on a folder of thousands decodes one image per domain). In-memory
 images (the demo world's ``[3, H, W]`` tensors) become pairs through
 :func:`pairs_from_caption_sets`.
 """
@@ -19,13 +21,14 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..bounded import NestingError, json_loads
 from ..errors import PivotMergeError
 from .backend import CaptionSet
 
@@ -41,23 +44,39 @@ class PairsError(PivotMergeError):
         super().__init__(f"{path}: {problem}")
 
 
-@dataclass
 class Pair:
     """One image with its reference caption.
 
     ``image`` is a Pillow RGB image (files) or a ``[3, H, W]`` float tensor in ``[0, 1]``
-    (in-memory sets such as the demo's). ``path`` is the file it came from, if any.
+    (in-memory sets such as the demo's). ``path`` is the file it came from, if any. Pairs
+    read from files are decoded on first use of ``image`` (then kept), so selecting a few
+    pairs of a large folder decodes only those.
     """
 
-    caption: str
-    domain: str
-    image: Any
-    path: Path | None = None
-    name: str = ""
+    def __init__(self, caption: str, domain: str, image: Any = None, path: Path | None = None, name: str = "") -> None:
+        self.caption = caption
+        self.domain = domain
+        self._image = image
+        self.path = path
+        self.name = name or (path.name if path is not None else "image")
 
-    def __post_init__(self) -> None:
-        if not self.name:
-            self.name = self.path.name if self.path is not None else "image"
+    @property
+    def image(self) -> Any:
+        if self._image is None and self.path is not None:
+            self._image = open_image(self.path)
+        return self._image
+
+    @image.setter
+    def image(self, value: Any) -> None:
+        self._image = value
+
+    @property
+    def decoded(self) -> bool:
+        """Whether the image is in memory (in-memory pairs always are)."""
+        return self._image is not None
+
+    def __repr__(self) -> str:
+        return f"Pair({self.caption!r}, {self.domain!r}, path={self.path!r}, name={self.name!r})"
 
 
 def _require_pillow() -> Any:
@@ -68,17 +87,47 @@ def _require_pillow() -> Any:
     return Image
 
 
-def open_image(path: Path) -> Any:
-    """Decode ``path`` fully into an RGB Pillow image (typed error when it is not one)."""
+def max_image_pixels() -> int:
+    """Pixels an image may have (Pillow's decompression-bomb threshold, about 89 million:
+    an RGB copy of about 256 MiB); larger ones are refused instead of decoded."""
+    return int(_require_pillow().MAX_IMAGE_PIXELS or 89_478_485)
+
+
+def _opened(path: Path, decode: bool) -> Any:
+    """Open ``path`` (header only unless ``decode``), refusing decompression bombs by their
+    declared size before any pixel is decoded; typed errors name the file."""
     Image = _require_pillow()
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > max_image_pixels():
+                    raise PairsError(str(path), f"image of {w} x {h} pixels is over the {max_image_pixels():,}-pixel "
+                                                "limit (a decompression bomb?); resize it first")
+                if not decode:
+                    return None
+                im.load()
+                return im.convert("RGB")
     except FileNotFoundError:
         raise PairsError(str(path), "image file not found") from None
-    except OSError as e:  # PIL.UnidentifiedImageError is an OSError
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise PairsError(str(path), f"image is over the {max_image_pixels():,}-pixel limit (a decompression "
+                                    f"bomb?); resize it first ({e})") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # PIL.UnidentifiedImageError is an OSError
         raise PairsError(str(path), f"not a readable image ({e.__class__.__name__}: {e})") from None
+    except MemoryError:
+        raise PairsError(str(path), "not enough memory to decode this image") from None
+
+
+def open_image(path: Path) -> Any:
+    """Decode ``path`` fully into an RGB Pillow image (typed error when it is not one)."""
+    return _opened(path, decode=True)
+
+
+def probe_image(path: Path) -> None:
+    """Check that ``path`` is an image of acceptable size from its header (no decoding)."""
+    _opened(path, decode=False)
 
 
 def _read_text(path: Path, what: str = "") -> str:
@@ -112,7 +161,8 @@ def load_folder(folder: Path, *, max_pairs: int | None = None) -> list[Pair]:
             raise PairsError(str(img), f"no caption side file {side.name} next to this image")
         rel = img.relative_to(folder)
         domain = rel.parts[0] if len(rel.parts) > 1 else folder.name
-        pairs.append(Pair(_read_caption(side), domain, open_image(img), img, rel.as_posix()))
+        probe_image(img)  # a broken file or a bomb is reported now; pixels are decoded on use
+        pairs.append(Pair(_read_caption(side), domain, None, img, rel.as_posix()))
     return pairs
 
 
@@ -128,7 +178,9 @@ def load_jsonl(path: Path, *, max_pairs: int | None = None) -> list[Pair]:
             continue
         where = f"{path}:{no}"
         try:
-            obj = json.loads(line)
+            obj = json_loads(line)
+        except NestingError as e:
+            raise PairsError(where, f"JSON {e}") from None
         except json.JSONDecodeError as e:
             raise PairsError(where, f"not valid JSON ({e.msg})") from None
         if not isinstance(obj, dict):
@@ -144,10 +196,10 @@ def load_jsonl(path: Path, *, max_pairs: int | None = None) -> list[Pair]:
         if not img_path.is_absolute():
             img_path = path.parent / img_path
         try:
-            picture = open_image(img_path)
+            probe_image(img_path)
         except PairsError as e:
             raise PairsError(where, f"image {img_path}: {e.problem}") from None
-        pairs.append(Pair(" ".join(caption.split()), domain, picture, img_path, Path(image).name))
+        pairs.append(Pair(" ".join(caption.split()), domain, None, img_path, Path(image).name))
     if not pairs:
         raise PairsError(str(path), "no image-caption pairs in this file")
     return pairs

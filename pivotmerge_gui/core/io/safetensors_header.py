@@ -21,6 +21,7 @@ from ..errors import CheckpointError
 
 # The safetensors reference implementation refuses headers above 100 MB; so do we.
 MAX_HEADER_BYTES = 100_000_000
+MAX_DIMS = 64  # more dimensions than any tensor (or torch) uses: refused
 
 # dtype string -> (bytes per element, torch dtype or None when torch cannot hold it)
 DTYPES: dict[str, tuple[float, torch.dtype | None]] = {
@@ -121,8 +122,12 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         offsets = info.get("data_offsets")
         if dtype not in DTYPES:
             raise CheckpointError(p, f"tensor '{name}': unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise CheckpointError(p, f"tensor '{name}': invalid shape {shape!r}")
+        if (
+            not isinstance(shape, list)
+            or len(shape) > MAX_DIMS
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**63 for d in shape)
+        ):
+            raise CheckpointError(p, f"tensor '{name}': invalid shape {_shape_text(shape)}")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
@@ -137,6 +142,8 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         numel = 1
         for d in shape:
             numel *= d
+        if numel >= 2**63:
+            raise CheckpointError(p, f"tensor '{name}': shape {shape} has more elements than any file can hold")
         expected = numel * DTYPES[dtype][0]
         if expected != end - begin:
             raise CheckpointError(
@@ -155,6 +162,15 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         if furthest is None or e.end > furthest.end:
             furthest = e
     return SafetensorsHeader(p, n, size, entries, dict(meta))
+
+
+def _shape_text(shape: object) -> str:
+    """A shape for a message: huge integers by their size, long lists cut (with a count)."""
+    if not isinstance(shape, list):
+        return repr(shape)[:120]
+    shown = [f"<{d.bit_length()}-bit integer>" if isinstance(d, int) and d.bit_length() > 64 else repr(d)[:40]
+             for d in shape[:8]]
+    return "[" + ", ".join(shown) + (f", ... ({len(shape) - 8} more)" if len(shape) > 8 else "") + "]"
 
 
 def is_safetensors(path: str | os.PathLike[str]) -> bool:

@@ -108,7 +108,8 @@ class MergeJob:
     def generator(self, salt: int = 0) -> torch.Generator:
         """A seeded generator on the job's device (same seed -> same result)."""
         g = torch.Generator(device=self.device)
-        g.manual_seed(int(self.seed) * 1_000_003 + salt)
+        # modulo 2**64: torch's seed range; the same stream as before for every seed it accepted
+        g.manual_seed((int(self.seed) * 1_000_003 + salt) % 2**64)
         return g
 
 
