@@ -21,12 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 
 from .calibration import Calibration, calibration_device, load_calibration
 from .card import model_card
-from .devices import dtype_name, parse_dtype, resolve_device
+from .devices import dtype_name, host_memory_available, parse_dtype, resolve_device
 from .errors import (
     CastOverflow,
     CheckpointError,
@@ -44,14 +43,12 @@ from .recipe import CalibrationRef, Recipe
 
 
 def available_memory(device: torch.device) -> int | None:
-    """Bytes the merge may still use on ``device`` (None when unknown)."""
+    """Bytes the merge may still use on ``device`` (None when unknown); on the host the
+    least of available memory, the ``ulimit -v`` headroom and the cgroup's (see devices)."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
-    try:
-        return int(psutil.virtual_memory().available)
-    except (OSError, RuntimeError):  # a sandbox that hides the system's memory figures
-        return None
+    return host_memory_available()
 
 
 def estimate_peak_bytes(
