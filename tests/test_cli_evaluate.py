@@ -111,5 +111,8 @@ def test_llava_backend_from_a_local_folder(tmp_path, capsys):
     entry = out["projectors"][0]
     assert sorted(entry["per_domain"]) == ["d0", "d1"] and all(r["n_tokens"] > 0 for r in entry["pairs"])
     assert all(r["nll"] > 0 for r in entry["pairs"])
-    assert main(["evaluate", "--backend", f"llava:{folder}", "--pairs", str(tmp_path / "pairs.jsonl")]) == 2
-    assert "give at least one projector" in capsys.readouterr().err
+    # no projector given: the model's own (a full-model export is evaluated as it is)
+    own = _run_json(capsys, ["evaluate", "--backend", f"llava:{folder}", "--pairs", str(tmp_path / "pairs.jsonl"),
+                             "--device", "cpu", "--json"])
+    assert [p["name"] for p in own["projectors"]] == ["tiny-llava"]
+    assert all(r["nll"] > 0 for r in own["projectors"][0]["pairs"])

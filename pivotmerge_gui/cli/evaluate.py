@@ -92,6 +92,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from ..demo import kit
 
         projectors = dict(kit.load_experts("shared"))
+    elif args.backend.startswith("llava:"):  # the model's own projector (e.g. a full-model export)
+        model = args.backend[len("llava:"):]
+        projectors = {display_name(model): load_projector(model)}
     else:
         raise PivotMergeError("give at least one projector to evaluate (a file, folder or Hub id)")
 
@@ -130,7 +133,8 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "caption NLL per token, token accuracy and exact match, per domain and averaged.",
     )
     s.add_argument("projectors", nargs="*", metavar="PROJECTOR",
-                   help="projector files, folders or Hub ids (default with --backend demo: the demo experts)")
+                   help="projector files, folders or Hub ids (default with --backend demo: the demo experts; "
+                        "with --backend llava:MODEL: MODEL's own projector)")
     s.add_argument("--backend", default="demo", metavar="demo|llava:PATH_OR_ID",
                    help="the frozen encoder+LM: the built-in demo model (default) or a transformers Llava")
     s.add_argument("--pairs", metavar="DIR_OR_JSONL",

@@ -109,7 +109,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     base_dir = recipe_path.resolve().parent
     plan = pipeline.plan(recipe, base_dir=base_dir, device=args.device, allow_low_memory=args.allow_low_memory,
                          allow_nonfinite=args.allow_nonfinite)
-    pipeline.check_output_dir(plan, args.out_dir, overwrite=args.overwrite)  # refuse before the work
+    target = _export_target(args, recipe, plan, base_dir, _progress_printer(args.quiet))
+    if target is None:
+        pipeline.check_output_dir(plan, args.out_dir, overwrite=args.overwrite)  # refuse before the work
     n_experts = len(plan.experts)
     show = _progress_printer(args.quiet)
     cancel = CancelToken()
@@ -132,11 +134,26 @@ def cmd_merge(args: argparse.Namespace) -> int:
         print("\ncancelled; nothing was written", file=sys.stderr)
         return EXIT_CANCELLED
     try:  # the save swaps a complete folder in at its very end: an interrupt before that writes nothing
-        paths = pipeline.save_result(result, args.out_dir, overwrite=args.overwrite, cancel=cancel)
+        if target is not None:
+            from ..core.io.export import export_model
+
+            exported = export_model(result, target, args.out_dir, overwrite=args.overwrite, link=not args.copy,
+                                    progress=show, cancel=cancel)
+            paths = [exported.out / f for f in exported.rewritten]
+        else:
+            paths = pipeline.save_result(result, args.out_dir, overwrite=args.overwrite, cancel=cancel)
     except KeyboardInterrupt:
         cancel.cancel()
         print("\ncancelled; nothing was written", file=sys.stderr)
         return EXIT_CANCELLED
+    if target is not None and not args.json:
+        _line(f"exported {target.spec} into {exported.out}: rewrote {', '.join(exported.rewritten)}; "
+              f"{len(exported.linked)} weight files hard-linked, {len(exported.copied)} files copied, "
+              f"{_size(exported.bytes_written)} written of {_size(exported.model_bytes)}")
+    if args.push_to_hub:
+        from ..core.io.export import push_to_hub
+
+        print(f"pushed to {push_to_hub(args.out_dir, args.push_to_hub, private=not args.public)}")
     if args.json:
         print(json.dumps({"outputs": [str(p) for p in paths], "report": result.report}, indent=2, default=str))
     else:
@@ -151,6 +168,23 @@ def cmd_merge(args: argparse.Namespace) -> int:
             print("report:")
             print(json.dumps(summary, indent=1, default=str)[:4000])
     return 0
+
+
+def _export_target(args: argparse.Namespace, recipe: Any, plan: Any, base_dir: Path, show: Any) -> Any:
+    """``--into MODEL`` (or the recipe's ``into:``, relative to its folder): open MODEL and
+    refuse a projector that does not fit it, or a bad OUT, before the merge runs."""
+    from ..core.io import export
+    from ..core.pipeline import resolve_spec
+
+    if args.push_to_hub:
+        export.check_push_target(args.push_to_hub)
+    into = resolve_spec(args.into, None) if args.into else resolve_spec(recipe.into, base_dir) if recipe.into else None
+    if into is None:
+        return None
+    target = export.open_model(into, progress=show)
+    export.check_fit(plan.experts[0], target)
+    export.check_out_dir(target, args.out_dir, overwrite=args.overwrite)
+    return target
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -227,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cpu-fallback", action="store_true", help="retry on the CPU if the GPU runs out of memory")
     s.add_argument("--allow-low-memory", action="store_true", help="run even if the memory estimate exceeds what is free")
     s.add_argument("--allow-nonfinite", action="store_true", help="merge even if an input holds NaN/Inf (a warning is recorded)")
+    s.add_argument("--into", metavar="MODEL", help="full-model export: MODEL (folder or Hub id) with the merged "
+                   "projector spliced in, written as OUT_DIR (overrides the recipe's into:)")
+    s.add_argument("--copy", action="store_true", help="with --into: copy unchanged weights instead of hard-linking")
+    s.add_argument("--push-to-hub", metavar="ORG/NAME", help="upload OUT_DIR to this Hub repo (private by default)")
+    s.add_argument("--public", action="store_true", help="with --push-to-hub: create the repo public")
     s.add_argument("--json", action="store_true", help="machine-readable report on stdout")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     s.set_defaults(func=cmd_merge)

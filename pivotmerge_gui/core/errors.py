@@ -197,6 +197,15 @@ class OutputLocked(OutputError):
         self.lock = lock
 
 
+class ExportMismatch(PivotMergeError):
+    """A full-model export target does not take the merged projector (family or shapes)."""
+
+    def __init__(self, model: str, problem: str) -> None:
+        super().__init__(f"{model}: {problem}")
+        self.model = str(model)
+        self.problem = problem
+
+
 class Cancelled(PivotMergeError):
     """Work was cancelled through a :class:`~pivotmerge_gui.core.progress.CancelToken`."""
 

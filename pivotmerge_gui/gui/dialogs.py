@@ -167,10 +167,16 @@ class SaveDialog(QDialog):
         for key, label in SAVE_DTYPES:
             self.dtype.addItem(label, key)
         self.overwrite = QCheckBox("Replace an earlier output in this folder")
+        self.into = QLineEdit()
+        self.into.setPlaceholderText("optional: a model folder or Hub id (org/name) to save a complete model")
+        self.into.setToolTip("Full-model export: the folder becomes that model with the merged projector "
+                             "spliced in (its layout and dtype; format and dtype above do not apply). "
+                             "The model itself is never changed.")
         form = QFormLayout()
         form.addRow("Folder", frow)
         form.addRow("Format", self.format)
         form.addRow("Dtype", self.dtype)
+        form.addRow("Into model", self.into)
         form.addRow("", self.overwrite)
         info = QLabel("Writes the projector, recipe.yml (runs with `pivotmerge merge`) and a "
                       "README.md model card. Inputs are never overwritten."
@@ -190,6 +196,10 @@ class SaveDialog(QDialog):
         d = QFileDialog.getExistingDirectory(self, "Output folder", self.folder.text())
         if d:
             self.folder.setText(d)
+
+    def into_model(self) -> str:
+        """The model for a full-model export ("" for the projector alone)."""
+        return self.into.text().strip()
 
     def values(self) -> tuple[Path, str, str, bool]:
         return (Path(self.folder.text()).expanduser(), self.format.currentData(),

@@ -157,15 +157,16 @@ class MergeFlowMixin:
             return
         folder, fmt, dtype, overwrite = dlg.values()
         self.settings.set_value("save/folder", str(folder))
-        self.save_to(folder, fmt, dtype, overwrite)
+        self.save_to(folder, fmt, dtype, overwrite, into=dlg.into_model())
 
     def save_to(self, folder: Path, fmt: str = "auto", dtype: str = "auto",
-                overwrite: bool = False) -> GeneratorWorker | None:
-        """Write projector + recipe.yml + README.md through ``pipeline.save_result`` (worker)."""
+                overwrite: bool = False, into: str = "") -> GeneratorWorker | None:
+        """Write projector + recipe.yml + README.md through ``pipeline.save_result`` (worker);
+        with ``into`` (a model folder or Hub id) the complete model (full-model export)."""
         result = self.merge_result
         if result is None:
             return None
-        w = self.save_job.start(tasks.save(result, folder, fmt, dtype, overwrite))
+        w = self.save_job.start(tasks.save(result, folder, fmt, dtype, overwrite, into))
         if w is not None:
             self.statusBar().showMessage(f"Saving to {folder}…")
         return w

@@ -76,10 +76,17 @@ def merge(plan_: Any) -> Callable[[WorkContext], Any]:
     return job
 
 
-def save(result: Any, folder: Path, fmt: str, dtype: str, overwrite: bool) -> Callable[[WorkContext], Any]:
+def save(result: Any, folder: Path, fmt: str, dtype: str, overwrite: bool,
+         into: str = "") -> Callable[[WorkContext], Any]:
     def job(ctx: WorkContext) -> list[Path]:
         from pivotmerge_gui.core.devices import parse_dtype
         from pivotmerge_gui.core.pipeline import save_result
+
+        if into:  # full-model export: the model's own layout and dtype
+            from pivotmerge_gui.core.io.export import export_model
+
+            rep = export_model(result, into, folder, overwrite=overwrite, progress=ctx.emit, cancel=ctx.cancel)
+            return [rep.out / f for f in rep.rewritten]
 
         return save_result(result, folder, fmt=None if fmt == "auto" else fmt,
                            dtype=None if dtype == "auto" else parse_dtype(dtype), overwrite=overwrite)

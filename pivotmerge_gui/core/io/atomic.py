@@ -263,10 +263,12 @@ def check_folder(
     names: Sequence[str],
     protected: Iterable[str | os.PathLike[str]] = (),
     overwrite: bool = False,
+    replace: bool = False,
 ) -> Path:
     """Raise :class:`OutputError` if a whole-folder save of ``names`` into ``path`` would
     replace an input or an earlier output (without ``overwrite``), or drop something the
-    folder holds. Returns the folder's resolved path (symlinks followed)."""
+    folder holds (unless ``replace``: the caller replaces the whole folder and has checked
+    that it may). Returns the folder's resolved path (symlinks followed)."""
     given = Path(path).expanduser()
     out = given.resolve()
     protected = list(protected)
@@ -284,7 +286,7 @@ def check_folder(
                 f"refusing to overwrite the input '{item}': the folder holds it and a save "
                 "replaces the whole folder; write the output elsewhere",
             )
-    if out.is_dir():
+    if out.is_dir() and not replace:
         try:
             entries = list(os.scandir(out))
         except OSError as exc:
@@ -325,8 +327,10 @@ def _carry_over(out: Path, tmp: Path, names: Sequence[str]) -> None:
 def _fsync_tree(folder: Path) -> None:
     for entry in os.scandir(folder):
         if entry.is_file(follow_symlinks=False):
-            with open(entry.path, "rb") as fh:
+            with open(entry.path, "rb") as fh:  # read-only: a hard-linked input stays untouched
                 os.fsync(fh.fileno())
+        elif entry.is_dir(follow_symlinks=False):
+            _fsync_tree(Path(entry.path))
     _fsync_dir(folder)
 
 
@@ -338,15 +342,17 @@ def atomic_folder(
     protected: Iterable[str | os.PathLike[str]] = (),
     overwrite: bool = False,
     cancel: CancelToken | None = None,
+    replace: bool = False,
 ) -> Iterator[Path]:
     """Yield an empty temp folder beside ``path``; write ``names`` into it. On normal exit it
     becomes ``path`` all at once (see the module docstring); on any exception (a typed
     error, a full disk, ``KeyboardInterrupt``, a cancel seen before the swap) ``path`` is
     left exactly as it was and the temp folder is removed. ``OSError`` becomes
-    :class:`OutputError`."""
+    :class:`OutputError`. ``replace``: nothing of an existing ``path`` is carried over
+    (the new folder is the whole output; a full-model export), sub-folders allowed."""
     protected = list(protected)
     given = Path(path).expanduser()
-    out = check_folder(given, names, protected, overwrite)
+    out = check_folder(given, names, protected, overwrite, replace)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -356,21 +362,22 @@ def atomic_folder(
             recover_folder(out)
         except OSError as exc:
             raise OutputError(str(given), f"cannot clean up an earlier interrupted save: {exc.strerror or exc}") from exc
-        out = check_folder(given, names, protected, overwrite)  # a restored folder is checked too
+        out = check_folder(given, names, protected, overwrite, replace)  # a restored folder is checked too
         token = secrets.token_hex(6)
         tmp = out.parent / f".{out.name}.tmp-{token}"
         old = out.parent / f".{out.name}.old-{token}"
         committed = False
         try:
             os.mkdir(tmp, 0o700)
-            _carry_over(out, tmp, names)
+            if not replace:
+                _carry_over(out, tmp, names)
             yield tmp
             if cancel is not None:
                 cancel.raise_if_cancelled()
             missing = [n for n in names if not (tmp / n).is_file()]
             if missing:
                 raise OutputError(str(given), f"the save produced no {', '.join(missing)}")
-            check_folder(given, names, protected, overwrite)  # an input may have appeared meanwhile
+            check_folder(given, names, protected, overwrite, replace)  # an input may have appeared meanwhile
             umask = os.umask(0)
             os.umask(umask)
             mode = stat.S_IMODE(out.stat().st_mode) if out.is_dir() else 0o777 & ~umask
