@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--screenshot", metavar="PNG", help="save a PNG of the window once idle, then exit")
     p.add_argument("--view", default="layers",
                    help="view shown (for --screenshot): layers, spectra, similarity, report, bench or autotune")
-    p.add_argument("--merge", action="store_true", help="run the merge before the screenshot")
+    p.add_argument("--merge", action="store_true", help="run the merge (before the screenshot, or before --save)")
+    p.add_argument("--save", metavar="DIR", help="with --merge: save the merge into DIR as the Save dialog does, then exit")
+    p.add_argument("--overwrite", action="store_true", help="with --save: replace an earlier output in DIR")
     p.add_argument("--bench", action="store_true", help="run the test bench before the screenshot")
     p.add_argument("--method", help="select this merge method at start")
     p.add_argument("--size", default="1680x960", help="window size WxH (for --screenshot)")
@@ -63,13 +65,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .main_window import MainWindow
     from .settings import setup_logging
 
-    log_path = setup_logging()
+    log_path, problems = start_logging(setup_logging)
     app = QApplication.instance() or QApplication(sys.argv[:1])
     app.setApplicationName("PivotMerge Studio")
     app.setOrganizationName("PivotMerge")
     app.setDesktopFileName("pivotmerge-studio")  # matches the installed .desktop entry
     _set_icon(app)
-    window = MainWindow(restore_layout=not args.screenshot)  # screenshots use the default layout
+    settings, settings_problem = open_settings()
+    problems += [settings_problem] if settings_problem else []
+    problems += folder_problems()
+    # screenshots use the default layout
+    window = MainWindow(settings, restore_layout=not args.screenshot)
     if args.view not in window.views.views:
         print(f"pivotmerge-gui: unknown view '{args.view}'; views: {', '.join(window.views.views)}",
               file=sys.stderr)
@@ -80,11 +86,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     bridge = ExceptionHookBridge(window)
     bridge.exception_raised.connect(lambda short, details: window.show_message("Unexpected error", short, details))
     install_excepthooks(bridge)
+    if args.save and not args.merge:
+        print("pivotmerge-gui: --save needs --merge", file=sys.stderr)
+        return 2
+    if args.save:
+        window.autosave_enabled = False
+        window.quiet_errors = True
     if args.screenshot:
         w, _, h = args.size.partition("x")
         window.resize(int(w), int(h))
         window.quiet_errors = True  # a modal box would block the unattended run
     window.show()
+    if problems:  # the app runs anyway; say what will not be kept, in the window and the log
+        for text in problems:
+            log.warning("%s", text)
+            print(f"pivotmerge-gui: {text}", file=sys.stderr)
+        window.statusBar().showMessage(" | ".join(problems), 0)
     log.info("window shown after %.3f s (torch imported: %s); log file %s",
              time.perf_counter() - T0, "torch" in sys.modules, log_path)
 
@@ -97,16 +114,67 @@ def main(argv: Sequence[str] | None = None) -> int:
             window.set_base(args.base)
         if args.recipe:
             window.open_recipe(args.recipe)
-        if not (args.demo or args.paths or args.base or args.recipe or args.screenshot or args.no_restore):
+        if not (args.demo or args.paths or args.base or args.recipe or args.screenshot or args.save or args.no_restore):
             window.restore_session()
 
     from PySide6.QtCore import QTimer
 
     QTimer.singleShot(0, open_inputs)
-    if args.screenshot:
+    if args.save:
+        from .unattended import arm_merge_and_save
+
+        arm_merge_and_save(app, window, Path(args.save), args.timeout, args.overwrite)
+    elif args.screenshot:
         _arm_screenshot(app, window, Path(args.screenshot), args.view, args.merge, args.timeout, args.bench,
                         expect_experts=bool(args.demo or args.paths or args.recipe))
     return app.exec()
+
+
+def start_logging(setup) -> tuple[Path | None, list[str]]:  # type: ignore[no-untyped-def]
+    """``setup()`` (the log file), or, when the log path cannot be used (a folder where the
+    file should be, a file where the folder should be, no permission), the terminal."""
+    try:
+        return setup(), []
+    except OSError as exc:
+        from .settings import log_file
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("pivotmerge_gui").addHandler(handler)
+        logging.getLogger("pivotmerge_gui").setLevel(logging.INFO)
+        return None, [f"cannot write the log file {log_file()} ({exc.strerror or exc}); logging to the terminal"]
+
+
+def open_settings():  # type: ignore[no-untyped-def]
+    """The persisted settings, or settings in a temporary folder (not kept) with the reason."""
+    import tempfile
+
+    from .settings import AppSettings, config_dir
+
+    try:
+        return AppSettings(), None
+    except OSError as exc:
+        temp = Path(tempfile.mkdtemp(prefix="pivotmerge-settings-"))
+        return AppSettings(temp / "settings.ini"), (
+            f"cannot use the settings folder {config_dir()} ({exc.strerror or exc}); "
+            "settings and recent files will not be kept")
+
+
+def folder_problems() -> list[str]:
+    """The app's state (autosaved session) and data (calibration) folders: a file in the way
+    or no write permission means autosave/saving there will fail; said once at start."""
+    import os
+
+    from .settings import data_dir, session_file
+
+    out = []
+    for what, folder in (("session autosave", session_file().parent), ("calibration files", data_dir())):
+        existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            out.append(f"{existing} is a file, not a folder: {what} cannot be saved")
+        elif existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+            out.append(f"no permission to write in {existing}: {what} cannot be saved")
+    return out
 
 
 def _set_icon(app) -> None:  # type: ignore[no-untyped-def]
