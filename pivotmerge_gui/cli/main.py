@@ -279,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate import add_evaluate_parser
 
     add_evaluate_parser(sub)
+    from .calibrate import add_calibrate_parser
+
+    add_calibrate_parser(sub)
     return p
 
 
