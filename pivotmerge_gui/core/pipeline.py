@@ -536,18 +536,7 @@ def save_result(
     projector = result.projector
     if dtype is not None:  # checked before anything is written
         projector = projector.with_state(cast_state(projector.state(), dtype))
-    recipe = _portable_recipe(result.recipe, fmt, result.calibration)
-    cal_bytes = None
-    if _writes_calibration(result):
-        from .calibration import store
-
-        assert result.calibration is not None
-        tensors, mapping = store.from_calibration(result.calibration, result.names)
-        src = result.calibration.source or {}
-        cal_bytes = store.encode(tensors, src.get("provenance") or store.default_provenance(
-            features={"description": "features held in the app's memory when the merge ran"}))
-        recipe = recipe.model_copy(update={"calibration": CalibrationRef(
-            file=CALIBRATION_FILE, sha256=hashlib.sha256(cal_bytes).hexdigest(), domains=mapping)})
+    recipe, cal_bytes = output_recipe(result, fmt)
     names = _output_names(projector, fmt, cal_bytes is not None)
     recipe_yaml = recipe.to_yaml()
     metadata = {
@@ -567,6 +556,23 @@ def save_result(
         card = model_card(result, recipe, proj_path.name)
         atomic_io.atomic_write_text(tmp / "README.md", card, protected=result.protected)
     return [Path(out_dir) / n for n in names]
+
+
+def output_recipe(result: MergeResult, fmt: str) -> tuple[Recipe, bytes | None]:
+    """The recipe written beside an output and, when the merge used in-memory features, the
+    bytes of the :data:`CALIBRATION_FILE` it names (also used by the full-model export)."""
+    recipe = _portable_recipe(result.recipe, fmt, result.calibration)
+    if not _writes_calibration(result):
+        return recipe, None
+    from .calibration import store
+
+    assert result.calibration is not None
+    tensors, mapping = store.from_calibration(result.calibration, result.names)
+    src = result.calibration.source or {}
+    cal_bytes = store.encode(tensors, src.get("provenance") or store.default_provenance(
+        features={"description": "features held in the app's memory when the merge ran"}))
+    return recipe.model_copy(update={"calibration": CalibrationRef(
+        file=CALIBRATION_FILE, sha256=hashlib.sha256(cal_bytes).hexdigest(), domains=mapping)}), cal_bytes
 
 
 def _absolute_paths(recipe: Recipe, base_dir: Path | None, loaded: Mapping[str, Projector]) -> Recipe:

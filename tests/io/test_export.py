@@ -23,6 +23,8 @@ from pivotmerge_gui.core.io.safetensors_header import read_header
 from pivotmerge_gui.core.progress import CancelToken
 from pivotmerge_gui.core.recipe import Recipe
 
+from .cases import CASE_BY_ID, CASES
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 HF_KEYS = ("multi_modal_projector.linear_1.weight", "multi_modal_projector.linear_1.bias",
@@ -434,3 +436,45 @@ def test_single_file_model_and_a_loose_mm_projector_bin_both_get_the_merge(tmp_p
         assert torch.equal(single[hf], result.projector.layer(layer).tensors[role])
         assert torch.equal(loose[orig], single[hf])
     assert snapshot(model) == before
+
+
+@pytest.mark.parametrize("case_id", [c.id for c in CASES])
+def test_every_family_exports_into_its_own_layout(case_id, tmp_path):
+    case = CASE_BY_ID[case_id]
+    _, state = case.build(seed=0)
+    model = tmp_path / "model"
+    model.mkdir()
+    lm = {"zz_language_model.layers.0.weight": torch.randn(8, 8)}
+    save_file(lm, str(model / "model-00001-of-00002.safetensors"))
+    save_file(state, str(model / "model-00002-of-00002.safetensors"))
+    wm = dict.fromkeys(lm, "model-00001-of-00002.safetensors") | dict.fromkeys(state, "model-00002-of-00002.safetensors")
+    (model / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": wm}))
+    experts = [str(case.save(tmp_path / f"e{i}", seed=i + 1)[2]) for i in range(2)]
+    result = merge(experts)
+    rep = export_model(result, str(model), tmp_path / "out")
+    assert rep.rewritten == ["model-00002-of-00002.safetensors"]
+    got = load_projector(str(rep.out))
+    assert got.family == result.projector.family
+    want = result.projector.state()
+    assert got.state().keys() == want.keys() and all(torch.equal(got.state()[k], v) for k, v in want.items())
+    kept = load_file(str(rep.out / "model-00002-of-00002.safetensors"))
+    assert all(torch.equal(kept[k], state[k]) for k in case.other_tensors)  # the shard's other tensors stay
+
+
+def test_in_memory_calibration_is_saved_and_the_exported_recipe_reproduces(tmp_path):
+    from pivotmerge_gui.core.calibration import Calibration
+
+    model = synthetic_model(tmp_path / "model")
+    experts = make_experts(tmp_path, projector_state(model, "multi_modal_projector"), scale=0.3)
+    g = torch.Generator().manual_seed(4)
+    cal = Calibration([torch.randn(40, 8, generator=g), torch.randn(30, 8, generator=g)], ["a", "b"])
+    recipe = Recipe(merge_method="regmean", models=[{"model": e, "name": f"e{i}"} for i, e in enumerate(experts)])
+    result = pipeline.run(pipeline.plan(recipe, calibration=cal))
+    rep = export_model(result, str(model), tmp_path / "out")
+    saved = Recipe.load(rep.out / "recipe.yml")
+    assert saved.calibration.file == pipeline.CALIBRATION_FILE and (rep.out / pipeline.CALIBRATION_FILE).is_file()
+    assert saved.into == str(model.resolve())
+    assert cli_main(["merge", str(rep.out / "recipe.yml"), str(tmp_path / "again"), "-q"]) == 0
+    a, b = projector_state(rep.out, "multi_modal_projector"), projector_state(tmp_path / "again", "multi_modal_projector")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a[HF_KEYS[0]], merge(experts).projector.layer("linear_1").weight)  # regmean, not linear

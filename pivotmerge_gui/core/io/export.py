@@ -114,7 +114,6 @@ class ExportReport:
     bytes_written: int
     model_bytes: int
     elapsed_s: float
-    pushed: str | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -264,37 +263,30 @@ def _group(target: ModelTarget, kind: str, idx: str | None, wm: dict[str, str] |
         key_file = {}
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, torch.dtype] = {}
-    if kind == "safetensors":
-        for name in sorted(set(key_file.values())) if wm is not None else files:
-            header = read_header(target.root / name)
-            if wm is None:
-                try:
-                    _, _, keys = projector_keys(header.tensors.keys(), where)
-                except UnknownLayoutError:
-                    return None
-                key_file = dict.fromkeys(keys, name)
-            for k in (k for k, f in key_file.items() if f == name):
-                if k not in header.tensors:
-                    raise CheckpointError(str(target.root / name), f"the index says it holds '{k}' but it does not")
-                entry = header.tensors[k]
-                if entry.torch_dtype is None or not entry.torch_dtype.is_floating_point:
-                    raise ExportMismatch(target.spec, f"projector tensor '{k}' is {entry.dtype}, not a float")
-                shapes[k], dtypes[k] = entry.shape, entry.torch_dtype
-    else:
-        for name in sorted(set(key_file.values())) if wm is not None else files:
-            _obj, flat, _container = _pickle_tensors(target.root / name)
-            if wm is None:
-                try:
-                    _, _, keys = projector_keys(flat.keys(), where)
-                except UnknownLayoutError:
-                    return None
-                key_file = dict.fromkeys(keys, name)
-            for k in (k for k, f in key_file.items() if f == name):
-                if k not in flat:
-                    raise CheckpointError(str(target.root / name), f"the index says it holds '{k}' but it does not")
-                shapes[k], dtypes[k] = tuple(flat[k].shape), flat[k].dtype
+    for name in sorted(set(key_file.values())) if wm is not None else files:
+        entries = _entries(target.root / name, kind)
+        if wm is None:
+            try:
+                _, _, keys = projector_keys(entries.keys(), where)
+            except UnknownLayoutError:
+                return None
+            key_file = dict.fromkeys(keys, name)
+        for k in (k for k, f in key_file.items() if f == name):
+            if k not in entries:
+                raise CheckpointError(str(target.root / name), f"the index says it holds '{k}' but it does not")
+            shapes[k], dtype = entries[k]
+            if dtype is None or not dtype.is_floating_point:
+                raise ExportMismatch(target.spec, f"projector tensor '{k}' is {dtype}, not a float")
+            dtypes[k] = dtype
     lay = layout(key_file.keys(), shapes, where)
     return WeightGroup(kind, idx, tuple(files), key_file, lay, shapes, dtypes)
+
+
+def _entries(path: Path, kind: str) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+    """key -> (shape, dtype) of a weight file (safetensors: its header only)."""
+    if kind == "safetensors":
+        return {k: (e.shape, e.torch_dtype) for k, e in read_header(path).tensors.items()}
+    return {k: (tuple(t.shape), t.dtype) for k, t in _pickle_tensors(path)[1].items()}
 
 
 def _pickle_tensors(path: Path) -> tuple[Any, dict[str, torch.Tensor], str | None]:
@@ -479,7 +471,7 @@ def export_model(
     """Write MODEL with the merged projector of ``result`` (a
     :class:`~pivotmerge_gui.core.pipeline.MergeResult`) into ``out_dir``, all or nothing."""
     from ..card import model_card
-    from .atomic import atomic_folder, atomic_write_text
+    from .atomic import atomic_folder, atomic_write_bytes, atomic_write_text
 
     t0 = time.perf_counter()
     if not isinstance(target, ModelTarget):
@@ -503,10 +495,15 @@ def export_model(
 
     # only inputs that lie in OUT matter: a file outside it is never written, moved or removed
     protected = [p for p in result.protected if _inside(Path(p).resolve(), out)] + [target.root]
-    names = sorted({f.split("/")[0] for f in [*written_files, *carried] if "/" not in f} | {CARD, RECIPE})
+    names = sorted({f for f in [*written_files, *carried] if "/" not in f} | {CARD, RECIPE})  # top-level files
     linked, copied, rewritten = [], [], []
     usage = usage_text(target, str(out))
-    recipe = result.recipe.model_copy(update={"into": target.spec})
+    from ..pipeline import CALIBRATION_FILE, output_recipe
+
+    recipe, cal_bytes = output_recipe(result, result.recipe.output_format)
+    recipe = recipe.model_copy(update={"into": target.spec})
+    if cal_bytes is not None:
+        names.append(CALIBRATION_FILE)
     notes = []
     if getattr(projector, "extras", None):
         notes.append(f"non-projector tensors of the merge ({', '.join(sorted(projector.extras))}) were not spliced")
@@ -518,10 +515,12 @@ def export_model(
             if cancel is not None:
                 cancel.raise_if_cancelled()
             (linked if _carry(target.root / f, tmp / f, link) else copied).append(f)
+        if cal_bytes is not None:  # the in-memory features the recipe names
+            atomic_write_bytes(tmp / CALIBRATION_FILE, cal_bytes)
         atomic_write_text(tmp / RECIPE, recipe.to_yaml())
         card = model_card(result, recipe, ", ".join(rewritten), base_model=target.base_model, usage=usage)
         atomic_write_text(tmp / CARD, card)
-    written = sum((out / f).stat().st_size for f in [*rewritten, *copied, CARD, RECIPE])
+    written = sum((out / f).stat().st_size for f in {*rewritten, *copied, *names} - set(linked))
     _emit(progress, "done", 1.0, f"exported into {out}")
     return ExportReport(out, rewritten, linked, copied, written, model_bytes, time.perf_counter() - t0, notes=notes)
 
