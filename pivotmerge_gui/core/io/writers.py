@@ -26,6 +26,7 @@ save the whole storage with ``torch.save``, and safetensors refuses shared stora
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -135,21 +136,27 @@ def _llava_state(projector: Projector, dtype: torch.dtype | None) -> dict[str, t
     raise OutputError(LLAVA_BIN, f"a {fam} projector cannot be written as LLaVA's mm_projector.bin; use 'auto' or 'safetensors'")
 
 
+# Both writers serialise in memory (a projector is megabytes) and write the bytes from Python:
+# torch's and safetensors' own file writers report a full disk as RuntimeError /
+# SafetensorError (torch without the errno), Python's write as OSError(ENOSPC), which the
+# atomic save turns into one clear OutputError.
 def _save_torch(obj: object) -> Callable[[Path], None]:
     def write(tmp: Path) -> None:
-        torch.save(obj, tmp)
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        tmp.write_bytes(buf.getbuffer())
 
     return write
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], metadata: Mapping[str, str]) -> Callable[[Path], None]:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     meta = {"format": "pt", **{str(k): str(v) for k, v in metadata.items()}}
     meta["format"] = "pt"
 
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp), metadata=meta)
+        tmp.write_bytes(save(tensors, metadata=meta))
 
     return write
 
