@@ -478,3 +478,41 @@ def test_in_memory_calibration_is_saved_and_the_exported_recipe_reproduces(tmp_p
     a, b = projector_state(rep.out, "multi_modal_projector"), projector_state(tmp_path / "again", "multi_modal_projector")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a[HF_KEYS[0]], merge(experts).projector.layer("linear_1").weight)  # regmean, not linear
+
+
+def test_a_killed_export_leaves_no_out_and_the_next_one_cleans_up(tmp_path):
+    import subprocess
+    import sys
+
+    model = synthetic_model(tmp_path / "model")
+    experts = make_experts(tmp_path, projector_state(model, "multi_modal_projector"))
+    before = snapshot(model)
+    code = (
+        "import os, signal, sys\n"
+        "from pivotmerge_gui.core.io.export import export_model\n"
+        "from tests.io.test_export import merge\n"
+        f"result = merge({experts!r})\n"
+        "def crash(ev):\n"
+        "    if ev.stage == 'export':\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)  # mid-write, as a power cut would\n"
+        f"export_model(result, {str(model)!r}, {str(tmp_path / 'out')!r}, progress=crash)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]  # the half-written temp folder
+    assert snapshot(model) == before
+    rep = export_model(merge(experts), str(model), tmp_path / "out")
+    assert rep.rewritten and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_a_file_with_other_links_is_never_opened_for_writing(tmp_path):
+    from pivotmerge_gui.core.io.export import _open_own
+
+    a = tmp_path / "a.safetensors"
+    a.write_bytes(b"model bytes")
+    os.link(a, tmp_path / "b.safetensors")
+    with pytest.raises(OutputError, match="hard link"):
+        _open_own(tmp_path / "b.safetensors")
+    assert a.read_bytes() == b"model bytes"
