@@ -42,11 +42,12 @@ def snapshot(folder: Path) -> dict[str, tuple[str, int, int]]:
     return out
 
 
-def projector_state(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
+def projector_state(folder: Path, prefix: str | tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The tensors of a sharded folder whose keys contain ``prefix`` (or one of them)."""
     idx = json.loads((folder / "model.safetensors.index.json").read_text())
     out = {}
     for key, shard in idx["weight_map"].items():
-        if prefix in key:
+        if any(p in key for p in ((prefix,) if isinstance(prefix, str) else prefix)):
             out[key] = load_file(str(folder / shard))[key]
     return out
 
@@ -516,3 +517,43 @@ def test_a_file_with_other_links_is_never_opened_for_writing(tmp_path):
     with pytest.raises(OutputError, match="hard link"):
         _open_own(tmp_path / "b.safetensors")
     assert a.read_bytes() == b"model bytes"
+
+
+def _tiny_llava_next(tf):
+    from tests.evaluation.llava_tiny import tiny_llava
+
+    small = tiny_llava().config
+    cfg = tf.LlavaNextConfig(vision_config=small.vision_config, text_config=small.text_config, image_token_index=127,
+                             image_grid_pinpoints=[[8, 8], [8, 16]])
+    return tf.LlavaNextForConditionalGeneration(cfg), ("multi_modal_projector", "image_newline")
+
+
+def _tiny_qwen25(tf):
+    text = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 256,
+            "rope_scaling": {"type": "mrope", "mrope_section": [2, 2, 4]}, "bos_token_id": 1, "eos_token_id": 2}
+    vision = {"depth": 1, "hidden_size": 16, "out_hidden_size": 32, "intermediate_size": 32, "num_heads": 2,
+              "patch_size": 2, "spatial_merge_size": 2, "temporal_patch_size": 2, "fullatt_block_indexes": [0]}
+    cfg = tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=120, video_token_id=121,
+                              vision_start_token_id=122, vision_end_token_id=123)
+    return tf.Qwen2_5_VLForConditionalGeneration(cfg), "visual.merger."
+
+
+@pytest.mark.parametrize("build", [_tiny_llava_next, _tiny_qwen25], ids=["llava-next", "qwen2.5-vl"])
+def test_llava_next_and_qwen25_vl_load_strictly_after_export(build, tmp_path):
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    net, prefix = build(tf)
+    model = tmp_path / "model"
+    net.eval().save_pretrained(model, max_shard_size="30KB")
+    result = merge(make_experts(tmp_path, projector_state(model, prefix), n=2))
+    rep = export_model(result, str(model), tmp_path / "out")
+    loaded, info = type(net).from_pretrained(rep.out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    state = loaded.state_dict()
+    got = load_projector(str(rep.out))
+    for layer in result.projector.layers:
+        for role, t in layer.tensors.items():
+            key = got.layer(layer.name).keys[role]
+            assert torch.equal(state[key if key in state else f"model.{key}"], t), key
+    assert loaded.generate(input_ids=torch.tensor([[1, 5, 6]]), max_new_tokens=2, do_sample=False).shape == (1, 5)
