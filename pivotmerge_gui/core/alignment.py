@@ -7,6 +7,8 @@ frame. How: Git Re-Basin "weight matching" (Ainsworth et al. 2022), one linear a
 per ``linear -> act -> linear`` pair (chains solved pair by pair with a few sweeps), with
 cheap optimality certificates that skip the solver or the fp32 similarity where they can.
 Exactly function preserving; the returned projector keeps the expert's dtype.
+:func:`shares_coordinates` is the cheap test callers run first when the user gave a shared
+init (base): experts fine-tuned from it are already in its frame, so the search is skipped.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .projector import Projector, check_compatible
 # the result rounded to bf16: |S_bf16 - S| <= ~3 * 2^-9 * ||a|| ||b||. Use 2^-6 for margin.
 _BF16_REL_ERROR = 2.0**-6
 _BF16_MIN_MACS = 2**28  # below this the fp32 product is already fast
+SHARED_FRAME_SAMPLE = 128  # hidden units per pair checked by shares_coordinates
 
 
 @dataclass
@@ -104,13 +107,39 @@ class AlignmentInfo:
         }
 
 
-def identity_info(projector: Projector) -> AlignmentInfo:
-    """The info of an expert that is its own pivot (or was not aligned)."""
+def identity_info(projector: Projector, solver: str = "pivot") -> AlignmentInfo:
+    """The info of an expert that is its own pivot (or was not aligned: ``solver`` says why)."""
     pairs = []
     for a, b in projector.hidden_pairs():
         n = int(projector.layer(a).weight.shape[0])
-        pairs.append(PairAlignment(a, b, list(range(n)), True, 0.0, 1.0, 1.0, "pivot"))
+        pairs.append(PairAlignment(a, b, list(range(n)), True, 0.0, 1.0, 1.0, solver))
     return AlignmentInfo(pairs=pairs)
+
+
+def shares_coordinates(expert: Projector, reference: Projector, *, sample: int = SHARED_FRAME_SAMPLE) -> bool:
+    """Cheap test that ``expert``'s hidden units already sit in ``reference``'s frame.
+
+    For ``sample`` evenly spaced hidden units i of every ``linear -> act -> linear`` pair,
+    the weight-matching similarity S[i, j] (see :func:`_solve_pair`) of the reference's
+    unit i must be largest at the expert's unit i, strictly, over all j. Costs ``sample / n``
+    of one similarity matrix. Units outside the sample are not examined, so this is a test,
+    not a proof: callers use it where the user declared a shared init (the base), whose
+    fine-tuned experts keep its coordinates however far they moved; there, when it passes,
+    every unit's own match is (with overwhelming probability) itself and the full search
+    would return the identity."""
+    check_compatible([reference, expert], ["reference", expert.source or "expert"])
+    for a, b in reference.hidden_pairs():
+        p_in, p_out = _features(reference, a, b)
+        e_in, e_out = _features(expert, a, b)
+        n = p_in.shape[0]
+        idx = torch.linspace(0, n - 1, min(sample, n), device=p_in.device).round().long().unique()
+        s = _similarity(p_in[idx], p_out[idx], e_in, e_out, torch.float32)  # [sample, n]
+        rows = torch.arange(idx.numel(), device=s.device)
+        own = s[rows, idx].clone()
+        s[rows, idx] = float("-inf")
+        if not bool((own > s.max(dim=1).values).all()):
+            return False
+    return True
 
 
 # --------------------------------------------------------------------------- helpers

@@ -127,11 +127,13 @@ def choose_pivot_and_align(
         raise ParameterError("pivotmerge", "pivot", f"{pivot} is not an expert index (0..{k_exp - 1})")
     do_align = align and bool(experts[0].hidden_pairs())
     aligned_done = False
+    requested = do_align
     if do_align and job.base is not None and all(shares_coordinates(e, job.base) for e in experts):
         # fine-tuned from the given base: every expert is in its frame, so the weight matching
         # would return the identity; the cheap test replaces the search (same result)
         do_align = False
-        infos = [identity_info(e, "shared-base-frame") for e in experts]
+        yield ProgressEvent("align", 0.15, "PivotMerge: every expert is in the base's frame (shared "
+                            "init): no hidden-unit permutation search needed")
     if pivot >= 0:
         chosen_by = "user"
     elif cal_x is not None and cal_y is not None:
@@ -155,4 +157,6 @@ def choose_pivot_and_align(
     yield ProgressEvent("pivot", 0.16, f"PivotMerge: pivot = {names[pivot]} ({chosen_by})")
     if do_align and not aligned_done:
         aligned, infos = yield from rescaled(align_experts(job, experts, pivot, names), 0.16, 0.3)
-    return PivotStage(choice, aligned, infos, align and bool(experts[0].hidden_pairs()))
+    if requested and not do_align:
+        infos = [identity_info(e, "shared-base-frame") for e in experts]
+    return PivotStage(choice, aligned, infos, requested)

@@ -6,7 +6,7 @@ the experts' shared subspace (:func:`...linalg.shared_subspace`), merged there w
 sign consensus of :mod:`..consensus` when conflict filtering is on, plus each expert's top
 residual directions, combined by an overlap-normalised sum (identical residuals average,
 orthogonal ones add). Other tensors are merged entry-wise the same way. Big layers never
-hold an fp32 stack of task vectors (:class:`TaskStack`).
+hold an fp32 stack of task vectors where bf16 products are fast (:class:`TaskStack`).
 """
 
 from __future__ import annotations
@@ -33,11 +33,13 @@ from .settings import Settings
 
 
 class TaskStack:
-    """Task vectors ``tau_k = theta_k - ref`` of one 2-D weight without an fp32 stack.
+    """Task vectors ``tau_k = theta_k - ref`` of one 2-D weight.
 
-    Big layers (4096x4096, 4 experts: a 268 MB fp32 stack) keep only ``low``, a copy in the
-    sketch dtype (bf16 where fast), for the randomized range finder; every exact product
-    uses the experts' own fp32 tensors, ``tau_k @ x = theta_k @ x - ref @ x``."""
+    ``low`` is a copy of the stack in the sketch dtype for the randomized range finder. In
+    fp32 (where bf16 products are not fast) it *is* the exact stack (``exact``), and exact
+    products read it: one matrix per product instead of two. In bf16 (big layers, 4096x4096
+    and 4 experts: half of a 268 MB fp32 stack) it is dropped after the sketch and exact
+    products use the experts' own fp32 tensors, ``tau_k @ x = theta_k @ x - ref @ x``."""
 
     def __init__(self, thetas: Sequence[torch.Tensor], ref: torch.Tensor, low_dtype: torch.dtype) -> None:
         self.thetas = [t.float() for t in thetas]
@@ -45,24 +47,32 @@ class TaskStack:
         k = len(self.thetas)
         m, n = self.ref.shape
         self.shape = (k, m, n)
+        self.exact = low_dtype == torch.float32
         self.low = torch.empty((k, m, n), dtype=low_dtype, device=self.ref.device)
         norm2 = []
         for i, th in enumerate(self.thetas):
-            d = th - self.ref
+            if self.exact:
+                d = torch.sub(th, self.ref, out=self.low[i])
+            else:
+                d = th - self.ref
+                self.low[i].copy_(d)
             norm2.append(float(torch.linalg.vector_norm(d)) ** 2)
-            self.low[i].copy_(d)
             del d
         self.norm2 = torch.tensor(norm2, dtype=torch.float64)
         self.total = float(self.norm2.sum())
 
     def tau(self, i: int) -> torch.Tensor:
-        return self.thetas[i] - self.ref
+        return self.low[i] if self.exact else self.thetas[i] - self.ref
 
     def mul(self, i: int, x: torch.Tensor) -> torch.Tensor:  # tau_i @ x
+        if self.exact:
+            return self.low[i] @ x
         return self.thetas[i] @ x - self.ref @ x
 
     def tmul(self, i: int, y: torch.Tensor) -> torch.Tensor:  # tau_i^T @ y
         yt = y.t()  # (y^T theta)^T reads theta row-major: ~2x faster than theta^T @ y on CPU
+        if self.exact:
+            return (yt @ self.low[i]).t()
         return (yt @ self.thetas[i] - yt @ self.ref).t()
 
     def coords(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -166,7 +176,8 @@ def sdf_tensor(
     k, m, n = ts.shape
     total = ts.total
     u, v, sub = shared_subspace(ts.low, s.shared_energy, s.max_rank, salt=salt, total=total)
-    ts.low = ts.low.new_empty(0)  # the sketch copy is no longer needed: free it now
+    if not ts.exact:
+        ts.low = ts.low.new_empty(0)  # the bf16 sketch copy is no longer needed: free it now
     r = u.shape[1]
     c = ts.coords(u, v) if r > 0 else torch.zeros(k, 0, 0, device=ts.ref.device)
     shared_e = float(c.pow(2).sum()) / total if total > 0 else 1.0
