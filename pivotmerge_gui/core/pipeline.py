@@ -11,8 +11,6 @@ explicit ``save_result`` step).
 from __future__ import annotations
 
 import gc
-import hashlib
-import json
 import math
 import os
 import time
@@ -24,10 +22,9 @@ from typing import Any
 import torch
 
 from .calibration import Calibration, calibration_device, load_calibration
-from .card import model_card
+from .calibration.features import calibration_summary
 from .devices import dtype_name, host_memory_available, parse_dtype, resolve_device
 from .errors import (
-    CastOverflow,
     CheckpointError,
     DeviceOutOfMemory,
     MethodError,
@@ -37,9 +34,18 @@ from .errors import (
 from .io.discovery import display_name
 from .io.extras import check_extras, merge_extras
 from .methods.base import MergeJob, MergeMethod, get_method
+from .output import (
+    CALIBRATION_FILE,
+    OUTPUT_FILES,
+    cast_state,
+    check_output_dir,
+    input_files,
+    output_recipe,
+    save_result,
+)
 from .progress import CancelToken, ProgressEvent, drain, rescaled
 from .projector import Projector, all_finite, check_compatible, mean_projector, nonfinite_tensors
-from .recipe import CalibrationRef, Recipe
+from .recipe import Recipe
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -302,7 +308,7 @@ def _execute(
     input_hashes = {n: e.sha256 for n, e in zip(plan.names, plan.experts)}
     if plan.base is not None:
         input_hashes["base"] = plan.base.sha256
-    protected = _input_files(plan)
+    protected = input_files(plan)
     extras, extras_report = merge_extras(plan.experts, plan.names)
     experts = [e.to(plan.device, plan.dtype) for e in plan.experts]
     base = plan.base.to(plan.device, plan.dtype) if plan.base is not None else None
@@ -392,25 +398,6 @@ def _execute(
     return result
 
 
-def cast_state(state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """``state`` on the CPU in ``dtype`` (floating tensors only), contiguous. Raises
-    :class:`~.errors.CastOverflow` naming the tensor if the cast turns a finite value into
-    Inf (fp32 values above 65504 in float16); values that were NaN/Inf already pass, so
-    inputs allowed with ``allow_nonfinite`` keep their behaviour."""
-    out: dict[str, torch.Tensor] = {}
-    for key, src in state.items():
-        t = src.detach()
-        cast = t.to("cpu", dtype).contiguous() if t.is_floating_point() else t.to("cpu").contiguous()
-        if cast.is_floating_point() and not all_finite(cast):
-            src_cpu = t.to("cpu")
-            finite = torch.isfinite(src_cpu)
-            if bool((torch.isinf(cast) & finite).any()):
-                largest = float(src_cpu[finite].abs().max())
-                raise CastOverflow(key, largest, dtype_name(dtype), float(torch.finfo(dtype).max))
-        out[key] = cast
-    return out
-
-
 def run(plan_: Plan, cancel: CancelToken | None = None, *, release_inputs: bool = False) -> MergeResult:
     """Drain :func:`execute` (for callers that need no progress)."""
     return drain(execute(plan_, cancel, release_inputs=release_inputs))
@@ -456,125 +443,6 @@ def merge_projectors(
     return run(p, cancel)
 
 
-# --------------------------------------------------------------------------- save
-OUTPUT_FILES = ("recipe.yml", "README.md")
-
-
-def _input_files(plan: Plan) -> list[Path]:
-    """Every file an input was read from (experts, base, the calibration file): never to be
-    overwritten."""
-    files = [Path(f) for p in [*plan.experts, *([plan.base] if plan.base else [])] for f in p.files]
-    if plan.recipe.calibration:
-        files.append(Path(plan.recipe.calibration.file))
-    return files
-
-
-CALIBRATION_FILE = "calibration.safetensors"
-
-
-def calibration_summary(cal: Calibration, names: Sequence[str]) -> dict[str, Any]:
-    """What the report and the model card say of the calibration a merge used."""
-    src = cal.source or {}
-    prov = src.get("provenance") or {}
-    return {
-        "file": Path(src["file"]).name if src.get("file") else None,
-        "sha256": src.get("sha256"),
-        "tokens": {n: (int(f.shape[0]) if f is not None else 0) for n, f in zip(names, cal.features)},
-        "domains": {n: (cal.domains[k] or None) if k < len(cal.domains) else None for k, n in enumerate(names)},
-        "missing": [names[k] for k in cal.missing],
-        "encoder": (prov.get("encoder") or {}).get("spec"),
-        "provenance": {k: prov[k] for k in ("encoder", "features", "sampling", "tool", "created") if k in prov},
-    }
-
-
-def _output_names(projector: Projector, fmt: str, with_calibration: bool = False) -> list[str]:
-    from .io import output_filename
-
-    return [output_filename(projector, fmt), *OUTPUT_FILES, *([CALIBRATION_FILE] if with_calibration else [])]
-
-
-def _writes_calibration(result: MergeResult) -> bool:
-    """The merge used in-memory features (no file the recipe can name): they are saved
-    beside the output so that the recipe reproduces the merge."""
-    return result.calibration is not None and result.recipe.calibration is None
-
-
-def check_output_dir(plan: Plan, out_dir: str | Path, *, fmt: str | None = None, overwrite: bool = False) -> list[Path]:
-    """Before a merge: raise :class:`~.errors.OutputError` if :func:`save_result` would
-    refuse ``out_dir`` (it holds an input, an input would be overwritten, an earlier output
-    exists without ``overwrite``), so a long merge does not end in a refusal. Returns the
-    planned paths."""
-    from .io.atomic import check_folder
-
-    names = _output_names(plan.experts[0], fmt or plan.recipe.output_format)
-    check_folder(out_dir, names, _input_files(plan), overwrite)
-    return [Path(out_dir) / n for n in names]
-
-
-def save_result(
-    result: MergeResult,
-    out_dir: str | Path,
-    *,
-    fmt: str | None = None,
-    dtype: torch.dtype | None = None,
-    overwrite: bool = False,
-    cancel: CancelToken | None = None,
-) -> list[Path]:
-    """Write the merged projector, the recipe YAML and a model card into ``out_dir``.
-
-    All or nothing for the whole folder (:func:`~.io.atomic.atomic_folder`): the files are
-    written into a sibling temp folder that replaces ``out_dir`` in one rename, so a crash,
-    a full disk, Ctrl-C or ``cancel`` before the swap leave an earlier output exactly as it
-    was. Nothing is written over an input (the folder may not hold one), an earlier output
-    is only replaced with ``overwrite=True``, and a second save into the same folder at the
-    same time is refused (:class:`~.errors.OutputLocked`).
-    """
-    from .io import atomic as atomic_io
-    from .io import write_projector
-
-    fmt = fmt or result.recipe.output_format
-    projector = result.projector
-    if dtype is not None:  # checked before anything is written
-        projector = projector.with_state(cast_state(projector.state(), dtype))
-    recipe, cal_bytes = output_recipe(result, fmt)
-    names = _output_names(projector, fmt, cal_bytes is not None)
-    recipe_yaml = recipe.to_yaml()
-    metadata = {
-        "pivotmerge_recipe": recipe_yaml,
-        "pivotmerge_inputs_sha256": json.dumps(result.input_hashes),
-        "pivotmerge_method": result.report["method"],
-    }
-    with atomic_io.atomic_folder(
-        out_dir, names=names, protected=result.protected, overwrite=overwrite, cancel=cancel
-    ) as tmp:
-        proj_path = write_projector(projector, tmp, fmt=fmt, metadata=metadata, protected=result.protected)
-        if cancel is not None:
-            cancel.raise_if_cancelled()
-        if cal_bytes is not None:
-            atomic_io.atomic_write_bytes(tmp / CALIBRATION_FILE, cal_bytes, protected=result.protected)
-        atomic_io.atomic_write_text(tmp / "recipe.yml", recipe_yaml, protected=result.protected)
-        card = model_card(result, recipe, proj_path.name)
-        atomic_io.atomic_write_text(tmp / "README.md", card, protected=result.protected)
-    return [Path(out_dir) / n for n in names]
-
-
-def output_recipe(result: MergeResult, fmt: str) -> tuple[Recipe, bytes | None]:
-    """The recipe written beside an output and, when the merge used in-memory features, the
-    bytes of the :data:`CALIBRATION_FILE` it names (also used by the full-model export)."""
-    recipe = _portable_recipe(result.recipe, fmt, result.calibration)
-    if not _writes_calibration(result):
-        return recipe, None
-    from .calibration import store
-
-    assert result.calibration is not None
-    tensors, mapping = store.from_calibration(result.calibration, result.names)
-    src = result.calibration.source or {}
-    cal_bytes = store.encode(tensors, src.get("provenance") or store.default_provenance(
-        features={"description": "features held in the app's memory when the merge ran"}))
-    return recipe.model_copy(update={"calibration": CalibrationRef(
-        file=CALIBRATION_FILE, sha256=hashlib.sha256(cal_bytes).hexdigest(), domains=mapping)}), cal_bytes
-
-
 def _absolute_paths(recipe: Recipe, base_dir: Path | None, loaded: Mapping[str, Projector]) -> Recipe:
     """The recipe with local paths made absolute (relative ones are relative to the recipe's
     folder), so the copy written beside an output runs from anywhere."""
@@ -595,17 +463,6 @@ def _absolute_paths(recipe: Recipe, base_dir: Path | None, loaded: Mapping[str, 
     return Recipe.from_dict(data)
 
 
-def _portable_recipe(recipe: Recipe, fmt: str, calibration: Calibration | None = None) -> Recipe:
-    """The recipe written beside an output: its output format, and a calibration reference
-    completed with the file's hash and the expert -> domain mapping the merge used."""
-    update: dict[str, Any] = {"output_format": fmt}
-    src = (calibration.source or {}) if calibration is not None else {}
-    if recipe.calibration is not None and src.get("sha256"):
-        update["calibration"] = recipe.calibration.model_copy(update={
-            "sha256": src["sha256"], "domains": dict(src.get("domains") or {}) or recipe.calibration.domains})
-    return recipe.model_copy(update=update)
-
-
 def jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): jsonable(v) for k, v in obj.items()}
@@ -620,3 +477,7 @@ def jsonable(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return jsonable(obj.item())
     return str(obj)
+
+
+__all__ = ["CALIBRATION_FILE", "OUTPUT_FILES", "MergeResult", "Plan", "cast_state", "check_output_dir",
+           "execute", "merge_projectors", "output_recipe", "plan", "run", "save_result"]

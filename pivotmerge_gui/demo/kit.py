@@ -208,6 +208,28 @@ def calibration(scenario: Scenario = "shared", split: str = "val", n: int = 64,
     return calibration_from_features(feats, world.domains)
 
 
+def calibration_file(n: int = 64, split: str = "train", root: Path | str | None = None,
+                     cache_dir: Path | str | None = None) -> Path:
+    """The demo's calibration file (``n`` unlabelled ``split`` images per domain, every
+    patch token), made once by the same code as ``pivotmerge calibrate`` (the demo's
+    encoder through :func:`...core.calibration.compute.compute_calibration`) into the user
+    cache, keyed by the world's file hashes; its features equal :func:`calibration`'s."""
+    import hashlib
+
+    from .calibration import build_demo_calibration
+
+    r = _root(root)
+    man = manifest(r)
+    key = hashlib.sha256(json.dumps([man["files"].get("vision_encoder.safetensors"), man["data_seed"],
+                                     split, n], sort_keys=True).encode()).hexdigest()[:16]
+    folder = Path(cache_dir) if cache_dir is not None else _cache_root().parent / "demo-calibration"
+    path = folder / f"demo-{split}-{n}-{key}.safetensors"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        build_demo_calibration(path, load_world(r), n_images=n, split=split, overwrite=True)
+    return path
+
+
 def specialisation_matrix(root: Path | str | None = None, split: str = "val",
                           n: int | None = None) -> dict[str, Any]:
     """Token accuracy of every expert (and the joint projector) on every domain."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from .panels.merge import MergePanel
 from .panels.model_list import ModelListPanel
 from .panels.report import ReportPanel
 from .panels.testbench import TestBenchPanel
-from .settings import AppSettings, log_dir, session_file
+from .settings import AppSettings, data_dir, log_dir, session_file
 from .views import ViewRegistry
 from .workers import GeneratorWorker, stop_all
 
@@ -144,6 +145,7 @@ class MainWindow(MergeFlowMixin, QMainWindow):
         lp.base_cleared.connect(lambda: self.set_base(None))
         mp.changed.connect(self._form_changed)
         mp.calibration_chosen.connect(self.session.set_calibration_path)
+        mp.calibration_compute_requested.connect(self.compute_calibration)
         mp.merge_requested.connect(self.start_merge)
         mp.cancel_requested.connect(self.cancel_merge)
         mp.save_requested.connect(self.save_merged)
@@ -276,8 +278,8 @@ class MainWindow(MergeFlowMixin, QMainWindow):
 
     def open_demo(self, scenario: str = "shared", with_base: bool = True) -> GeneratorWorker | None:
         """Add the built-in demo experts (and their base) of a scenario, with the demo's
-        calibration features in memory (after the engine's imports: returns None and opens
-        later while those run)."""
+        calibration file, unless another calibration is in use (after the engine's imports:
+        returns None and opens later while those run)."""
         if self.engine_job.busy:
             self._pending_demos = (*self._pending_demos, (scenario, with_base))
             return None
@@ -285,20 +287,15 @@ class MainWindow(MergeFlowMixin, QMainWindow):
         def done(result: tuple[list[str], list[str], str | None, Any]) -> None:
             paths, names, base, calibration = result
             s = self.session
-            fresh = not len(s.experts)
             known = s.experts.specs()
             for p, n in zip(paths, names):
                 if p not in known:
                     self.add_spec(p, name=n)
             if with_base and base is not None:
                 s.set_base(base)
-            if fresh and s.calibration_path is None and s.memory_calibration is None:
-                by_spec = {e.spec: e.uid for e in s.experts.entries}
-                uids = [by_spec.get(p) for p in paths]
-                s.set_memory_calibration(
-                    calibration, f"demo features: {tasks.DEMO_CALIBRATION_IMAGES} unlabelled "
-                                 "training images per domain (in memory)",
-                    None if None in uids else uids)
+            if s.calibration_path is None and s.memory_calibration is None:
+                s.set_calibration_path(calibration, label=f"demo calibration: {tasks.DEMO_CALIBRATION_IMAGES} "
+                                                          "unlabelled training images per domain")
 
         return self.demo_job.start(tasks.demo(scenario), finished=done)
 
@@ -338,6 +335,7 @@ class MainWindow(MergeFlowMixin, QMainWindow):
         self._schedule_validation()
         self._sync_side_panels()
         self._schedule_autosave()
+        self._show_calibration()  # which experts have calibration data may have changed
         self.statusBar().showMessage(self.session.status_text())
 
     _analysis_dirty = False
@@ -407,9 +405,33 @@ class MainWindow(MergeFlowMixin, QMainWindow):
 
     _pushing = False
 
-    def _calibration_changed(self) -> None:
-        label, tip = self.session.calibration_label()
+    def _show_calibration(self) -> None:
+        s = self.session
+        label, tip = s.calibration_label()
+        missing = s.uncovered_experts() if label != "none" else []
+        if missing:
+            label += (f"\n⚠ No calibration data for {', '.join(missing)}: data-driven merges fit "
+                      "it on the other domains' images instead. Test that domain before you rely on the merge.")
         self.merge_panel.show_calibration(label, tip, label != "none")
+
+    def compute_calibration(self) -> None:
+        """The Calibration dialog: images per expert domain -> a calibration file, which
+        then becomes the session's (mapped to the experts by name)."""
+        from .calibration_dialog import CalibrationDialog
+
+        names = [e.name for e in self.session.experts.entries]
+        if not names:
+            self.statusBar().showMessage("Add experts first: calibration is made per expert domain.", 8000)
+            return
+        out = data_dir() / "calibration" / f"calibration-{time.strftime('%Y%m%d-%H%M%S')}.safetensors"
+        dlg = CalibrationDialog(dict.fromkeys(names), output=out, parent=self)
+        dlg.calibration_written.connect(
+            lambda path, mapping: self.session.set_calibration_path(path, mapping))
+        dlg.open()
+        self._calibration_dialog = dlg
+
+    def _calibration_changed(self) -> None:
+        self._show_calibration()
         self._sync_side_panels()
         self._schedule_validation()
         self._schedule_autosave()

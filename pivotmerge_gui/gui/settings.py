@@ -26,6 +26,11 @@ def session_file() -> Path:
     return platformdirs.user_state_path(APP_NAME, appauthor=False) / "session.yml"
 
 
+def data_dir() -> Path:
+    """Files the app makes for the user (calibration files computed in the app)."""
+    return platformdirs.user_data_path(APP_NAME, appauthor=False)
+
+
 def log_dir() -> Path:
     return platformdirs.user_log_path(APP_NAME, appauthor=False)
 

@@ -35,15 +35,15 @@ def load(spec: str) -> Callable[[WorkContext], Any]:
 
 
 def demo(scenario: str) -> Callable[[WorkContext], Any]:
-    """The demo's expert paths, names, base and its unlabelled calibration features (expert
-    order = domain order), so data-driven methods work out of the box."""
+    """The demo's expert paths, names, base and its calibration file (made once, by the
+    same code as ``pivotmerge calibrate``), so data-driven methods work out of the box."""
     def job(ctx: WorkContext) -> tuple[list[str], list[str], str | None, Any]:
         from pivotmerge_gui.demo import kit
 
         paths = [str(Path(p).resolve()) for p in kit.expert_paths(scenario)]
         base = kit.base_path(scenario)
-        calibration = kit.calibration(scenario, split="train", n=DEMO_CALIBRATION_IMAGES)
-        return paths, list(kit.expert_names()), str(base) if base is not None else None, calibration
+        calibration = kit.calibration_file(n=DEMO_CALIBRATION_IMAGES, split="train")
+        return paths, list(kit.expert_names()), str(base) if base is not None else None, str(calibration)
 
     return job
 

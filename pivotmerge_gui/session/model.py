@@ -310,11 +310,12 @@ class SessionModel:
         self.calibration_changed.emit()
         return ref
 
-    def set_calibration_path(self, path: str | None) -> None:
-        """Like :meth:`set_calibration_file`, but a bad file is reported, not raised (the
-        GUI's file chooser)."""
+    def set_calibration_path(self, path: str | None, mapping: dict[str, str | None] | None = None,
+                             label: str = "") -> None:
+        """:meth:`set_calibration_file` for a file the user just picked or made (None
+        clears): a bad file is reported as a message, not raised."""
         try:
-            self.set_calibration_file(path)
+            self.set_calibration_file(path, mapping, label=label)
         except PivotMergeError as exc:
             self.message.emit(f"Calibration file not used: {exc}")
 

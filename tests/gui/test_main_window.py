@@ -235,7 +235,8 @@ def test_calibration_file_enables_methods_that_need_it(qtbot, window, expert_fil
     window.merge_panel.calibration_chosen.emit(str(cal))  # as the Choose… dialog does
     wait_idle(qtbot, window)
     assert window.merge_panel.merge_button.isEnabled(), window.merge_reason
-    assert window.current_recipe().calibration == str(cal)
+    ref = window.current_recipe().calibration
+    assert ref.file == str(cal) and ref.domains == {"expert0": "a", "expert1": "b"}  # no name in common: by position
 
 
 def test_dragging_rows_reorders_the_expert_list(qtbot, window, expert_files):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import PurePath
+from typing import Any
 
 import torch
 
@@ -105,3 +107,18 @@ def calibration_from_features(
 def calibration_device(cal: Calibration, device: torch.device, dtype: torch.dtype) -> Calibration:
     return Calibration([f.to(device=device, dtype=dtype) if f is not None else None for f in cal.features],
                        list(cal.domains), cal.source)
+
+
+def calibration_summary(cal: Calibration, names: Sequence[str]) -> dict[str, Any]:
+    """What the report and the model card say of the calibration a merge used."""
+    src = cal.source or {}
+    prov = src.get("provenance") or {}
+    return {
+        "file": PurePath(src["file"]).name if src.get("file") else None,
+        "sha256": src.get("sha256"),
+        "tokens": {n: (int(f.shape[0]) if f is not None else 0) for n, f in zip(names, cal.features)},
+        "domains": {n: (cal.domains[k] or None) if k < len(cal.domains) else None for k, n in enumerate(names)},
+        "missing": [names[k] for k in cal.missing],
+        "encoder": (prov.get("encoder") or {}).get("spec"),
+        "provenance": {k: prov[k] for k in ("encoder", "features", "sampling", "tool", "created") if k in prov},
+    }

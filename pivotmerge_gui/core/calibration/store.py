@@ -194,9 +194,11 @@ def read(path: str | Path, *, expect_sha256: str | None = None,
 
 def auto_map(expert_names: Sequence[str], domains: Sequence[str], positional: bool = False) -> dict[str, str | None]:
     """A first expert -> domain mapping for a file the user picked: equal names, then equal
-    ignoring case and spaces; an old positional file (``expert_k``) maps by position. The
-    rest map to None (no data), which the app shows and the user can change."""
-    if positional and len(domains) == len(expert_names):
+    ignoring case and spaces; an old positional file (``expert_k``), or a file with as many
+    domains as experts and no name in common, maps by position. The rest map to None (no
+    data). The app shows the mapping; the recipe records it by name."""
+    if len(domains) == len(expert_names) and (
+            positional or not {n.lower() for n in expert_names} & {d.lower() for d in domains}):
         return dict(zip(expert_names, domains))
 
     def norm(s: str) -> str:

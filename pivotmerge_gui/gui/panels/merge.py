@@ -242,11 +242,13 @@ class LayerCoefficientsPanel(QWidget):
         self._empty.setWordWrap(True)
         self._grid.addWidget(self._empty, 0, 0, 1, 4)
         self._layers: list[str] = []
+        self._pending: dict[str, float] = {}  # overrides for layers not shown yet (a restore)
 
     def set_layers(self, names: list[str]) -> None:
         if names == self._layers:
             return
-        keep = self.overrides()
+        keep = {**self._pending, **self.overrides()}
+        self._pending = {}
         for chk, sl, spin, lab in self._rows.values():
             for w in (chk, sl, spin, lab):
                 self._grid.removeWidget(w)
@@ -287,9 +289,13 @@ class LayerCoefficientsPanel(QWidget):
         return list(self._layers)
 
     def overrides(self) -> dict[str, float]:
-        return {n: float(spin.value()) for n, (chk, _, spin, _) in self._rows.items() if chk.isChecked()}
+        """Ticked layers' values (and those of a restored recipe whose layers are not
+        shown yet, so they are not lost before the experts load)."""
+        shown = {n: float(spin.value()) for n, (chk, _, spin, _) in self._rows.items() if chk.isChecked()}
+        return {**self._pending, **shown}
 
     def set_overrides(self, values: dict[str, float] | None) -> None:
+        self._pending = {k: float(v) for k, v in (values or {}).items() if k not in self._rows}
         for name, (chk, _, spin, _) in self._rows.items():
             if values and name in values:
                 spin.setValue(float(values[name]))
@@ -325,6 +331,7 @@ class MergePanel(QWidget):
     cancel_requested = Signal()
     save_requested = Signal()
     calibration_chosen = Signal(object)  # a features file, or None to clear
+    calibration_compute_requested = Signal()
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -374,17 +381,23 @@ class MergePanel(QWidget):
         self.calibration_label = QLabel()
         self.calibration_label.setWordWrap(True)
         self.calibration_choose = QPushButton("Choose…")
+        self.calibration_choose.setToolTip("Use a calibration file (made by Compute… or `pivotmerge calibrate`)")
+        self.calibration_compute = QPushButton("Compute…")
+        self.calibration_compute.setToolTip("Make a calibration file from images of each expert's domain")
+        self.calibration_compute.clicked.connect(self.calibration_compute_requested)
         self.calibration_clear = QPushButton("Clear")
         self.calibration_choose.clicked.connect(self._choose_calibration)
         self.calibration_clear.clicked.connect(lambda: self.calibration_chosen.emit(None))
         cal_box = QGroupBox("Calibration features (optional)")
-        cal_box.setToolTip("A safetensors file with unlabelled projector inputs per expert domain "
-                           "(expert_0, expert_1, ...): data-driven ALM, automatic pivot by alignment, "
-                           "RegMean")
-        cl = QHBoxLayout(cal_box)
-        cl.addWidget(self.calibration_label, 1)
-        cl.addWidget(self.calibration_choose)
-        cl.addWidget(self.calibration_clear)
+        cal_box.setToolTip("Unlabelled projector inputs from each expert's domain (a calibration "
+                           "file): data-driven ALM, automatic pivot by alignment, RegMean")
+        cl = QVBoxLayout(cal_box)
+        cl.addWidget(self.calibration_label)
+        crow = QHBoxLayout()
+        crow.addStretch(1)
+        for b in (self.calibration_compute, self.calibration_choose, self.calibration_clear):
+            crow.addWidget(b)
+        cl.addLayout(crow)
         self.show_calibration("none", "", False)
 
         self.coefficients = LayerCoefficientsPanel()
