@@ -40,16 +40,14 @@ from pivotmerge_gui.core.progress import ProgressEvent
 
 from .errors import describe_exception
 from .jobs import Jobs
-from .settings import APP_NAME
+from .settings import data_dir
 from .workers import WorkContext
 
 
 def default_output() -> Path:
     """A new file in the app's data folder: ``calibration/calibration-<time>.safetensors``."""
-    import platformdirs
-
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return platformdirs.user_data_path(APP_NAME, appauthor=False) / "calibration" / f"calibration-{stamp}.safetensors"
+    return data_dir() / "calibration" / f"calibration-{stamp}.safetensors"
 
 
 class _SourceRow:
