@@ -150,6 +150,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         _line(f"exported {target.spec} into {exported.out}: rewrote {', '.join(exported.rewritten)}; "
               f"{len(exported.linked)} weight files hard-linked, {len(exported.copied)} files copied, "
               f"{_size(exported.bytes_written)} written of {_size(exported.model_bytes)}")
+        for note in exported.notes:
+            _line(f"note: {note}")
     if args.push_to_hub:
         from ..core.io.export import push_to_hub
 
