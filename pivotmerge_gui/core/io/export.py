@@ -409,7 +409,7 @@ def _copy_stream(src: Path, dst: Path, cancel: CancelToken | None, tick: Callabl
 
 
 def _cast(tensors: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
-    from ..pipeline import cast_state
+    from ..output import cast_state
 
     return {k: cast_state({k: t}, dtypes[k])[k] for k, t in tensors.items()}
 
@@ -498,7 +498,7 @@ def export_model(
     names = sorted({f for f in [*written_files, *carried] if "/" not in f} | {CARD, RECIPE})  # top-level files
     linked, copied, rewritten = [], [], []
     usage = usage_text(target, str(out))
-    from ..pipeline import CALIBRATION_FILE, output_recipe
+    from ..output import CALIBRATION_FILE, output_recipe
 
     recipe, cal_bytes = output_recipe(result, result.recipe.output_format)
     recipe = recipe.model_copy(update={"into": target.spec})
