@@ -34,6 +34,7 @@ from .panels.merge import MergePanel
 from .panels.model_list import ModelListPanel
 from .panels.report import ReportPanel
 from .panels.testbench import TestBenchPanel
+from .session_extras import restore_extras, save_extras
 from .settings import AppSettings, data_dir, log_dir, session_file
 from .views import ViewRegistry
 from .workers import GeneratorWorker, stop_all
@@ -424,7 +425,10 @@ class MainWindow(MergeFlowMixin, QMainWindow):
             self.statusBar().showMessage("Add experts first: calibration is made per expert domain.", 8000)
             return
         out = data_dir() / "calibration" / f"calibration-{time.strftime('%Y%m%d-%H%M%S')}.safetensors"
-        dlg = CalibrationDialog(dict.fromkeys(names), output=out, parent=self)
+        current = self.session.calibration.file  # its encoder is the likely one again
+        enc = (current.provenance.get("encoder") or {}) if current is not None else {}
+        encoder = "demo" if enc.get("kind") == "demo" else str(enc.get("spec") or "")
+        dlg = CalibrationDialog(dict.fromkeys(names), encoder=encoder, output=out, parent=self)
         dlg.calibration_written.connect(
             lambda path, mapping: self.session.set_calibration_path(path, mapping))
         dlg.open()
@@ -455,14 +459,25 @@ class MainWindow(MergeFlowMixin, QMainWindow):
         """Write the setup as a recipe to the session file (a few hundred bytes, atomic)."""
         if self.autosave_enabled:
             self._pull_form()
-            self.session.autosave(session_file())
+            if self.session.autosave(session_file()):
+                save_extras(session_file(), self.bench_panel)
 
     def restore_session(self) -> bool:
         """Reopen the autosaved session, if any (experts load in the background)."""
-        recipe = self.session.restore(session_file())
-        if recipe is not None:
-            self.statusBar().showMessage(f"Restored the last session ({len(recipe.models)} experts).", 8000)
-        return recipe is not None
+        said: list[str] = []
+        self.session.message.connect(said.append)
+        try:
+            recipe = self.session.restore(session_file())
+        finally:
+            self.session.message.disconnect(said.append)
+        if recipe is None:
+            return False
+        lost = [m for m in said if "not restored" in m] + restore_extras(session_file(), self.bench_panel)
+        self.statusBar().showMessage(f"Restored the last session ({len(recipe.models)} experts).", 8000)
+        if lost:  # everything that could not come back, in one message
+            self.show_message("Part of the last session was not restored", "Not restored: " + "; ".join(
+                m.replace("The recipe's calibration was not restored: ", "the calibration: ") for m in lost))
+        return True
 
     def open_recipe(self, path: str | Path) -> None:
         from pivotmerge_gui.core.recipe import Recipe

@@ -277,3 +277,21 @@ def test_views_are_registered_once_with_tab_menu_entry_and_shortcut(window):
     assert window.views.current() == "bench" and window.tabs.currentIndex() == 4
     # the auto-tune panel got the registry's methods once the engine was up
     assert window.autotune_panel.method_combo.count() == len(window.methods) > 0
+
+
+def test_compute_calibration_dialog_result_becomes_the_sessions_calibration(qtbot, window, expert_files, tmp_path):
+    import torch
+
+    from pivotmerge_gui.core.calibration import Calibration, save_calibration
+
+    _add(window, qtbot, expert_files["e0"], expert_files["e1"])
+    window.compute_calibration()
+    dlg = window._calibration_dialog
+    assert [r.name for r in dlg.rows] == ["expert0", "expert1"]
+    path = save_calibration(Calibration([torch.randn(16, 8)], ["web"]), tmp_path / "c.safetensors")
+    dlg.calibration_written.emit(str(path), {"expert0": "web", "expert1": None})
+    assert window.session.calibration_path == str(path)
+    assert window.current_recipe().calibration.domains == {"expert0": "web", "expert1": None}
+    text = window.merge_panel.calibration_label.text()
+    assert "c.safetensors" in text and "No calibration data for expert1" in text
+    dlg.close()

@@ -92,6 +92,7 @@ class TestBenchPanel(SingleJobPanel, QWidget):
         super().__init__(parent)
         self.setAcceptDrops(True)
         self.pairs: list[Any] = []
+        self.pair_sources: list[dict] = []  # {"pairs": path} or {"demo": split, "n": n}
         self.experts: dict[str, Any] = {}
         self.base: Any = None
         self.merged: tuple[str, Any] | None = None
@@ -291,7 +292,8 @@ class TestBenchPanel(SingleJobPanel, QWidget):
         world = kit.load_world()
         self.split_combo.setCurrentIndex(max(0, self.split_combo.findData(split)))
         self.n_spin.setValue(n_per_domain)
-        self.set_pairs(pairs_from_caption_sets(world.caption_sets(split, n_per_domain)))
+        self.set_pairs(pairs_from_caption_sets(world.caption_sets(split, n_per_domain)),
+                       [{"demo": split, "n": int(n_per_domain)}])
 
     def add_pairs(self, path: str | Path) -> bool:
         from pivotmerge_gui.core.errors import PivotMergeError
@@ -302,11 +304,13 @@ class TestBenchPanel(SingleJobPanel, QWidget):
         except PivotMergeError as e:
             self._error(str(e))
             return False
-        self.set_pairs(self.pairs + new)
+        self.set_pairs(self.pairs + new, [*self.pair_sources, {"pairs": str(Path(path).resolve())}])
         return True
 
-    def set_pairs(self, pairs: list[Any]) -> None:
+    def set_pairs(self, pairs: list[Any], sources: list[dict] | None = None) -> None:
+        """Replace the pairs; ``sources`` says where they came from (kept by the autosave)."""
         self.pairs = list(pairs)
+        self.pair_sources = list(sources or [])
         self.result = None
         self._partial = {}
         self._rebuild_grid([])
