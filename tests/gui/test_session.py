@@ -131,7 +131,7 @@ def test_merge_and_save_headless_reproduces_with_the_cli(tmp_path, expert_files)
     proc = subprocess.run(
         [sys.executable, "-m", "pivotmerge_gui.gui.app", str(expert_files["e0"]), str(expert_files["e1"]),
          "--base", str(expert_files["base"]), "--method", "ties", "--merge", "--save", str(out), "--timeout", "120"],
-        env=env, capture_output=True, text=True, timeout=180)
+        check=False, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "saved:" in proc.stdout and (out / "recipe.yml").is_file()
     assert Recipe.load(out / "recipe.yml").merge_method == "ties"
@@ -141,5 +141,5 @@ def test_merge_and_save_headless_reproduces_with_the_cli(tmp_path, expert_files)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # --save without --merge is refused in one line
     bad = subprocess.run([sys.executable, "-m", "pivotmerge_gui.gui.app", "--save", str(out)],
-                         env=env, capture_output=True, text=True, timeout=60)
+                         check=False, env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--save needs --merge" in bad.stderr
