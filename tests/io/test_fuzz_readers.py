@@ -82,3 +82,22 @@ def test_tiny_blobs(tmp_path, blob):
     path.write_bytes(blob)
     with pytest.raises(CheckpointError):
         load_projector(path)
+
+
+def test_fuzzer_smoke_every_strategy_runs_clean():
+    """Two cases of each strategy of ``benchmarks/fuzz_inputs.py`` (the long run is there)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "fuzz_inputs.py"
+    spec = importlib.util.spec_from_file_location("fuzz_inputs", path)
+    assert spec is not None and spec.loader is not None
+    fuzz = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = fuzz
+    spec.loader.exec_module(fuzz)
+    res = fuzz.run(2 * len(fuzz.STRATEGIES), seed=1, log=lambda _line: None)
+    assert res["failures"] == []
+    assert res["cases"] == 14 and {n: sum(c.values()) for n, c in res["per_strategy"].items()} == {
+        n: 2 for n in fuzz.STRATEGIES}
+    assert {"pickle_structure", "yaml_alias", "deep_nesting"} <= set(res["per_strategy"])

@@ -213,3 +213,23 @@ def test_the_bombs_stay_within_bounded_memory(tmp_path):
     lines = out.stdout.strip().splitlines()
     assert [ln.split()[0] for ln in lines] == ["refused"] * 3 + ["peak_mib"]
     assert int(lines[-1].split()[1]) < 1000  # one copy of the bomb alone would be 1526 MiB
+
+
+def test_damaged_zip_records_the_fuzzer_found_are_typed_errors(tmp_path, monkeypatch):
+    """Found by benchmarks/fuzz_inputs.py: a zip entry needing an unknown zip version
+    (zipfile's NotImplementedError) and torch.load failing with struct.error."""
+    data = bytearray(_honest_zip(tmp_path / "ok.bin").read_bytes())
+    central = data.index(b"PK\x01\x02")
+    data[central + 6:central + 8] = (164).to_bytes(2, "little")  # "needs zip version 16.4"
+    (tmp_path / "v164.bin").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="truncated or corrupt checkpoint"):
+        load_projector(tmp_path / "v164.bin")
+
+    import struct
+
+    def broken(*args, **kwargs):
+        raise struct.error("unpack requires a buffer of 4 bytes")
+
+    monkeypatch.setattr(torch, "load", broken)
+    with pytest.raises(CheckpointError, match=r"corrupt checkpoint \(error: unpack requires a buffer of 4 bytes\)"):
+        load_projector(tmp_path / "ok.bin")

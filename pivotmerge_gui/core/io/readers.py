@@ -221,6 +221,10 @@ def _torch_load(path: Path) -> Any:
         raise CheckpointError(
             p, f"not a readable torch checkpoint: corrupt, or not a checkpoint at all ({type(exc).__name__}: {msg})"
         ) from exc
+    except Exception as exc:  # weights_only torch.load runs no code: any other failure
+        # (struct.error, zipfile errors, ...) means the bytes are damaged
+        msg = _short(str(exc).strip().splitlines()[0]) if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(p, f"truncated or corrupt checkpoint ({type(exc).__name__}: {msg})") from exc
 
 
 def _short(text: str, limit: int = 300) -> str:
