@@ -136,6 +136,18 @@ def _recipe(text: str) -> str:
     return "loaded"
 
 
+def _inert(case: Case, sentinel: Path) -> Case:
+    """``case``, failing if the payload it carries ran (created ``sentinel``)."""
+
+    def run() -> str:
+        outcome = case()
+        if sentinel.exists():
+            raise AssertionError("a payload in the input ran code")
+        return outcome
+
+    return run
+
+
 def mutated_safetensors(rng: random.Random, tmp: Path) -> Case:
     path = tmp / "model.safetensors"
     path.write_bytes(_mutate(rng, SEEDS["safetensors"]))
@@ -225,13 +237,7 @@ def pickle_structure(rng: random.Random, tmp: Path) -> Case:
         counts = {s.key: real if honest or rng.random() < 0.8 else rng.choice([0, 1, 10**9]) for s, real in storages}
         legacy_checkpoint(path, state, {k: (counts[k], v) for k, v in records.items()})
 
-    def run() -> str:
-        outcome = _load(path)
-        if sentinel.exists():
-            raise AssertionError("a pickle payload ran")
-        return outcome
-
-    return run
+    return _inert(lambda: _load(path), sentinel)
 
 
 def yaml_alias(rng: random.Random, tmp: Path) -> Case:
@@ -255,13 +261,7 @@ def yaml_alias(rng: random.Random, tmp: Path) -> Case:
     else:
         text = f'merge_method: !!python/object/apply:os.system ["touch {sentinel}"]\n'
 
-    def run() -> str:
-        outcome = _recipe(text)
-        if sentinel.exists():
-            raise AssertionError("a YAML tag ran code")
-        return outcome
-
-    return run
+    return _inert(lambda: _recipe(text), sentinel)
 
 
 def _nested_pickle(depth: int) -> bytes:
