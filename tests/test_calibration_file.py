@@ -134,7 +134,8 @@ def _write(path: Path, recipe: Recipe) -> Path:
     return path
 
 
-@pytest.mark.parametrize("method, params", [("regmean", {}), ("pivotmerge", {"alm": "data"})])
+@pytest.mark.parametrize("method, params", [("regmean", {}),
+                                            ("pivotmerge", {"alm": "data", "alm_uncovered_weight": 1.0})])
 def test_an_uncovered_expert_is_fitted_on_the_pooled_stand_in(method, params):
     experts = [make_mlp_projector(seed=k) for k in range(3)]
     g = torch.Generator().manual_seed(1)
@@ -152,6 +153,10 @@ def test_an_uncovered_expert_is_fitted_on_the_pooled_stand_in(method, params):
     assert rep["calibration"]["missing"] and rep["calibration"]["tokens"][rep["experts"][1]] == 0
     if method == "pivotmerge":
         assert rep["method_report"]["alm"]["uncovered"] == [rep["experts"][1]]
+        # its weight in the refit is a setting of its own
+        heavier = pipeline.merge_projectors(experts, method, {**params, "alm_uncovered_weight": 2.0},
+                                            calibration=Calibration(feats, ["a", "", "c"]))
+        assert not torch.equal(heavier.projector.state()["0.weight"], missing.projector.state()["0.weight"])
     else:
         assert rep["method_report"]["stand_in_domains"] == [rep["experts"][1]]
 

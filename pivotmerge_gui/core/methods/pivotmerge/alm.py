@@ -95,7 +95,7 @@ def run_alm(
         assert cal_x is not None
         prior = {n: float(user[n]) if n in user else lam[n] for n in layer_names}
         updates = yield from fit_layers(job, ref, aligned, sdf.tau_star, prior, set(user), cal_x,
-                                        weights, float(s.alm_ridge), report)
+                                        weights, float(s.alm_ridge), report, float(s.alm_uncovered_weight))
         for key, upd in updates.items():  # fitted update replaces lambda * tau*
             sdf.tau_star[key] = upd.to(job.dtype)
             fitted_layers.add(layer_of(key))
@@ -140,7 +140,7 @@ def layer_rows(
 def fit_layers(
     job: MergeJob, ref: Projector, aligned: list[Projector], tau_star: dict[str, torch.Tensor],
     prior_coeff: dict[str, float], fixed: set[str], xs: list[torch.Tensor], weights: torch.Tensor,
-    ridge: float, report: AlmReport,
+    ridge: float, report: AlmReport, uncovered_weight: float = 1.0,
 ) -> Generator[ProgressEvent, None, dict[str, torch.Tensor]]:
     """Data-driven ALM: progressive, alignment-guided ridge refit of every linear layer.
 
@@ -155,7 +155,9 @@ def fit_layers(
     ``[H_k 1]`` and N the calibration tokens (dual form when N < unknowns; a solve that
     would raise the residual keeps the prior). Fills ``report``; returns the fitted
     updates "layer.role" -> fitted value - ref (fp32). An expert whose domain has no
-    features arrives with the other domains' features pooled as its inputs."""
+    features arrives with the other domains' features pooled as its inputs; its rows
+    weigh ``uncovered_weight`` times a covered domain's (on those shared inputs its
+    targets compete with the covered experts'; benchmarks/missing_domain.py)."""
     dev = job.device
     ref32 = ref.to(dev, torch.float32)
     ref_state = ref32.state()
@@ -165,6 +167,8 @@ def fit_layers(
     experts32 = [a.to(dev, torch.float32) for a in aligned]
     xs = [x.to(dev, torch.float32) for x in xs]
     wk = [float(w) for w in weights]
+    for k in job.calibration.missing if job.calibration is not None else []:
+        wk[k] *= uncovered_weight  # its stand-in inputs are the covered domains': it competes there
     order = forward_layer_names(ref.ops, heads=("linear",))
     targets_layers = [n for n in dict.fromkeys(order)
                       if n not in fixed and ref32.layer(n).weight.dim() == 2]

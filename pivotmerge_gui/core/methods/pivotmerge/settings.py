@@ -10,6 +10,7 @@ from typing import Any
 from ..base import Param
 
 ALM_CHOICES = ("auto", "data", "data-lambda", "data-free", "off")
+ALM_UNCOVERED_WEIGHT_DEFAULT = 2.5  # smallest of 1.5/2/2.5/3 keeping the uncovered domain >= data-free (val)
 ALM_RIDGE_DEFAULT = 0.3  # alm="data": ridge towards the data-free merge (validation-chosen)
 ALM_TOKENS_DEFAULT = 256
 
@@ -55,6 +56,12 @@ PARAMS = (
           "data-free merge). "
           "Default chosen on the demo world's validation split.", min=0.0, max=1e12,
           advanced=True),
+    Param("alm_uncovered_weight", float, ALM_UNCOVERED_WEIGHT_DEFAULT, "Data-driven ALM: weight of an "
+          "expert whose domain has no calibration features, relative to a covered domain's. It "
+          "is fitted on the other domains' features pooled, with its own outputs as targets, so "
+          "it competes with them on those inputs: larger keeps its domain, smaller keeps more "
+          "of the covered domains' gain. Default chosen on the demo world's validation split "
+          "(benchmarks/missing_domain.py).", min=0.0, max=100.0, advanced=True),
     Param("alm_tokens", int, ALM_TOKENS_DEFAULT, "Calibration tokens per domain used by "
           "data-driven ALM and by the automatic pivot (evenly spaced subsample).", min=8,
           max=100000, advanced=True),
@@ -79,6 +86,7 @@ class Settings:
     residual_weight: float
     alm: str
     alm_ridge: float
+    alm_uncovered_weight: float
     alm_tokens: int
     scale: float
 
