@@ -15,7 +15,7 @@ import torch
 from .calibration import Calibration
 from .card import model_card
 from .devices import dtype_name
-from .errors import CastOverflow
+from .errors import CastOverflow, OutputError
 from .progress import CancelToken
 from .projector import Projector, all_finite
 from .recipe import CalibrationRef, Recipe
@@ -79,8 +79,18 @@ def check_output_dir(plan: Any, out_dir: str | Path, *, fmt: str | None = None, 
     from .io.atomic import check_folder
 
     names = _output_names(plan.experts[0], fmt or plan.recipe.output_format)
+    _refuse_model_folder(out_dir)
     check_folder(out_dir, names, input_files(plan), overwrite)
     return [Path(out_dir) / n for n in names]
+
+
+def _refuse_model_folder(out_dir: str | Path) -> None:
+    """A projector-only save into a complete model folder (an earlier ``--into`` export)
+    would sit beside the model's shards, and loaders would read the wrong weights."""
+    folder = Path(out_dir)
+    if folder.is_dir() and ((folder / "config.json").exists() or any(folder.glob("*.index.json"))):
+        raise OutputError(str(folder), "holds a complete model (config.json or a shard index): save the "
+                                       "projector into another folder, or export into a model with --into")
 
 
 def save_result(
@@ -116,6 +126,7 @@ def save_result(
         "pivotmerge_inputs_sha256": json.dumps(result.input_hashes),
         "pivotmerge_method": result.report["method"],
     }
+    _refuse_model_folder(out_dir)
     with atomic_io.atomic_folder(
         out_dir, names=names, protected=result.protected, overwrite=overwrite, cancel=cancel
     ) as tmp:

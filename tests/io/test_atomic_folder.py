@@ -305,3 +305,20 @@ def test_sigkill_at_random_points_leaves_the_old_or_the_new_complete_set(tmp_pat
             outcomes.add("old")
         assert _siblings(out) == []
     assert "old" in outcomes
+
+
+def test_a_projector_is_not_saved_into_a_complete_model_folder(tmp_path):
+    """An earlier --into export holds config.json and shards: a projector-only save there
+    would leave loaders reading the wrong weights."""
+    paths = _expert_files(tmp_path)
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "model.safetensors.index.json").write_text("{}")
+    before = _snapshot(out)
+    plan = pipeline.plan(_recipe(paths))
+    with pytest.raises(OutputError, match="complete model"):
+        pipeline.check_output_dir(plan, out, overwrite=True)
+    with pytest.raises(OutputError, match="complete model"):
+        pipeline.save_result(pipeline.run(plan), out, overwrite=True)
+    assert _snapshot(out) == before
