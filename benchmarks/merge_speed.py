@@ -281,50 +281,49 @@ def main() -> int:
                                  vision_width=args.vision_width)
             print(f"[{family}] built {args.experts} bf16 experts in {time.perf_counter() - t:.1f} s", file=sys.stderr)
             (root / "inputs.json").write_text(json.dumps(inputs))
-            mk = None
+            # rounds interleave the rows (mergekit, then each method) so that a load change
+            # on the machine hits every row alike
             if mk_py is not None:
                 mergekit_config(inputs, root / "mergekit.yml")
-                runs = []
-                for r in range(args.runs):
-                    wall, rss, rc, _, err = timed([mk_py, "-c", MERGEKIT_SCRIPT, str(root / "mergekit.yml"),
-                                                   str(root / "mk_out" / str(r))], env)
-                    if rc != 0:
-                        print(f"[{family}] mergekit TIES FAILED\n{err[-2000:]}", file=sys.stderr)
-                        break
-                    runs.append((wall, rss))
-                if runs:
-                    mk = {"family": family, "method": "mergekit-ties", "end_to_end_s": statistics.median(w for w, _ in runs),
-                          "peak_rss_mb": statistics.median(m for _, m in runs), "runs_s": [round(w, 2) for w, _ in runs]}
-                    rows.append(mk)
-                    print(f"[{family}] {'mergekit-ties':<16} {mk['end_to_end_s']:7.2f} s  {mk['peak_rss_mb']:7.0f} MB", file=sys.stderr)
-            for name in names:
-                runs = []
-                for r in range(args.runs):
-                    cmd = [sys.executable, __file__, "--device", args.device, "--repeat", str(args.repeat),
-                           "--threads", str(args.threads), "--child", name, str(root / "inputs.json"),
-                           str(root / "out" / name / str(r))]
+            todo = (["mergekit-ties"] if mk_py is not None else []) + names
+            runs: dict[str, list] = {n: [] for n in todo}
+            failed: dict[str, str] = {}
+            for r in range(args.runs):
+                for name in todo:
+                    if name in failed:
+                        continue
+                    if name == "mergekit-ties":
+                        cmd = [str(mk_py), "-c", MERGEKIT_SCRIPT, str(root / "mergekit.yml"), str(root / "mk_out" / str(r))]
+                    else:
+                        cmd = [sys.executable, __file__, "--device", args.device, "--repeat", str(args.repeat),
+                               "--threads", str(args.threads), "--child", name, str(root / "inputs.json"),
+                               str(root / "out" / name / str(r))]
                     wall, rss, rc, out, err = timed(cmd, env)
                     if rc != 0:
                         print(f"[{family}] {name}: FAILED\n{err[-2000:]}", file=sys.stderr)
-                        runs = [{"error": err.strip().splitlines()[-1] if err.strip() else "failed"}]
-                        break
-                    row = json.loads(out.strip().splitlines()[-1])
+                        failed[name] = err.strip().splitlines()[-1] if err.strip() else "failed"
+                        continue
+                    row = {} if name == "mergekit-ties" else json.loads(out.strip().splitlines()[-1])
                     row.update(process_s=round(wall, 3), process_peak_rss_mb=round(rss, 1))
-                    runs.append(row)
-                if "error" in runs[0]:
-                    rows.append({"family": family, "method": name, **runs[0]})
+                    runs[name].append(row)
+                    print(f"[{family}] run {r + 1}: {name:<16} {wall:7.2f} s  {rss:7.0f} MB", file=sys.stderr)
+            mk = None
+            for name in todo:
+                if name in failed:
+                    rows.append({"family": family, "method": name, "error": failed[name]})
                     continue
-                med = dict(runs[len(runs) // 2])
+                rs = runs[name]
+                med = dict(rs[len(rs) // 2])
                 for key in ("load_s", "merge_s", "save_s", "end_to_end_s", "process_s", "process_peak_rss_mb", "peak_rss_mb"):
-                    med[key] = round(statistics.median(r[key] for r in runs), 3)
-                med["family"] = family
-                med["runs_s"] = [r["process_s"] for r in runs]
-                if mk is not None:
-                    med["time_vs_mergekit_ties"] = round(med["process_s"] / mk["end_to_end_s"], 3)
-                    med["rss_vs_mergekit_ties"] = round(med["process_peak_rss_mb"] / mk["peak_rss_mb"], 3)
+                    if key in med:
+                        med[key] = round(statistics.median(x[key] for x in rs), 3)
+                med.update(family=family, method=name, runs_s=[x["process_s"] for x in rs])
+                if name == "mergekit-ties":
+                    mk = med
+                elif mk is not None:
+                    med["time_vs_mergekit_ties"] = round(med["process_s"] / mk["process_s"], 3)
+                    med["rss_vs_mergekit_ties"] = round(med["process_peak_rss_mb"] / mk["process_peak_rss_mb"], 3)
                 rows.append(med)
-                ratio = f"  ({med['time_vs_mergekit_ties']:.2f}x time, {med['rss_vs_mergekit_ties']:.2f}x RSS of mergekit TIES)" if mk else ""
-                print(f"[{family}] {name:<16} {med['process_s']:7.2f} s  {med['process_peak_rss_mb']:7.0f} MB{ratio}", file=sys.stderr)
     import platform
 
     import torch
@@ -340,7 +339,7 @@ def main() -> int:
         if "error" in r:
             print(f"| {r['family']} | {r['method']} | failed: {r['error']} | | | | | | |")
         elif r["method"] == "mergekit-ties":
-            print(f"| {r['family']} | mergekit TIES | | | | {r['end_to_end_s']:.2f} | {r['peak_rss_mb']:.0f} | 1 | 1 |")
+            print(f"| {r['family']} | mergekit TIES | | | | {r['process_s']:.2f} | {r['process_peak_rss_mb']:.0f} | 1 | 1 |")
         else:
             rt = f"{r['time_vs_mergekit_ties']:.2f} | {r['rss_vs_mergekit_ties']:.2f}" if "time_vs_mergekit_ties" in r else "- | -"
             print(f"| {r['family']} | {r['method']} | {r['load_s']:.2f} | {r['merge_s']:.2f} | {r['save_s']:.2f} | "

@@ -65,3 +65,21 @@ def test_without_base_or_with_permuted_experts_the_search_still_runs():
     assert "shared-base-frame" not in solvers
     moved = [a for a in res.report["method_report"]["alignment"] if not a["is_identity"]]
     assert moved  # the planted permutation was found and undone
+
+
+def test_doomed_bf16_attempt_is_skipped_without_changing_the_matching(monkeypatch):
+    from pivotmerge_gui.core import alignment
+
+    monkeypatch.setattr(alignment, "bf16_is_fast", lambda device_type: True)
+    pivot = make_mlp_projector(1024, 512, 512, seed=1)
+    other = make_mlp_projector(1024, 512, 512, seed=2)  # another init: no certificate possible
+    p_in, p_out = alignment._features(pivot, "0", "2")
+    e_in, e_out = alignment._features(other, "0", "2")
+    pn = (p_in.pow(2).sum(1) + p_out.pow(2).sum(1)).sqrt()
+    en = (e_in.pow(2).sum(1) + e_out.pow(2).sum(1)).sqrt()
+    assert not alignment._bf16_may_certify(p_in, p_out, e_in, e_out, alignment._BF16_REL_ERROR * pn * en.max())
+    _, skipped = align_to_pivot(other, pivot)
+    monkeypatch.setattr(alignment, "_bf16_may_certify", lambda *a: True)
+    _, tried = align_to_pivot(other, pivot)
+    assert skipped.pairs[0].permutation == tried.pairs[0].permutation
+    assert skipped.pairs[0].solver == tried.pairs[0].solver == "assignment"

@@ -188,6 +188,25 @@ def _certified_argmax(s: torch.Tensor, tol: torch.Tensor | None) -> torch.Tensor
     return best.cpu()
 
 
+def _bf16_may_certify(
+    p_in: torch.Tensor, p_out: torch.Tensor | None, e_in: torch.Tensor, e_out: torch.Tensor | None,
+    tol: torch.Tensor,
+) -> bool:
+    """Whether the bf16 certificate has a chance: on :data:`SHARED_FRAME_SAMPLE` evenly
+    spaced rows of the fp32 similarity (1/32 of it at 4096 units) every best column must
+    be distinct and beat its runner-up by more than twice the bf16 error bound. Where it
+    does not (experts from different inits), the bf16 matrix would be computed for nothing
+    and is skipped; the result never depends on this (only the exact fp32 answer or a
+    certified one is ever returned)."""
+    n = p_in.shape[0]
+    idx = torch.linspace(0, n - 1, min(SHARED_FRAME_SAMPLE, n), device=p_in.device).round().long().unique()
+    s = _similarity(p_in[idx], p_out[idx] if p_out is not None else None, e_in, e_out, torch.float32)
+    top = torch.topk(s, 2, dim=1)
+    if torch.unique(top.indices[:, 0]).numel() != idx.numel():
+        return False
+    return bool((top.values[:, 0] - top.values[:, 1] > 2.0 * tol[idx]).all())
+
+
 def _solve_pair(
     p_in: torch.Tensor, p_out: torch.Tensor | None, e_in: torch.Tensor, e_out: torch.Tensor | None
 ) -> tuple[torch.Tensor, str, float, float]:
@@ -217,9 +236,11 @@ def _solve_pair(
         after = (s[ar, idx] / (pn * en[idx]).clamp_min(1e-12)).mean()
         return float(before), float(after)
 
-    if n * n * d >= _BF16_MIN_MACS and bf16_is_fast(p_in.device.type):
+    tol = _BF16_REL_ERROR * pn * en.max()  # per row: rel * ||a_i|| * max_j ||b_j||
+    if n * n * d >= _BF16_MIN_MACS and bf16_is_fast(p_in.device.type) and _bf16_may_certify(
+        p_in, p_out, e_in, e_out, tol
+    ):
         s16 = _similarity(p_in, p_out, e_in, e_out, torch.bfloat16)
-        tol = _BF16_REL_ERROR * pn * en.max()  # per row: rel * ||a_i|| * max_j ||b_j||
         perm = _certified_argmax(s16, tol)
         if perm is not None:
             return (perm, "certificate-bf16", *stats(s16, perm))
