@@ -284,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .calibrate import add_calibrate_parser
 
     add_calibrate_parser(sub)
+    from .sweep import add_sweep_parser
+
+    add_sweep_parser(sub)
     return p
 
 
