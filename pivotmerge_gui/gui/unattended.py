@@ -21,6 +21,8 @@ def arm_merge_and_save(app: Any, window: Any, folder: Path, timeout: float, over
 
     def finish(code: int, text: str) -> None:
         print(text, file=sys.stdout if code == 0 else sys.stderr)
+        # background jobs the result started (analysis) stop before the app does
+        window.close()  # stops timers and workers, detaches their signals
         app.exit(code)
 
     def tick() -> None:
