@@ -127,3 +127,65 @@ def test_gaussian_is_seed_fixed_and_salted():
     a = linalg.gaussian((4, 3), 1, torch.device("cpu"), torch.float32)
     assert torch.equal(a, linalg.gaussian((4, 3), 1, torch.device("cpu"), torch.float32))
     assert not torch.equal(a, linalg.gaussian((4, 3), 2, torch.device("cpu"), torch.float32))
+
+
+def _spectrum(m, n, spread, seed):
+    g = torch.Generator().manual_seed(seed)
+    r = min(m, n)
+    u = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64))[0]
+    s = torch.logspace(0.0, -torch.log10(torch.tensor(spread)).item(), r, dtype=torch.float64)
+    return ((u * s) @ v.T).float()
+
+
+@pytest.mark.parametrize("shape", [(96, 96), (128, 48), (40, 100)])
+def test_polar_float32_keeps_small_singular_directions(shape):
+    """Singular values spanning 1e3: the float32 polar factor is U V^T of the float64 SVD
+    to ~eps * 1e3 (its condition number; the Gram-matrix eigh it replaced lost every
+    direction under sqrt(n eps) sigma_max, about 4e-3 here: a unit-norm error each)."""
+    a = _spectrum(*shape, spread=1e3, seed=6)
+    u, _, vh = torch.linalg.svd(a.double(), full_matrices=False)
+    p = linalg.polar(a)
+    assert p.dtype == torch.float32
+    err = torch.linalg.matrix_norm(p.double() - u @ vh) / torch.linalg.matrix_norm(u @ vh)
+    assert float(err) < 5e-5
+
+
+@pytest.mark.parametrize("rank", [4, 30, 48])
+def test_svd_top_float32_is_accurate_for_small_singular_values(rank):
+    """Top-rank triplets of a matrix whose spectrum spans 1e4: large ranks reach singular
+    values far below sqrt(eps) sigma_max, where the Gram shortcut is not taken."""
+    a = _spectrum(128, 48, spread=1e4, seed=7)
+    u0, s0, vh0 = torch.linalg.svd(a.double(), full_matrices=False)
+    u, s, vh = linalg.svd_top(a, rank)
+    assert s.numel() == rank
+    torch.testing.assert_close(s.double(), s0[:rank], rtol=1e-5, atol=1e-7 * float(s0[0]))
+    best = (u0[:, :rank] * s0[:rank]) @ vh0[:rank]
+    err = torch.linalg.matrix_norm(((u * s) @ vh).double() - best) / torch.linalg.matrix_norm(best)
+    assert float(err) < 1e-5
+
+
+def test_svd_rank_tol_separates_null_from_real_directions():
+    """Exactly rank-deficient float32 stacks: the computed zero singular values fall under
+    the tolerance, the smallest real one (1e-4 sigma_max) stays above it."""
+    a = _spectrum(200, 30, spread=1e4, seed=8)
+    dup = torch.cat([a, a], 1)  # rank 30 of 60
+    s = torch.linalg.svdvals(dup)
+    tol = linalg.svd_rank_tol(s, 200)
+    assert int((s > tol).sum()) == 30
+    assert float(s[29]) > 10 * tol
+    assert linalg.polar(dup).shape == dup.shape
+    assert int(torch.linalg.matrix_rank(linalg.polar(dup))) == 30
+
+
+@pytest.mark.parametrize("right", [False, True])
+def test_gram_top_eigvecs_float32_matches_float64_subspace(right):
+    """The shared subspace of a stack whose spectra span 1e4: float32 input gives the
+    float64 subspace (the eigenproblem moves to float64 when float32 would blur it)."""
+    stack = torch.stack([_spectrum(60, 40, spread=1e4, seed=s) for s in (10, 11)])
+    for rank in (5, 35):
+        q32 = linalg.gram_top_eigvecs(stack, rank, right=right)
+        q64 = linalg.gram_top_eigvecs(stack.double(), rank, right=right)
+        assert q32.dtype == torch.float32 and q32.shape == q64.shape
+        proj = q32.double() @ q32.double().T - q64 @ q64.T
+        assert float(torch.linalg.matrix_norm(proj, ord=2)) < 1e-4

@@ -11,7 +11,8 @@ gives (written per tensor; "matrix" = a linear layer's 2-D weight):
 - iso_c: matrix: base + alpha * mean(sigma(K tau)) * U V^T (SVD of tau); 1-D: base + alpha tau.
 - iso_cts: matrix: base + alpha * s_iso * U_r V_r^T with r = c + n_task (c the common size,
   n_task the per-task size) and s_iso = K * sum_{i<r} sigma_i(tau) / min(m, n); 1-D as iso_c.
-- knots: matrix: base + lambda * U trim_density(U^T tau) (U = left singular vectors);
+- knots: matrix: base + lambda * U trim_density(U^T tau) (U = left singular vectors; the
+  top-k size counts min(m, K n) rows of coefficients, as the reference's SVD of the concatenation);
   1-D: base + lambda * trim_density(tau).
 - ssam: matrix: base + lambda * best rank-round(f*min(m,n)) approximation of tau; 1-D: base + lambda tau.
 """
@@ -72,9 +73,15 @@ def expected(name: str, params: dict, key: str, base: torch.Tensor, tau: torch.T
     if name == "knots":
         if not matrix:
             return base + params["scaling"] * trim_top_k(tau.unsqueeze(0), params["density"])[0]
+        # the reference's thin SVD of [tau ... tau] has min(m, K n) directions; the ones past
+        # rank(tau) carry zero coefficients but count in the top-k size
         u, s, vh = torch.linalg.svd(tau.double(), full_matrices=False)
         u = u.float()
-        return base + params["scaling"] * (u @ trim_top_k((u.T @ tau).unsqueeze(0), params["density"])[0])
+        coeffs = u.T @ tau
+        r = min(tau.shape[0], K * tau.shape[1])
+        padded = torch.cat([coeffs, coeffs.new_zeros(r - coeffs.shape[0], coeffs.shape[1])])
+        kept = trim_top_k(padded.unsqueeze(0), params["density"])[0][: coeffs.shape[0]]
+        return base + params["scaling"] * (u @ kept)
     if name == "ssam":
         if not matrix:
             return base + params["scaling"] * tau

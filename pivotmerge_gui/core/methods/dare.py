@@ -12,7 +12,7 @@ import torch
 from .base import MergeJob, Param, register
 from .common import bernoulli_keep
 from .task_arithmetic import TaskVectorMethod
-from .ties import TIES_PARAMS, ties_merge
+from .ties import MERGEKIT_NOTE, TIES_PARAMS, merge_ties
 
 
 def dare(taus: torch.Tensor, drop_rate: float, gen: torch.Generator, rescale: bool = True) -> torch.Tensor:
@@ -65,7 +65,7 @@ class DareTies(TaskVectorMethod):
     description = (
         "DARE drop-and-rescale on each task vector, then TIES (trim, sign election, disjoint "
         "mean), in that order as in the DARE code and FusionBench's DareTiesMerging. Defaults: "
-        "p = 0.5 (FusionBench), TIES density 0.2 and lambda = 1.0 (TIES paper)."
+        "p = 0.5 (FusionBench), TIES density 0.2 and lambda = 1.0 (TIES paper)." + MERGEKIT_NOTE
     )
     randomized = True
     params = _DARE_PARAMS + TIES_PARAMS
@@ -73,7 +73,4 @@ class DareTies(TaskVectorMethod):
     def merge_update(self, name, kind, role, taus, job: MergeJob, gen, facts):
         dropped = dare(taus, self.param(job, "drop_rate"), gen, self.param(job, "rescale"))
         facts["dropped_fraction"] = round(float(((dropped == 0) & (taus != 0)).float().mean()), 6)
-        merged = ties_merge(
-            dropped, self.param(job, "density"), self.param(job, "sign_method"), self.param(job, "merge"), facts
-        )
-        return self.param(job, "scaling") * merged
+        return merge_ties(self, dropped, job, facts)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..linalg import polar, svd_top
+from ..linalg import polar, svd_rank_tol, svd_top
 from .base import MergeJob, Param, register
 from .common import is_matrix
 from .task_arithmetic import TaskVectorMethod
@@ -27,11 +27,16 @@ def _spectrum_facts(s: torch.Tensor, facts: dict[str, Any], prefix: str = "") ->
 
 
 def iso_c_update(summed: torch.Tensor, facts: dict[str, Any] | None = None) -> torch.Tensor:
-    """U diag(mean(sigma)) V^T of a matrix (directions with zero singular value left out)."""
+    """U diag(mean(sigma)) V^T of a matrix, the mean over all min(m, n) singular values.
+
+    As in the paper and FusionBench's ``iso_c``, every direction of the SVD gets the mean,
+    however small its own singular value; only numerically zero ones
+    (:func:`~..linalg.svd_rank_tol`, a few eps * sigma_max: their vectors are arbitrary)
+    are left out. A cut at max(m, n) * eps * sigma_max dropped real directions below
+    5e-4 sigma_max in float32 that float64 kept, each worth a full mean singular value."""
     u, s, vh = torch.linalg.svd(summed, full_matrices=False)
     s_mean = s.mean()
-    tol = float(s.max()) * max(summed.shape) * torch.finfo(s.dtype).eps if s.numel() else 0.0
-    keep = s > tol
+    keep = s > svd_rank_tol(s, max(summed.shape))
     if facts is not None:
         _spectrum_facts(s, facts, "ta_")
         facts["rank"] = int(keep.sum())

@@ -6,16 +6,22 @@ basis U; the aligned per-task coefficients S V_k (``s_on_V`` in the reference) a
 with TIES (or summed), and the update is rebuilt as U * merged.
 
 U comes from ``eigh(sum_k Delta_k Delta_k^T)`` (an m x m problem) instead of an SVD of the
-m x (K n) concatenation, and S V_k = U^T Delta_k needs no division by S. For a 1-D tensor
-the same construction on a 1-row matrix gives U = +-1 and S V_k = Delta_k, i.e. TIES on the
-raw task vectors, which is what this module does there.
+m x (K n) concatenation, and S V_k = U^T Delta_k needs no division by S. The Gram matrix
+and its eigenproblem are computed in float64 whatever the compute dtype: in float32 the
+Gram matrix squares the condition number, so directions below ~sqrt(eps) sigma_max come
+back as an arbitrary rotation of the small subspace, and TIES on the aligned coefficients
+depends on that basis (a float32 merge differed from float64 by up to 30 %). As in the
+reference (a thin SVD of the concatenation), the basis has min(m, K n) directions, null
+ones included (their coefficients are zero, so they only count in the top-k size). For a
+1-D tensor the same construction on a 1-row matrix gives U = +-1 and S V_k = Delta_k, i.e.
+TIES on the raw task vectors, which is what this module does there.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..linalg import rank_tol
+from ..linalg import gram_float64
 from .base import MergeJob, Param, register
 from .common import is_matrix
 from .task_arithmetic import TaskVectorMethod
@@ -23,12 +29,16 @@ from .ties import ties_merge
 
 
 def knots_align(taus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U [m, r], coefficients [K, r, n]) with Delta_k = U @ coefficients[k] exactly."""
-    gram = torch.einsum("kij,klj->il", taus, taus)
-    evals, evecs = torch.linalg.eigh(gram)
-    keep = evals > rank_tol(evals, max(taus.shape[1], taus.shape[0] * taus.shape[2]))
-    u = evecs[:, keep].flip(1)
-    return u, torch.einsum("ir,kin->krn", u, taus)
+    """(U [m, r], coefficients [K, r, n]) with Delta_k = U @ coefficients[k] (up to
+    rounding) and r = min(m, K n): the left singular vectors of [Delta_1 ... Delta_K],
+    largest first."""
+    k_count, m, n = taus.shape
+    _, evecs = torch.linalg.eigh(gram_float64(taus))
+    u64 = evecs[:, m - min(m, k_count * n):].flip(1)
+    # coefficients in float64 too, rounded once: TIES' trim and sign decisions on them
+    # then see the same numbers as a float64 merge up to that one rounding
+    coeffs = torch.stack([(u64.T @ tau.double()).to(taus.dtype) for tau in taus])
+    return u64.to(taus.dtype), coeffs
 
 
 @register

@@ -111,10 +111,12 @@ class RegMean(MergeMethod):
                     continue
                 xi = inputs[layer.name].reshape(-1, inputs[layer.name].shape[-1])
                 wk = layer.weight
-                if layer.name not in normal:
-                    normal[layer.name] = (xi.new_zeros(wk.shape[1], wk.shape[1]), xi.new_zeros(wk.shape[1], wk.shape[0]))
+                if layer.name not in normal:  # accumulated and solved in float64: the
+                    # shrunk Gram is often ill-conditioned, and a float32 solve moved the
+                    # merge by ~1e-3 of the update against float64
+                    normal[layer.name] = (xi.new_zeros(wk.shape[1], wk.shape[1], dtype=torch.float64), xi.new_zeros(wk.shape[1], wk.shape[0], dtype=torch.float64))
                 lhs, rhs = normal[layer.name]
-                add_expert_terms(lhs, rhs, xi, wk, alpha, w[k])
+                add_expert_terms(lhs, rhs, xi.double(), wk.double(), alpha, w[k])
             samples.append(int(x.reshape(-1, x.shape[-1]).shape[0]))
         out: dict[str, torch.Tensor] = {}
         solved: list[str] = []
@@ -127,7 +129,7 @@ class RegMean(MergeMethod):
                 yield ProgressEvent("merge", 0.8 + 0.2 * i / n_tensors, f"RegMean: {key}")
                 if layer.kind == "linear" and role == "weight" and layer.name in normal:
                     lhs, rhs = normal[layer.name]
-                    out[key] = solve_normal_equations(lhs, rhs).T.contiguous()
+                    out[key] = solve_normal_equations(lhs, rhs).T.to(job.dtype).contiguous()
                     solved.append(key)
                 else:
                     out[key] = sum(wk * s[key] for wk, s in zip(w, states)) / total_w

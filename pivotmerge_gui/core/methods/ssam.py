@@ -6,7 +6,8 @@ Per linear weight with task updates Delta_k [m, n]:
   V_c = top-r eigenvectors of sum_k Delta_k^T Delta_k    (shared input subspace)
   M_k = U_c^T Delta_k V_c   (each update in the shared r x r coordinates)
   Delta = lambda * U_c merge(M_k) V_c^T,  merge = mean (default) or sum.
-Both subspaces come from eigh of Gram matrices (never an SVD of a concatenation).
+Both subspaces come from eigh of Gram matrices (never an SVD of a concatenation), in
+float64 when float32 rounding would blur the eigenvalues asked for.
 
 Choices made here (the paper's exact defaults were not available to us): rank fraction
 r = 0.5 * min(m, n), merge by the mean, lambda = 1.0; 1-D tensors take the same merge
@@ -18,24 +19,17 @@ from __future__ import annotations
 
 import torch
 
-from ..linalg import rank_tol
+from ..linalg import gram_top_eigvecs
 from .base import MergeJob, Param, register
 from .common import is_matrix
 from .task_arithmetic import TaskVectorMethod
 
 
 def shared_subspaces(taus: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U_c [m, r], V_c [n, r]): top-``rank`` eigenvectors of the summed Gram matrices."""
-
-    def top(gram: torch.Tensor, size: int) -> torch.Tensor:
-        evals, evecs = torch.linalg.eigh(gram)
-        evals, evecs = evals.flip(0)[:rank], evecs.flip(1)[:, :rank]
-        return evecs[:, evals > rank_tol(evals, size)]
-
-    size = max(taus.shape[1], taus.shape[2]) * taus.shape[0]
-    u = top(torch.einsum("kij,klj->il", taus, taus), size)
-    v = top(torch.einsum("kji,kjl->il", taus, taus), size)
-    return u, v
+    """(U_c [m, r], V_c [n, r]): top-``rank`` eigenvectors of the summed Gram matrices
+    (float64 where the compute dtype's rounding would blur them:
+    :func:`~..linalg.gram_top_eigvecs`)."""
+    return gram_top_eigvecs(taus, rank), gram_top_eigvecs(taus, rank, right=True)
 
 
 @register

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -12,19 +13,35 @@ from .task_arithmetic import TaskVectorMethod
 
 
 def ties_merge(
-    taus: torch.Tensor, density: float, sign_method: str, merge: str, facts: dict[str, Any] | None = None
+    taus: torch.Tensor, density: float, sign_method: str, merge: str, facts: dict[str, Any] | None = None,
+    *, divide_by: str = "count", weights: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """TIES on a stack [K, ...]: keep each expert's top-``density`` magnitudes, elect a sign
     per entry (:func:`.consensus.elect_sign`: total mass or count of signs, with the
     project's one tie rule), then average ('mean', the paper's disjoint mean) or add
     ('sum') the entries that agree with it.
 
+    ``divide_by`` is the mean's divisor per entry: "count" of the agreeing experts (the
+    paper, FusionBench) or "weight", the sum of the agreeing experts' ``weights`` [K]
+    (mergekit's ``normalize: true``: sum_k w_k tau_k m_k / sum_k w_k m_k, 1 where no
+    expert agrees). The stack holds the already weighted task vectors w_k tau_k either way;
+    with every weight 1 the two agree.
+
     ``facts`` (optional) receives the trimmed fraction, the share of entries with a sign
     conflict among the kept values, and the share of entries that keep any value."""
+    if divide_by not in ("count", "weight"):
+        raise ValueError(f"unknown TIES divisor {divide_by!r}")
     k_count = taus.shape[0]
     trimmed = trim_top_k(taus, density)
     sign = elect_sign(trimmed, method=sign_method)
-    merged, agree = disjoint_merge(trimmed, sign, reduce=merge)
+    if merge == "mean" and divide_by == "weight":
+        total, agree = disjoint_merge(trimmed, sign, reduce="sum")
+        w = torch.as_tensor(list(weights) if weights is not None else [1.0] * k_count,
+                            device=taus.device).to(taus.dtype)
+        divisor = (w.view(k_count, *([1] * (taus.dim() - 1))) * agree).sum(0)
+        merged = total / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    else:
+        merged, agree = disjoint_merge(trimmed, sign, reduce=merge)
     if facts is not None:
         n = trimmed[0].numel()
         before = int(torch.count_nonzero(taus))
@@ -38,15 +55,38 @@ def ties_merge(
 
 
 TIES_PARAMS = (
-    Param("density", float, 0.2, "k: fraction of each task vector's largest-magnitude entries kept",
-          min=0.0, max=1.0),
+    Param("density", float, 0.2,
+          "k: fraction of each task vector's largest-magnitude entries kept, per tensor (as "
+          "mergekit; the paper trims each whole task vector at once)", min=0.0, max=1.0),
     Param("scaling", float, 1.0, "lambda: scale of the merged task vector", min=0.0, max=5.0,
           is_scale=True),
     Param("sign_method", str, "sum", "sign election: total mass ('sum', paper) or count of signs",
           choices=("sum", "count"), advanced=True),
-    Param("merge", str, "mean", "disjoint 'mean' (paper) or 'sum' of the agreeing entries",
+    Param("merge", str, "mean", "disjoint 'mean' (paper) or 'sum' of the agreeing entries "
+          "(mergekit's normalize: false, the default of its dare_ties)",
           choices=("mean", "sum"), advanced=True),
+    Param("divide_by", str, "count",
+          "divisor of the disjoint mean: 'count' of the agreeing experts (default; TIES paper, "
+          "FusionBench) or the sum of their expert 'weight's (mergekit's normalize: true); the "
+          "same when every weight is 1", choices=("count", "weight"), advanced=True),
 )
+
+#: how a mergekit recipe maps onto ours (said in the descriptions and the parity benchmark)
+MERGEKIT_NOTE = (
+    " Per-expert weights: by default the disjoint mean divides by the count of agreeing "
+    "experts (paper); mergekit divides by the sum of their weights: set divide_by: weight "
+    "for its ties (normalize: true) and merge: sum for its dare_ties (normalize: false). "
+    "Trimming is per tensor, as in mergekit (the paper trims each whole task vector)."
+)
+
+
+def merge_ties(method: TaskVectorMethod, taus: torch.Tensor, job: MergeJob, facts: dict) -> torch.Tensor:
+    """TIES with ``method``'s TIES_PARAMS from ``job`` (scaled by its ``scaling``)."""
+    merged = ties_merge(
+        taus, method.param(job, "density"), method.param(job, "sign_method"), method.param(job, "merge"),
+        facts, divide_by=method.param(job, "divide_by"), weights=job.expert_weights,
+    )
+    return method.param(job, "scaling") * merged
 
 
 @register
@@ -57,12 +97,9 @@ class Ties(TaskVectorMethod):
     description = (
         "Trims each task vector to its top-k% magnitudes, elects a sign per entry by total "
         "mass and averages only the agreeing entries (disjoint mean). Reference defaults "
-        "(paper): k = 20% (density 0.2), lambda = 1.0."
+        "(paper): k = 20% (density 0.2), lambda = 1.0." + MERGEKIT_NOTE
     )
     params = TIES_PARAMS
 
     def merge_update(self, name, kind, role, taus, job: MergeJob, gen, facts):
-        merged = ties_merge(
-            taus, self.param(job, "density"), self.param(job, "sign_method"), self.param(job, "merge"), facts
-        )
-        return self.param(job, "scaling") * merged
+        return merge_ties(self, taus, job, facts)
