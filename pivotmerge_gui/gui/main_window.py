@@ -37,6 +37,7 @@ from .panels.testbench import TestBenchPanel
 from .session_extras import restore_extras, save_extras
 from .settings import AppSettings, data_dir, log_dir, session_file
 from .views import ViewRegistry
+from .workbench import Workbench
 from .workers import GeneratorWorker, stop_all
 
 log = logging.getLogger("pivotmerge_gui.gui")
@@ -112,6 +113,7 @@ class MainWindow(MergeFlowMixin, QMainWindow):
         self._validate_timer = self._timer(150, self.validate_now)
         self._autosave_timer = self._timer(1000, self.autosave_session)  # a killed app loses nothing
         self._wire()
+        self.workbench = Workbench(self)  # merge history, A/B, Merge & test, sweeps
 
         self.resize(1680, 960)
         geo = self.settings.geometry() if restore_layout else None
@@ -521,7 +523,8 @@ class MainWindow(MergeFlowMixin, QMainWindow):
         if not self.bench_panel.is_busy():
             new = set(experts) - set(self.bench_panel.experts)
             self.bench_panel.set_experts(experts, s.base_projector())
-            self.bench_panel.set_merged(s.merge_result.projector if s.merge_result is not None else None)
+            self.bench_panel.set_merged(s.merge_result.projector if s.merge_result is not None else None,
+                                        self.workbench.merged_name())
             lst = self.bench_panel.projector_list  # experts that just loaded start ticked
             for i in range(lst.count()):
                 if lst.item(i).data(Qt.ItemDataRole.UserRole) in new:

@@ -160,10 +160,11 @@ class MergeFlowMixin:
         self.save_to(folder, fmt, dtype, overwrite, into=dlg.into_model())
 
     def save_to(self, folder: Path, fmt: str = "auto", dtype: str = "auto",
-                overwrite: bool = False, into: str = "") -> GeneratorWorker | None:
+                overwrite: bool = False, into: str = "", result: Any = None) -> GeneratorWorker | None:
         """Write projector + recipe.yml + README.md through ``pipeline.save_result`` (worker);
-        with ``into`` (a model folder or Hub id) the complete model (full-model export)."""
-        result = self.merge_result
+        with ``into`` (a model folder or Hub id) the complete model (full-model export).
+        ``result``: a merge-history result (default: the session's)."""
+        result = result if result is not None else self.merge_result
         if result is None:
             return None
         w = self.save_job.start(tasks.save(result, folder, fmt, dtype, overwrite, into))

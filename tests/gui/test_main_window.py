@@ -267,12 +267,13 @@ def test_dragging_rows_reorders_the_expert_list(qtbot, window, expert_files):
 
 def test_views_are_registered_once_with_tab_menu_entry_and_shortcut(window):
     keys = list(window.views.views)
-    assert keys == ["layers", "spectra", "similarity", "report", "bench", "autotune"]
+    assert keys == ["layers", "spectra", "similarity", "report", "bench", "autotune", "history", "sweep"]
     titles = [window.tabs.tabText(i) for i in range(window.tabs.count())]
     menu = [a.text() for a in window.view_menu.actions()]
-    assert titles == menu == ["Layers", "Spectra", "Similarity", "Merge report", "Test bench", "Auto-tune"]
+    assert titles == menu == ["Layers", "Spectra", "Similarity", "Merge report", "Test bench", "Auto-tune",
+                             "History", "Sweep"]
     shortcuts = [a.shortcut().toString() for a in window.view_menu.actions()]
-    assert shortcuts == [f"Ctrl+{i}" for i in range(1, 7)]
+    assert shortcuts == [f"Ctrl+{i}" for i in range(1, 9)]
     window.view_menu.actions()[4].trigger()
     assert window.views.current() == "bench" and window.tabs.currentIndex() == 4
     # the auto-tune panel got the registry's methods once the engine was up

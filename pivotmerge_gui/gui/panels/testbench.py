@@ -97,6 +97,7 @@ class TestBenchPanel(SingleJobPanel, QWidget):
         self.base: Any = None
         self.merged: tuple[str, Any] | None = None
         self.files: dict[str, Any] = {}
+        self.results: dict[str, Any] = {}  # merge-history results (set_results), extra columns
         self.result: Any = None
         self.scores: Any = None
         self.calibration: Any = None
@@ -239,6 +240,10 @@ class TestBenchPanel(SingleJobPanel, QWidget):
         self.merged = (name, projector) if projector is not None else None
         self._refresh_projectors()
 
+    def set_results(self, results: Mapping[str, Any]) -> None:
+        self.results = dict(results)
+        self._refresh_projectors()
+
     def add_projector_file(self, path: str | Path) -> None:
         """Load a saved projector (typed errors end up in the status line)."""
         from pivotmerge_gui.core.errors import PivotMergeError
@@ -261,7 +266,8 @@ class TestBenchPanel(SingleJobPanel, QWidget):
         fresh = not self.projector_list.count()
         self.projector_list.clear()
         entries = [(n, "expert") for n in self.experts] + \
-                  ([(self.merged[0], "merged")] if self.merged else []) + [(n, "file") for n in self.files]
+                  ([(self.merged[0], "merged")] if self.merged else []) + [(n, "file") for n in self.files] + \
+                  [(n, "result") for n in self.results if not (self.merged and n == self.merged[0])]
         for n, kind in entries:
             it = QListWidgetItem(n if kind == "expert" else f"{n}  ({kind})")
             it.setData(Qt.ItemDataRole.UserRole, n)
@@ -283,6 +289,7 @@ class TestBenchPanel(SingleJobPanel, QWidget):
         if self.merged:
             pool[self.merged[0]] = self.merged[1]
         pool.update(self.files)
+        pool.update({n: p for n, p in self.results.items() if n not in pool})
         return {n: pool[n] for n in self.selected_names() if n in pool}
 
     def load_demo_samples(self, split: str = "val", n_per_domain: int = 4) -> None:
