@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pivotmerge_gui.core.errors import PivotMergeError
+from pivotmerge_gui.core.io.discovery import display_name
 
 from .events import Event
 from .model import layer_lambdas
@@ -246,7 +247,7 @@ def report_values(entry: HistoryEntry) -> dict[str, str]:
         out[f"Layer {k} coefficient"] = f"{v:.4g}"
     out["Experts"] = ", ".join(str(n) for n in r.get("experts") or [])
     out["Weights"] = ", ".join(_short(w) for w in r.get("weights") or [])
-    out["Base"] = str(r.get("base") or "none")
+    out["Base"] = display_name(str(r["base"])) if r.get("base") else "none"
     cal = r.get("calibration")
     out["Calibration"] = "yes" if cal else "none"
     out["Compute / output dtype"] = f"{r.get('compute_dtype', '?')} / {r.get('out_dtype', '?')}"

@@ -58,7 +58,7 @@ def test_history_keeps_every_merge_as_bench_columns_and_compares_two(qtbot, demo
     assert not panel.rename(uid1, "#2 Task Arithmetic")
     assert "already called" in w.statusBar().currentMessage()
     h.set_pinned(uid1)
-    assert panel.list.item(1).text().startswith("\N{PUSHPIN} low scale")
+    assert panel.list.item(1).text().startswith("[pinned] low scale")
     # A/B: report values differ in the scale, the recipe diff shows it
     panel.set_pair(uid1, h.entries[1].uid)
     table = {panel.values.item(i, 0).text(): (panel.values.item(i, 1).text(), panel.values.item(i, 2).text())

@@ -3,8 +3,8 @@
 Renders a :class:`~pivotmerge_gui.session.history.MergeHistory` (Qt-free) and asks the
 window, through signals, to show, save or bench a result. GUI thread only.
 
-Left: the results (pinned ones marked 📌, the one shown in the other views in bold) with
-Show / Rename / Pin / Delete / Save. Right: A and B pickers, the report values of both
+Top: the results (pinned ones marked [pinned], the one shown in the other views in bold) with
+Show / Rename / Pin / Delete / Save. Below: A and B pickers, the report values of both
 (rows that differ highlighted), the recipe diff (A -> B) and the captions both gave on the
 test bench's pairs.
 """
@@ -25,12 +25,12 @@ from PySide6.QtWidgets import (
     QLabel,
     QListWidget,
     QListWidgetItem,
-    QPlainTextEdit,
     QPushButton,
     QSplitter,
     QTableWidget,
     QTableWidgetItem,
     QTabWidget,
+    QTextEdit,
     QVBoxLayout,
     QWidget,
 )
@@ -39,7 +39,19 @@ from pivotmerge_gui.core.errors import PivotMergeError
 from pivotmerge_gui.session.history import Comparison, MergeHistory, compare
 
 DIFF_COLOR = QColor("#fff3c4")
-PIN = "\N{PUSHPIN} "
+RIGHT_COLOR = QColor("#d4edda")
+PIN = "[pinned] "  # text, not an emoji: many Linux desktops lack a colour-emoji font
+
+
+def diff_html(diff: str) -> str:
+    """A unified diff as HTML: removed lines red, added lines green, hunk headers grey."""
+    rows = []
+    for line in diff.splitlines():
+        style = ("color:#555555" if line.startswith(("---", "+++", "@@")) else
+                 "background:#fde2e1;color:#8b0000" if line.startswith("-") else
+                 "background:#dcf5dc;color:#0b5d1e" if line.startswith("+") else "")
+        rows.append(f"<span style='{style}'>{html.escape(line)}</span>")
+    return "<pre style='margin:0'>" + "\n".join(rows) + "</pre>"
 
 
 class HistoryPanel(QWidget):
@@ -100,10 +112,10 @@ class HistoryPanel(QWidget):
         hh.setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
         hh.setSectionResizeMode(1, QHeaderView.ResizeMode.Stretch)
         hh.setSectionResizeMode(2, QHeaderView.ResizeMode.Stretch)
-        self.diff = QPlainTextEdit()
+        self.diff = QTextEdit()
         self.diff.setReadOnly(True)
         self.diff.setFont(QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont))
-        self.diff.setLineWrapMode(QPlainTextEdit.LineWrapMode.NoWrap)
+        self.diff.setLineWrapMode(QTextEdit.LineWrapMode.NoWrap)
         self.caption_table = QTableWidget(0, 3)
         self.caption_table.setHorizontalHeaderLabels(["reference", "A", "B"])
         self.caption_table.verticalHeader().setVisible(False)
@@ -121,11 +133,12 @@ class HistoryPanel(QWidget):
         right_w = QWidget()
         right_w.setLayout(right)
 
-        split = QSplitter(Qt.Orientation.Horizontal)
+        split = QSplitter(Qt.Orientation.Vertical)  # the A/B table gets the view's full width
         split.addWidget(left_w)
         split.addWidget(right_w)
-        split.setStretchFactor(0, 2)
+        split.setStretchFactor(0, 1)
         split.setStretchFactor(1, 3)
+        split.setSizes([190, 520])
         lay = QVBoxLayout(self)
         lay.setContentsMargins(4, 4, 4, 4)
         lay.addWidget(split)
@@ -257,7 +270,7 @@ class HistoryPanel(QWidget):
                 if va != vb:
                     it.setBackground(DIFF_COLOR)
                 self.values.setItem(i, j, it)
-        self.diff.setPlainText(c.recipe_diff or "The two recipes are identical.")
+        self.diff.setHtml(diff_html(c.recipe_diff) if c.recipe_diff else "The two recipes are identical.")
         self._fill_captions(a.name, b.name)
 
     def set_captions(self, name: str, rows: list[tuple[str, str]]) -> None:
@@ -268,6 +281,7 @@ class HistoryPanel(QWidget):
     def _fill_captions(self, a: str, b: str) -> None:
         ra, rb = self.captions.get(a, []), self.captions.get(b, [])
         n = max(len(ra), len(rb))
+        self.caption_table.setHorizontalHeaderLabels(["reference", f"A: {a}", f"B: {b}"])
         self.caption_table.setRowCount(n)
         for i in range(n):
             ref = (ra[i] if i < len(ra) else rb[i])[0]
@@ -276,7 +290,9 @@ class HistoryPanel(QWidget):
             for j, text in enumerate((ref, ca, cb)):
                 it = QTableWidgetItem(text)
                 it.setToolTip(html.escape(text))
-                if j > 0 and ca != cb:
+                if j > 0 and text.split() == ref.split():
+                    it.setBackground(RIGHT_COLOR)  # the reference caption exactly
+                elif j > 0 and ca != cb:
                     it.setBackground(DIFF_COLOR)
                 self.caption_table.setItem(i, j, it)
         self.details.setTabText(2, f"Captions ({n})" if n else "Captions")
