@@ -85,6 +85,30 @@ def test_swap_back_restores_the_original_weights_also_on_error(backend):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_two_threads_sharing_the_model_each_score_their_own_projector(backend, pixels):
+    """The app's test bench and a sweep may use one back end at once: swaps do not interleave."""
+    import threading
+
+    feats = backend.encode_images(pixels)
+    projs = [make_mlp_projector(16, 32, 32, seed=40 + k) for k in range(2)]
+    want = [backend.caption_nll(p, feats, CAPTIONS)[0] for p in projs]
+    got: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+
+    def work(k: int) -> None:
+        for _ in range(6):
+            got[k].append(backend.caption_nll(projs[k], feats, CAPTIONS)[0])
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for k in range(2):
+        assert len(got[k]) == 6
+        for nll in got[k]:
+            torch.testing.assert_close(nll, want[k])
+
+
 def test_original_llava_mm_projector_file_maps_onto_linear_1_2(tmp_path, backend):
     g = torch.Generator().manual_seed(1)
     state = {"model.mm_projector.0.weight": torch.randn(32, 16, generator=g),

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -134,6 +135,8 @@ class LlavaHFBackend(CaptionBackend):
         if device is not None or dtype is not None:
             model = model.to(device=resolve_device(device) if device is not None else None, dtype=dtype)
         self.model = model.eval()
+        # one swap at a time: the app's test bench and a sweep may share this model
+        self._swap_lock = threading.RLock()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.tokenizer = tokenizer
@@ -269,15 +272,16 @@ class LlavaHFBackend(CaptionBackend):
             yield module
             return
         state = self.projector_state(projector)
-        saved = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        try:
-            with torch.no_grad():
-                module.load_state_dict({k: v.to(saved[k].device, saved[k].dtype) for k, v in state.items()},
-                                       strict=True)
-            yield module
-        finally:
-            with torch.no_grad():
-                module.load_state_dict(saved, strict=True)
+        with self._swap_lock:  # another thread's projector must not be swapped in mid-use
+            saved = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            try:
+                with torch.no_grad():
+                    module.load_state_dict({k: v.to(saved[k].device, saved[k].dtype) for k, v in state.items()},
+                                           strict=True)
+                yield module
+            finally:
+                with torch.no_grad():
+                    module.load_state_dict(saved, strict=True)
 
     # ------------------------------------------------------------------ images
     @torch.no_grad()
