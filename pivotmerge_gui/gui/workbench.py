@@ -16,6 +16,7 @@ views, adds "Merge & test" beside Merge, and wires:
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from PySide6.QtCore import QEvent, QObject
@@ -109,6 +110,7 @@ class Workbench(QObject):
         sp.cancel_requested.connect(self.sweep_job.cancel)
         sp.cell_opened.connect(self.open_cell)
         sp.save_best_requested.connect(self.save_cell)
+        sp.export_requested.connect(self._export_dialog)
 
     # ------------------------------------------------------------------ names for the views
     def merged_name(self) -> str:
@@ -256,6 +258,45 @@ class Workbench(QObject):
         n = spec.shape[0] * spec.shape[1]
         sp.show_status(f"Running {n} merge(s), each scored on {len(pairs)} pairs…")
         return self.sweep_job.start(job)
+
+    def sweep_document(self) -> dict[str, Any]:
+        """The form's sweep around the current setup, scored like the test bench (its back
+        end and pairs), as a ``pivotmerge sweep`` document. Raises PivotMergeError."""
+        from pivotmerge_gui.core.sweep import SweepSpec
+
+        bench = self.w.bench_panel
+        doc = self.sweep_panel.document(self.w.current_recipe())
+        sources = bench.pair_sources
+        if len(sources) != 1:
+            raise PivotMergeError("the test bench's pairs must come from one source (the demo samples, or one "
+                                  "folder or .jsonl) to be named in the document")
+        src = sources[0]
+        pairs = f"demo:{src['demo']}:{src['n']}" if "demo" in src else str(src["pairs"])
+        doc["score"].update(backend=bench.backend_spec, pairs=pairs)
+        SweepSpec.from_dict(doc, "sweep")  # the values are checked before anything is written
+        return doc
+
+    def export_sweep(self, path: str | Path) -> Path:
+        import yaml
+
+        from pivotmerge_gui.core.io.atomic import atomic_write_text
+
+        text = yaml.safe_dump(self.sweep_document(), sort_keys=False, allow_unicode=True)
+        return atomic_write_text(Path(path), text, overwrite=True)
+
+    def _export_dialog(self) -> None:
+        from PySide6.QtWidgets import QFileDialog
+
+        start = str(Path(self.w.settings.last_dir()) / "sweep.yml")
+        f, _ = QFileDialog.getSaveFileName(self.sweep_panel, "Save the sweep", start, "Sweeps (*.yml *.yaml)")
+        if not f:
+            return
+        try:
+            self.export_sweep(f)
+        except (PivotMergeError, OSError) as exc:
+            self.sweep_panel.show_status(f"Not saved: {exc}", error=True)
+            return
+        self.sweep_panel.show_status(f"Saved {f}: run it with `pivotmerge sweep {Path(f).name}`.")
 
     def _sweep_progress(self, ev: Any) -> None:
         if ev.stage == "cell":

@@ -170,3 +170,27 @@ def test_sweep_refuses_values_out_of_range_and_runs_to_the_end(qtbot, demo_windo
     wait_idle(qtbot, w, 60_000)
     assert len(wb.last_sweep.cells) == 2 and sp.save_best_button.isEnabled()
     assert sp.table.verticalHeaderItem(0).text() == "token_accuracy"
+
+
+def test_the_saved_sweep_document_runs_in_the_cli_with_the_same_scores(qtbot, demo_window, tmp_path, capsys):
+    import json
+
+    from pivotmerge_gui.cli.main import main as cli_main
+
+    w = demo_window
+    wb, sp = w.workbench, w.workbench.sweep_panel
+    sp.set_axis("x", "scaling", "0.3, 1.1")
+    path = wb.export_sweep(tmp_path / "sweep.yml")
+    assert wb.start_sweep() is not None
+    qtbot.waitUntil(lambda: not wb.sweep_job.busy, timeout=90_000)
+    gui = wb.last_sweep.grid()
+    assert cli_main(["sweep", str(path), "--json", "--quiet"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    assert cli["spec"]["score"] == {"backend": "demo", "pairs": "demo:val:1", "metric": "token_accuracy"}
+    assert cli["grid"][0] == pytest.approx(gui[0]) and len(cli["grid"]) == len(gui) == 1
+    # pairs from two sources cannot be named in one document
+    w.bench_panel.pair_sources.append({"pairs": str(tmp_path)})
+    from pivotmerge_gui.core.errors import PivotMergeError
+
+    with pytest.raises(PivotMergeError, match="one source"):
+        wb.export_sweep(tmp_path / "other.yml")

@@ -66,6 +66,7 @@ class SweepPanel(QWidget):
     cancel_requested = Signal()
     cell_opened = Signal(object)  # SweepCell
     save_best_requested = Signal(object)  # SweepCell
+    export_requested = Signal()  # save the sweep as a YAML document (for ``pivotmerge sweep``)
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -93,6 +94,8 @@ class SweepPanel(QWidget):
         self.save_best_button = QPushButton("Save best…")
         for b in (self.open_best_button, self.save_best_button):
             b.setEnabled(False)
+        self.export_button = QPushButton("Save as YAML…")
+        self.export_button.setToolTip("The sweep as a document that `pivotmerge sweep` runs the same way")
         form = QGridLayout()
         form.addWidget(QLabel("X:"), 0, 0)
         form.addWidget(self.x_param, 0, 1)
@@ -107,6 +110,7 @@ class SweepPanel(QWidget):
         for b in (self.run_button, self.cancel_button, self.open_best_button, self.save_best_button):
             buttons.addWidget(b)
         buttons.addStretch(1)
+        buttons.addWidget(self.export_button)
 
         self.table = QTableWidget(0, 0)
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
@@ -135,6 +139,7 @@ class SweepPanel(QWidget):
 
         self.run_button.clicked.connect(self.run_requested.emit)
         self.cancel_button.clicked.connect(self.cancel_requested.emit)
+        self.export_button.clicked.connect(self.export_requested.emit)
         self.table.cellClicked.connect(self._clicked)
         self.open_best_button.clicked.connect(lambda: self._best_signal(self.cell_opened))
         self.save_best_button.clicked.connect(lambda: self._best_signal(self.save_best_requested))
