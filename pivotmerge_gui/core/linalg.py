@@ -208,38 +208,53 @@ def shared_subspace(
 
 
 # =============================================================================== low rank
-#: the Gram-matrix shortcut of :func:`svd_top` is taken only when the smallest eigenvalue
-#: asked for is at least this many eps (of the dtype) times the largest: then the rounding
-#: of the Gram matrix (~eps * sigma_max^2) moves it by at most 1e-5 relative
+#: a Gram-matrix eigenproblem in the input's own dtype is trusted only when every eigenvalue
+#: asked for is at least this many eps (of that dtype) times the largest: then the Gram
+#: matrix's rounding (~eps * sigma_max^2) moves it by at most 1e-5 relative. Otherwise the
+#: Gram matrix and its eigenproblem run in float64 (lambda down to ~1e-14 lambda_max)
 GRAM_SAFE_EPS = 1e5
+#: svd_top tries its input's dtype first only for ranks up to this fraction of min(m, n)
+#: (CART-like truncations, which stay among the large singular values)
+SMALL_RANK_FRACTION = 0.125
 
 
 def svd_top(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-``rank`` singular triplets (U [r_m, r], S [r], Vh [r, n]) of a 2-D tensor.
+    """Top-``rank`` singular triplets (U [r_m, r], S [r], Vh [r, n]) of a 2-D tensor, in its
+    dtype.
 
-    Fast path: ``eigh`` of the Gram matrix on the smaller side, taken only when every
-    singular value asked for is well above its rounding (sigma_r^2 >= GRAM_SAFE_EPS * eps *
-    sigma_max^2, i.e. sigma_r >= ~0.11 sigma_max in float32): the Gram matrix squares the
-    condition number, so smaller singular values would come back wrong or not at all.
-    Otherwise the thin SVD of ``m`` itself (as the references compute it), accurate to
-    ~eps * sigma_max. Components whose singular value is numerically zero
-    (:func:`svd_rank_tol`) are dropped, so fewer than ``rank`` may come back.
-    """
+    From ``eigh`` of the Gram matrix on the smaller side (faster than an SVD). The Gram
+    matrix squares the condition number, so in float32 singular values under ~sqrt(eps)
+    sigma_max would come back wrong or not at all: the eigenproblem runs in the input's
+    dtype only for a small ``rank`` whose every eigenvalue is well above its rounding
+    (:data:`GRAM_SAFE_EPS`), else in float64, where singular values down to ~1e-7 sigma_max
+    keep their own vectors (a float32 merge then agrees with a float64 one up to the
+    rounding of the inputs). Components whose singular value is numerically zero in float64
+    (:func:`rank_tol`) are dropped, so fewer than ``rank`` may come back."""
     rows, cols = m.shape
     rank = max(0, min(int(rank), rows, cols))
     if rank == 0:
         return m.new_zeros(rows, 0), m.new_zeros(0), m.new_zeros(0, cols)
-    evals, evecs = torch.linalg.eigh(m @ m.T if rows <= cols else m.T @ m)
+    wide = rows <= cols
+    if m.dtype != torch.float64 and rank <= SMALL_RANK_FRACTION * min(rows, cols):
+        evals, evecs = torch.linalg.eigh(m @ m.T if wide else m.T @ m)
+        evals, evecs = evals.flip(0)[:rank], evecs.flip(1)[:, :rank]
+        top = float(evals[0])
+        if top > 0 and float(evals[-1]) >= GRAM_SAFE_EPS * torch.finfo(evals.dtype).eps * top:
+            s = evals.sqrt()
+            if wide:
+                return evecs, s, (evecs.T @ m) / s.unsqueeze(1)
+            return (m @ evecs) / s.unsqueeze(0), s, evecs.T
+    m64 = m.double()
+    evals, evecs = torch.linalg.eigh(m64 @ m64.T if wide else m64.T @ m64)
     evals, evecs = evals.flip(0)[:rank], evecs.flip(1)[:, :rank]
-    top = float(evals[0])
-    if top > 0 and float(evals[-1]) >= GRAM_SAFE_EPS * torch.finfo(evals.dtype).eps * top:
-        s = evals.sqrt()
-        if rows <= cols:
-            return evecs, s, (evecs.T @ m) / s.unsqueeze(1)
-        return (m @ evecs) / s.unsqueeze(0), s, evecs.T
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
-    keep = s[:rank] > svd_rank_tol(s, max(rows, cols))
-    return u[:, :rank][:, keep], s[:rank][keep], vh[:rank][keep]
+    keep = evals > rank_tol(evals, max(rows, cols))
+    evals, evecs = evals[keep], evecs[:, keep]
+    s = evals.sqrt()
+    if wide:
+        u, vh = evecs, (evecs.T @ m64) / s.unsqueeze(1)
+    else:
+        u, vh = (m64 @ evecs) / s.unsqueeze(0), evecs.T
+    return u.to(m.dtype), s.to(m.dtype), vh.to(m.dtype)
 
 
 def gram_float64(stack: torch.Tensor) -> torch.Tensor:
@@ -278,24 +293,28 @@ def gram_top_eigvecs(stack: torch.Tensor, rank: int, *, right: bool = False) -> 
 
 
 def polar(a: torch.Tensor) -> torch.Tensor:
-    """Orthonormal polar factor of ``a`` (the U V^T of its thin SVD), as the references
-    compute it (TSV-M's and FusionBench's ``svd`` of the stacked bases).
+    """Orthonormal polar factor of ``a`` (the U V^T of its thin SVD, as TSV-M's and
+    FusionBench's ``svd`` of the stacked bases), in ``a``'s dtype.
 
-    The SVD works on ``a`` itself, so singular values down to ~eps * sigma_max keep their
-    directions; the former ``eigh`` of the Gram matrix squared the condition number and
-    lost every direction below ~sqrt(n * eps) * sigma_max in float32 (2 % of sigma_max
-    at n = 4096), which changed TSV-M/Iso-CTS merges by several percent against float64.
-    Directions whose singular value is numerically zero (:func:`svd_rank_tol`) are left
-    out (a pseudo-polar factor): where the references orthogonalise a rank-deficient stack,
-    the vectors they attach to zero singular values are arbitrary (LAPACK-dependent), so we
-    drop them instead. For full-rank input this is exactly U V^T."""
+    Computed as a (A^T A)^-1/2 on the smaller side with the Gram matrix, its ``eigh`` and
+    the products in float64 whatever ``a``'s dtype: cheaper than an SVD, and singular values
+    down to ~1e-7 sigma_max keep their directions. (In float32 the Gram matrix lost every
+    direction under ~sqrt(n eps) sigma_max, 2 % of sigma_max at n = 4096, which changed
+    TSV-M/Iso-CTS merges by several percent against float64.) Directions whose singular
+    value is zero up to float64 rounding (:func:`rank_tol`) are left out (a pseudo-polar
+    factor): where the references orthogonalise a rank-deficient stack, the vectors they
+    attach to zero singular values are arbitrary (LAPACK-dependent), so we drop them
+    instead. For full-rank input this is exactly U V^T."""
+    rows, cols = a.shape
     if a.numel() == 0:
         return a.new_zeros(a.shape)
-    u, s, vh = torch.linalg.svd(a, full_matrices=False)
-    keep = s > svd_rank_tol(s, max(a.shape))
-    if bool(keep.all()):
-        return u @ vh
-    return u[:, keep] @ vh[keep]
+    if cols > rows:
+        return polar(a.T).T
+    a64 = a.double()
+    evals, q = torch.linalg.eigh(a64.T @ a64)
+    keep = evals > rank_tol(evals, rows)
+    q, evals = q[:, keep], evals[keep]
+    return ((a64 @ q) @ (q.T / evals.sqrt().unsqueeze(1))).to(a.dtype)
 
 
 def svd_rank_tol(s: torch.Tensor, size: int) -> float:
