@@ -206,6 +206,16 @@ class ExportMismatch(PivotMergeError):
         self.problem = problem
 
 
+class BackendMismatch(PivotMergeError):
+    """A projector does not fit the evaluation back end's encoder or language model."""
+
+    def __init__(self, backend: str, projector: str, problem: str) -> None:
+        super().__init__(f"{projector}: {problem}")
+        self.backend = backend
+        self.projector = projector
+        self.problem = problem
+
+
 class Cancelled(PivotMergeError):
     """Work was cancelled through a :class:`~pivotmerge_gui.core.progress.CancelToken`."""
 

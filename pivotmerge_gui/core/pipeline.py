@@ -199,7 +199,12 @@ def plan(
             raise MethodError(
                 f"{name} ({proj.source}): tensor(s) {', '.join(bad)} contain NaN or Inf; "
                 "merging them would spread the damage to every output weight (allow it "
-                "explicitly if intended: --allow-nonfinite in the CLI, 'Allow NaN/Inf in inputs' in the app)"
+                "explicitly if intended: --allow-nonfinite)"
+            )
+        if name != "base" and not any(bool(t.any()) for t in proj.state().values() if t.dim() >= 2):
+            raise MethodError(
+                f"{name} ({proj.source}): every weight is zero (an empty or untrained checkpoint); "
+                "it has nothing to merge: replace it with the trained projector"
             )
         if bad:
             warnings.append(f"{name}: NaN/Inf in {', '.join(bad)} (allowed by the user)")

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..core.errors import BackendMismatch
 from ..core.evaluation.backend import CaptionBackend, batches, check_pairs
 from ..core.progress import CancelToken
 from ..core.projector import Projector
@@ -37,7 +38,23 @@ class DemoBackend(CaptionBackend):
         return encode(self.encoder, images)
 
     def _prefix(self, projector: Projector, features: torch.Tensor) -> torch.Tensor:
+        self.check_projector(projector, int(features.shape[-1]))
         return projector.forward(features.float()).float()
+
+    def check_projector(self, projector: Projector, in_features: int) -> None:
+        """Raise :class:`BackendMismatch` (one clear line) for a projector of other widths
+        than the demo's encoder (in) and LM (out), instead of a matrix-shape error."""
+        want_in = in_features  # the encoder's feature width
+        want_out = int(self.lm.tok.embedding_dim)
+        try:
+            got_in, got_out = projector.in_features, projector.out_features
+        except (ValueError, IndexError, KeyError):
+            return  # no linear layers to read widths from: let the forward pass say more
+        if (got_in, got_out) != (want_in, want_out):
+            raise BackendMismatch(
+                "demo", projector.source or "projector",
+                f"the demo model takes {want_in} -> {want_out} projectors; this one is {got_in} -> {got_out}. "
+                "Test real projectors with the LLaVA (transformers) back end.")
 
     @torch.no_grad()
     def caption_nll(

@@ -57,6 +57,12 @@ def preload_before_qt() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .qt_check import xcb_problem
+
+    problem = xcb_problem()
+    if problem is not None:  # Qt would abort with its own, less helpful message
+        print(f"pivotmerge-gui: {problem}", file=sys.stderr)
+        return 2
     preload_before_qt()
 
     from PySide6.QtWidgets import QApplication
@@ -93,8 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         window.autosave_enabled = False
         window.quiet_errors = True
     if args.screenshot:
+        from .layout import place_window
+
         w, _, h = args.size.partition("x")
-        window.resize(int(w), int(h))
+        place_window(window, (int(w), int(h)))
         window.quiet_errors = True  # a modal box would block the unattended run
     window.show()
     if problems:  # the app runs anyway; say what will not be kept, in the window and the log

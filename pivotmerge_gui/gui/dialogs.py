@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import html
+import re
 from pathlib import Path
 from typing import Any
 
+from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -32,6 +35,19 @@ SAVE_FORMATS = tuple(OUTPUT_FORMAT_LABELS.items())
 SAVE_DTYPES = tuple((d, "same as the merge output" if d == "auto" else d) for d in OUT_DTYPES)
 
 
+def fresh_folder(folder: str | Path) -> Path:
+    """``folder`` when it does not exist or is empty, else the first free ``NAME-2``,
+    ``NAME-3``, ... beside it (so Save in the dialog's default works without overwriting)."""
+    folder = Path(folder).expanduser()
+    if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
+        return folder
+    stem = re.sub(r"-\d+$", "", folder.name)
+    n = 2
+    while (folder.parent / f"{stem}-{n}").exists():
+        n += 1
+    return folder.parent / f"{stem}-{n}"
+
+
 def hub_spec(repo: str, revision: str = "", filename: str = "") -> str:
     """``org/name[@rev][:file]`` as the core's hub resolver reads it."""
     spec = repo.strip()
@@ -42,11 +58,17 @@ def hub_spec(repo: str, revision: str = "", filename: str = "") -> str:
     return spec
 
 
-def _load_projector_job(spec: str):  # type: ignore[no-untyped-def]
+def _load_projector_job(spec: str, probe_timeout: float = 3.0):  # type: ignore[no-untyped-def]
     def job(ctx: WorkContext) -> Any:
-        from pivotmerge_gui.core.io import load_projector
+        import contextlib
 
-        return load_projector(spec, progress=ctx.emit, cancel=ctx.cancel)
+        from pivotmerge_gui.core.io import load_projector
+        from pivotmerge_gui.core.io.hub import hub_offline, probe_hub, unreachable_hub
+
+        # a quick probe first: offline, the Hub client would wait and retry for up to a minute
+        why = None if hub_offline() else probe_hub(probe_timeout)
+        with unreachable_hub(why) if why else contextlib.nullcontext():
+            return load_projector(spec, progress=ctx.emit, cancel=ctx.cancel)
 
     return job
 
@@ -78,6 +100,9 @@ class HubDialog(QDialog):
         self.progress.setRange(0, 1000)
         self.status = QLabel("")
         self.status.setWordWrap(True)
+        # room for a three-line message, so a long error does not squash the fields above
+        self.status.setMinimumHeight(3 * self.status.fontMetrics().lineSpacing() + 6)
+        self.status.setAlignment(Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignLeft)
         self.add_button = QPushButton("Add")
         self.add_button.setDefault(True)
         self.cancel_button = QPushButton("Cancel")
@@ -127,7 +152,10 @@ class HubDialog(QDialog):
         self.worker = None
         self.add_button.setEnabled(True)
         short, _ = describe_exception(exc, tb)
-        self.status.setText(f"<span style='color:#b71c1c'>{short}</span>")
+        self.status.setText(f"<span style='color:#b71c1c'>{html.escape(short)}</span>")
+        self.progress.setValue(0)
+        # a longer message grows the dialog; it never takes height from the fields
+        self.resize(self.width(), max(self.height(), self.sizeHint().height()))
 
     def _cancelled(self) -> None:
         self.worker = None

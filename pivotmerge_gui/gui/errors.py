@@ -10,6 +10,7 @@ through a queued signal so worker errors reach the user instead of vanishing.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import threading
 import traceback
@@ -25,12 +26,34 @@ from .settings import log_file
 log = logging.getLogger("pivotmerge_gui.gui")
 
 
+# The core's messages name the command line's flags and the recipe's keys (the CLI prints
+# them as they are); in the app they name the control that does the same.
+GUI_WORDS: tuple[tuple[str, str], ...] = (
+    (r"\s*\(allow it explicitly if intended: --allow-nonfinite\)",
+     " (if that is intended, tick 'Allow NaN/Inf in inputs' in the merge form)"),
+    (r"allow overwriting \(CLI: --overwrite\)", "tick 'Replace an earlier output in this folder'"),
+    (r"\s*\(CLI: --device cpu, or --cpu-fallback to do it automatically\)",
+     ": choose Device 'cpu' in the merge form"),
+    (r"export into a model with --into", "fill in 'Into model' in the Save dialog"),
+    (r"--push-to-hub takes", "the Hub upload takes"),
+    (r"\blayer_coefficients: ", "Per-layer coefficients: "),
+    (r"method '([\w-]+)', parameter '(\w+)'", lambda m: f"{m.group(1)}: '{m.group(2).replace('_', ' ')}'"),
+)
+
+
+def gui_words(text: str) -> str:
+    """A core message in the app's words (see :data:`GUI_WORDS`)."""
+    for pattern, repl in GUI_WORDS:
+        text = re.sub(pattern, repl, text)
+    return text
+
+
 def describe_exception(exc: BaseException, tb: str | None = None) -> tuple[str, str]:
     """(short message, details) for an exception, as shown to the user."""
     if tb is None:
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     if isinstance(exc, PivotMergeError):
-        return str(exc), tb
+        return gui_words(str(exc)), tb
     short = (f"Unexpected error: {type(exc).__name__}: {exc}\n"
              f"This is a bug; the details are in the log file {log_file()}")
     return short, tb

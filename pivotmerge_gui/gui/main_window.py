@@ -14,19 +14,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QByteArray, Qt, QTimer, QUrl, Signal
-from PySide6.QtGui import QCloseEvent, QDesktopServices, QDragEnterEvent, QDropEvent, QKeySequence
-from PySide6.QtWidgets import QFileDialog, QMainWindow, QMessageBox, QSplitter, QTabWidget
+from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtGui import QCloseEvent, QDragEnterEvent, QDropEvent
+from PySide6.QtWidgets import QFileDialog, QMainWindow, QMessageBox, QTabWidget
 
 from pivotmerge_gui import __version__
 from pivotmerge_gui.core.errors import PivotMergeError
 from pivotmerge_gui.session import ExpertEntry, SessionModel
 
 from . import tasks
+from .analysis_flow import AnalysisFlowMixin
 from .dialogs import HubDialog
 from .errors import ErrorDialog, describe_exception
 from .item_models import ExpertListModel, paths_from_mime
 from .jobs import Jobs
+from .layout import add_panel_toggles, build_splitter, place_window
+from .layout import restore_layout as restore_layout_state
+from .menus import build_menus
 from .merge_flow import MergeFlowMixin
 from .panels.autotune import AutoTunePanel
 from .panels.inspect import LayersPanel, SimilarityPanel, SpectraPanel
@@ -35,7 +39,7 @@ from .panels.model_list import ModelListPanel
 from .panels.report import ReportPanel
 from .panels.testbench import TestBenchPanel
 from .session_extras import restore_extras, save_extras
-from .settings import AppSettings, data_dir, log_dir, session_file
+from .settings import AppSettings, data_dir, session_file
 from .views import ViewRegistry
 from .workbench import Workbench
 from .workers import GeneratorWorker, stop_all
@@ -44,7 +48,7 @@ log = logging.getLogger("pivotmerge_gui.gui")
 MAX_PARALLEL_LOADS = 2
 
 
-class MainWindow(MergeFlowMixin, QMainWindow):
+class MainWindow(MergeFlowMixin, AnalysisFlowMixin, QMainWindow):
     """PivotMerge Studio's main window (GUI thread)."""
 
     idle_reached = Signal()  # loading, analysis and validation have all settled
@@ -73,7 +77,7 @@ class MainWindow(MergeFlowMixin, QMainWindow):
         self.autotune_panel = AutoTunePanel(methods=[])  # methods arrive with the engine
         self.merge_panel = MergePanel()
         self.tabs = QTabWidget()
-        self._build_menus()
+        build_menus(self)
         self.views = ViewRegistry(self.tabs, self.view_menu)
         self.views.register("layers", "Layers", self.layers_panel)
         self.views.register("spectra", "Spectra", self.spectra_panel)
@@ -82,12 +86,9 @@ class MainWindow(MergeFlowMixin, QMainWindow):
         self.views.register("bench", "Test bench", self.bench_panel, scroll=True)
         self.views.register("autotune", "Auto-tune", self.autotune_panel, scroll=True)
 
-        self.splitter = QSplitter(Qt.Orientation.Horizontal)
-        for i, (w, stretch) in enumerate(((self.list_panel, 3), (self.tabs, 4), (self.merge_panel, 2))):
-            self.splitter.addWidget(w)
-            self.splitter.setStretchFactor(i, stretch)
-        self.splitter.setSizes([600, 640, 440])
+        self.splitter = build_splitter(self.list_panel, self.tabs, self.merge_panel)
         self.setCentralWidget(self.splitter)
+        add_panel_toggles(self)
 
         self.jobs = Jobs(on_idle=self._check_idle)
         self.jobs.extra_busy += [self.bench_panel.is_busy, self.autotune_panel.is_busy]
@@ -115,13 +116,9 @@ class MainWindow(MergeFlowMixin, QMainWindow):
         self._wire()
         self.workbench = Workbench(self)  # merge history, A/B, Merge & test, sweeps
 
-        self.resize(1680, 960)
-        geo = self.settings.geometry() if restore_layout else None
-        if geo is not None:
-            self.restoreGeometry(geo)
-        split = self.settings.value("window/splitter") if restore_layout else None
-        if isinstance(split, QByteArray):
-            self.splitter.restoreState(split)
+        place_window(self)  # fits the screen; the last session's layout when it still does
+        if restore_layout:
+            restore_layout_state(self, self.settings.geometry(), self.settings.value("window/splitter"))
         self.statusBar().showMessage("Drop projector checkpoints (files or folders) onto the window to start.")
         self._show_readiness()
         if start_core:
@@ -143,6 +140,7 @@ class MainWindow(MergeFlowMixin, QMainWindow):
         s.setup_replaced.connect(self._setup_replaced)
         s.message.connect(lambda text: self.statusBar().showMessage(text, 5000))
         lp.paths_added.connect(self.add_paths)
+        lp.remove_requested.connect(self.remove_experts)
         lp.hub_requested.connect(self.add_from_hub)
         lp.base_chosen.connect(self.set_base)
         lp.base_cleared.connect(lambda: self.set_base(None))
@@ -191,31 +189,6 @@ class MainWindow(MergeFlowMixin, QMainWindow):
     def merge_reason(self) -> str:
         """The validation text shown under the form (for tests and screenshots)."""
         return self.merge_panel.validation_label.toolTip() or self.merge_panel.merge_button.toolTip()
-
-    # ------------------------------------------------------------------ menus
-    def _build_menus(self) -> None:
-        m = self.menuBar().addMenu("&File")
-        self.action_add = m.addAction("&Add experts…", self.list_panel._add_files)
-        self.action_add.setShortcut(QKeySequence.StandardKey.Open)
-        m.addAction("Add &folder…", self.list_panel._add_folder)
-        m.addAction("Add from &Hub…", self.add_from_hub)
-        demo = m.addMenu("Open &demo experts")
-        demo.addAction("Shared init (with base)", lambda: self.open_demo("shared"))
-        demo.addAction("Different inits", lambda: self.open_demo("different"))
-        m.addSeparator()
-        m.addAction("Open &recipe…", self.open_recipe_dialog)
-        self.action_save_recipe = m.addAction("Save re&cipe…", self.save_recipe_dialog)
-        self.action_save_merged = m.addAction("&Save merged…", self.save_merged)
-        self.action_save_merged.setShortcut(QKeySequence.StandardKey.Save)
-        self.action_save_merged.setEnabled(False)
-        m.addSeparator()
-        m.addAction("&Quit", self.close).setShortcut(QKeySequence.StandardKey.Quit)
-        self.view_menu = self.menuBar().addMenu("&View")
-        h = self.menuBar().addMenu("&Help")
-        h.addAction("Open &log folder", lambda: QDesktopServices.openUrl(QUrl.fromLocalFile(str(log_dir()))))
-        h.addAction("&About", lambda: QMessageBox.about(
-            self, "PivotMerge Studio", f"PivotMerge Studio {__version__}<br>Merge the cross-modal projectors "
-            f"of multimodal LLMs: PivotMerge and baselines.<br>Log folder: {log_dir()}"))
 
     # ------------------------------------------------------------------ drops on the window
     def dragEnterEvent(self, event: QDragEnterEvent) -> None:
@@ -308,6 +281,29 @@ class MainWindow(MergeFlowMixin, QMainWindow):
             self.session.add_loaded(dlg.spec, dlg.projector)
             self.settings.add_recent(dlg.spec)
 
+    def remove_experts(self, rows: list[int]) -> None:
+        """Remove experts (Remove, Delete); asks first when that discards the merged result."""
+        s = self.session
+        names = [s.experts.entry(r).name for r in rows if 0 <= r < len(s.experts)]
+        if (s.merge_result is not None and any(s.experts.entry(r).ready for r in rows if 0 <= r < len(s.experts))
+                and not self.confirm("Discard the merged result?",
+                                     f"Removing {', '.join(names)} discards the merged result, which was made "
+                                     "from it. Remove anyway? (Edit > Undo brings the expert back, not the merge.)")):
+            return
+        if s.remove_rows(rows):
+            self.action_undo_remove.setEnabled(True)
+            self.statusBar().showMessage(f"Removed {', '.join(names)}. Ctrl+Z brings it back.", 8000)
+
+    def undo_remove(self) -> None:
+        back = self.session.undo_remove()
+        self.action_undo_remove.setEnabled(bool(self.session.removed_stack))
+        if back:
+            self.statusBar().showMessage(f"Restored {', '.join(e.name for e in back)}.", 5000)
+
+    def confirm(self, title: str, text: str) -> bool:
+        """Ask a yes/no question (tests replace this)."""
+        return QMessageBox.question(self, title, text) == QMessageBox.StandardButton.Yes
+
     def set_base(self, spec: str | None) -> None:
         self.session.set_base(spec)
 
@@ -340,38 +336,6 @@ class MainWindow(MergeFlowMixin, QMainWindow):
         self._schedule_autosave()
         self._show_calibration()  # which experts have calibration data may have changed
         self.statusBar().showMessage(self.session.status_text())
-
-    _analysis_dirty = False
-
-    # ------------------------------------------------------------------ analysis
-    def _start_analysis(self) -> None:
-        s = self.session
-        self._analysis_dirty = False
-        ready = s.experts.ready_entries()
-        if not ready:
-            self.analysis_job.cancel(drop=True)
-            self._set_analysis(None)
-            self._check_idle()
-            return
-        merged = s.merge_result.projector if s.merge_result is not None else None
-        self.analysis_job.start(tasks.analysis([e.projector for e in ready], s.base_projector(),
-                                               [e.name for e in ready], merged))
-
-    def _analysis_finished(self, analysis: Any) -> None:
-        self._set_analysis(analysis)
-        gc.freeze()  # long-lived results leave the collector's generations (see _engine_loaded)
-        self.statusBar().showMessage("Analysis updated.", 3000)
-
-    def _analysis_failed(self, exc: BaseException, tb: str) -> None:
-        short, details = describe_exception(exc, tb)
-        log.warning("analysis failed: %s", details)
-        self.statusBar().showMessage(f"Analysis failed: {short}")
-        self._set_analysis(None, problem=short)
-
-    def _set_analysis(self, analysis: Any, problem: str = "") -> None:
-        self.session.analysis = analysis
-        for panel in (self.layers_panel, self.spectra_panel, self.similarity_panel):
-            panel.set_analysis(analysis, problem)
 
     # ------------------------------------------------------------------ the form <-> session
     def _pull_form(self) -> None:

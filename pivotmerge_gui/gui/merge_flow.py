@@ -16,8 +16,8 @@ from typing import Any
 from pivotmerge_gui.core.errors import PivotMergeError
 
 from . import tasks
-from .dialogs import SaveDialog
-from .errors import describe_exception
+from .dialogs import SaveDialog, fresh_folder
+from .errors import describe_exception, gui_words
 from .workers import GeneratorWorker
 
 log = logging.getLogger("pivotmerge_gui.gui")
@@ -38,6 +38,9 @@ class MergeFlowMixin:
         return r.state == "check"
 
     def _schedule_validation(self) -> None:
+        if not self.merge_job.busy and self.merge_panel.stage_label.text().startswith(("The last merge failed",
+                                                                                      "Merge cancelled")):
+            self.merge_panel.show_progress(0.0, "")  # that line was about the setup before this change
         if self._show_readiness():
             self.merge_panel.set_pending("Checking the setup…")
             self._validate_timer.start()
@@ -52,7 +55,7 @@ class MergeFlowMixin:
             recipe = self.current_recipe()
         except PivotMergeError as exc:
             s.set_plan(None, None)
-            self.merge_panel.set_validation(False, str(exc))
+            self.merge_panel.set_validation(False, gui_words(str(exc)))
             return
         key = s.setup_key(recipe)
         if key == s.plan_key and s.plan is not None:
@@ -101,7 +104,7 @@ class MergeFlowMixin:
         try:
             key = s.setup_key(self.current_recipe())
         except PivotMergeError as exc:
-            self.merge_panel.set_validation(False, str(exc))
+            self.merge_panel.set_validation(False, gui_words(str(exc)))
             return
         if key != s.plan_key:
             self.validate_now()
@@ -130,7 +133,7 @@ class MergeFlowMixin:
         self.merge_finished.emit(result)
 
     def _merge_failed(self, exc: BaseException, tb: str) -> None:
-        self.merge_panel.show_progress(0.0, "Merge failed.")
+        self.merge_panel.show_progress(0.0, f"The last merge failed: {describe_exception(exc, tb)[0]}")
         self.show_error("The merge failed", exc, tb)
 
     def _merge_stopped(self) -> None:
@@ -140,6 +143,8 @@ class MergeFlowMixin:
 
     def _result_changed(self) -> None:
         result = self.session.merge_result
+        if result is None and not self.merge_job.busy and self.merge_panel.stage_label.text().startswith("Done"):
+            self.merge_panel.show_progress(0.0, "The merged result was dropped: the experts changed. Merge again.")
         self.report_panel.set_report(result.report if result is not None else None)
         self.merge_panel.save_button.setEnabled(result is not None and not self.merge_job.busy)
         self.action_save_merged.setEnabled(result is not None)
@@ -152,7 +157,8 @@ class MergeFlowMixin:
         if self.merge_result is None:
             return
         start = str(Path(self.settings.last_dir()) / "merged-projector")
-        dlg = SaveDialog(str(self.settings.value("save/folder", start)), self.merge_result.projector.family, self)
+        folder = fresh_folder(str(self.settings.value("save/folder", start)))  # never an earlier output
+        dlg = SaveDialog(str(folder), self.merge_result.projector.family, self)
         if dlg.exec() != SaveDialog.DialogCode.Accepted:
             return
         folder, fmt, dtype, overwrite = dlg.values()

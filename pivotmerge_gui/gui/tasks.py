@@ -48,11 +48,12 @@ def demo(scenario: str) -> Callable[[WorkContext], Any]:
     return job
 
 
-def analysis(experts: list[Any], base: Any, names: list[str], merged: Any) -> Callable[[WorkContext], Any]:
+def analysis(experts: list[Any], base: Any, names: list[str], merged: Any,
+             pivot: int = 0) -> Callable[[WorkContext], Any]:
     def job(ctx: WorkContext) -> Any:
         from pivotmerge_gui.core.analysis import iter_analysis
 
-        return iter_analysis(experts, base=base, names=names, merged=merged, cancel=ctx.cancel)
+        return iter_analysis(experts, base=base, names=names, merged=merged, pivot=pivot, cancel=ctx.cancel)
 
     return job
 

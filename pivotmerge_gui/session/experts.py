@@ -113,6 +113,15 @@ class ExpertList:
         self.changed.emit()
         return row
 
+    def insert(self, row: int, entry: ExpertEntry) -> int:
+        """Put ``entry`` at ``row`` (clamped to the list); returns its row."""
+        row = max(0, min(row, len(self._entries)))
+        self.inserting.emit(row)
+        self._entries.insert(row, entry)
+        self.inserted.emit(row)
+        self.changed.emit()
+        return row
+
     def remove_rows(self, rows: Sequence[int]) -> list[ExpertEntry]:
         removed = []
         for r in sorted(set(rows), reverse=True):

@@ -60,6 +60,7 @@ class SessionModel:
         self.plan_key: str | None = None
         self.analysis: Any = None
         self.pending_recipe: tuple[Any, Path | None] | None = None
+        self.removed_stack: list[tuple[list[tuple[int, ExpertEntry]], int | None]] = []  # undo of removals
 
         self.load_requested = Event("load_requested")  # (uid, spec, target: expert | base)
         self.base_changed = Event("base_changed")
@@ -111,6 +112,30 @@ class SessionModel:
                             **describe_projector(projector))
         self.experts.add(entry)
         return entry
+
+    def remove_rows(self, rows: list[int]) -> list[ExpertEntry]:
+        """Remove experts by row; :meth:`undo_remove` brings the last removal back."""
+        pivot = self.experts.pivot_uid
+        kept = [(r, self.experts.entry(r)) for r in sorted(set(rows)) if 0 <= r < len(self.experts)]
+        removed = self.experts.remove_rows([r for r, _ in kept])
+        if removed:
+            self.removed_stack.append((kept, pivot))
+            del self.removed_stack[:-20]  # a bounded undo history
+        return removed
+
+    def undo_remove(self) -> list[ExpertEntry]:
+        """Put the last removed experts back where they were (an expert that was still
+        loading is requested again); returns them ([] when there is nothing to undo)."""
+        if not self.removed_stack:
+            return []
+        kept, pivot = self.removed_stack.pop()
+        for row, entry in kept:  # ascending rows: each lands where it was
+            self.experts.insert(row, entry)
+            if entry.status == "loading":
+                self.load_requested.emit(entry.uid, entry.spec, "expert")
+        if pivot is not None and self.experts.pivot_uid is None and self.experts.find(pivot) is not None:
+            self.experts.set_pivot(pivot)
+        return [e for _, e in kept]
 
     def set_base(self, spec: str | None) -> ExpertEntry | None:
         if spec is None:

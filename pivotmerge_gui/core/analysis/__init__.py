@@ -422,6 +422,10 @@ def iter_analysis(
                 cancel.raise_if_cancelled()
                 if float(taus[i].abs().max()) > 0:
                     la.task_spectra[names[i]] = singular_values(taus[i])
+            if m_s is not None:  # the merged projector's own update, on the same reference
+                tau_m = m_s[wkey] - ref_s[wkey]
+                if float(tau_m.abs().max()) > 0:
+                    la.task_spectra["merged"] = singular_values(tau_m)
             yield ProgressEvent("analyze", 0.2 + 0.8 * (li + 0.7) / n_layers,
                                 f"shared subspace of layer {layer.name}")
             u, v, info = shared_subspace(taus, shared_energy, max_rank, salt=li)

@@ -13,9 +13,11 @@ can replace them (the test suite never touches the network).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +32,47 @@ _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
+# set (per thread / task) by :func:`unreachable_hub`: the Hub did not answer a quick probe
+_UNREACHABLE: contextvars.ContextVar[str | None] = contextvars.ContextVar("hub_unreachable", default=None)
+
+
 def hub_offline() -> bool:
-    """``HF_HUB_OFFLINE`` as set now (huggingface_hub reads it once at import)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+    """``HF_HUB_OFFLINE`` as set now (huggingface_hub reads it once at import), or the Hub
+    was found unreachable by :func:`probe_hub` for this call."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE or _UNREACHABLE.get() is not None
+
+
+def hub_address() -> tuple[str, int]:
+    """The Hub's host and port (``HF_ENDPOINT`` when set)."""
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+
+
+def probe_hub(timeout: float = 3.0) -> str | None:
+    """None when a TCP connection to the Hub opens within ``timeout`` seconds, else why not
+    (offline, no DNS, a firewall). huggingface_hub itself waits 10 s per request and retries,
+    so an offline lookup took 15-60 s before it said anything."""
+    import socket
+
+    host, port = hub_address()
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"cannot reach {host} ({exc.strerror or type(exc).__name__})"
+
+
+@contextlib.contextmanager
+def unreachable_hub(reason: str) -> Iterator[None]:
+    """Within this block the Hub counts as offline: files in the local cache are used, and
+    anything else fails at once with ``reason``."""
+    token = _UNREACHABLE.set(reason)
+    try:
+        yield
+    finally:
+        _UNREACHABLE.reset(token)
 
 
 def hub_cache_dir() -> Path:
@@ -90,6 +130,9 @@ def _hub_error(spec: str, repo: str, revision: str | None, filename: str | None,
     what = f"'{filename}' of {repo}" if filename else repo
     rev = f" at revision '{revision}'" if revision else ""
     if isinstance(exc, (e.LocalEntryNotFoundError, e.OfflineModeIsEnabled)):
+        if _UNREACHABLE.get() is not None:
+            return HubError(spec, f"{_UNREACHABLE.get()} and {what}{rev} is not in the local Hub cache: "
+                                  "connect to the network, or use a local file")
         if hub_offline():
             return HubError(
                 spec,
@@ -120,6 +163,9 @@ def _list_cached(repo: str, revision: str | None, spec: str) -> list[str]:
     snap = root / "snapshots" / commit if commit else None
     if snap is None or not snap.is_dir():
         rev = f"@{revision}" if revision else ""
+        if _UNREACHABLE.get() is not None:
+            raise HubError(spec, f"{_UNREACHABLE.get()} and {repo}{rev} is not in the local Hub cache: "
+                                 "connect to the network, or use a local file")
         raise HubError(
             spec,
             f"{repo}{rev} is not in the local Hub cache ({hub_cache_dir()}) and HF_HUB_OFFLINE is set: "

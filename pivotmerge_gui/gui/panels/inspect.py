@@ -128,11 +128,12 @@ class LayersPanel(_StackedPanel):
         lay.addWidget(self.table, 1)
 
     layer_scores: Any = None  # data-driven scores from the test bench (LayerAlignmentScores)
+    frame_note = ""  # which expert the hidden units are aligned to, and why (set by the window)
 
     def set_view(self, view: AnalysisView) -> None:
         self.view = view
         self._fill()
-        self.caption.setText(view.summary)
+        self.caption.setText(view.summary + self.frame_note)
         self.show_content()
 
     def set_layer_scores(self, scores: Any) -> None:
@@ -162,6 +163,30 @@ def write_csv(path: str | Path, header: list[str], rows: list[list[Any]]) -> Non
 
 
 # ----------------------------------------------------------------------------- spectra
+class LogAxis(pg.AxisItem):
+    """A y axis that labels log plots in plain numbers at 1, 2 and 5 per decade (pyqtgraph
+    labels decades only, so a spectrum between 1 and 10 had no label above 1)."""
+
+    def logTickValues(self, minVal: float, maxVal: float, size: float, stdTicks: Any) -> list[Any]:
+        return log_ticks(minVal, maxVal)
+
+    def logTickStrings(self, values: list[float], scale: float, spacing: float) -> list[str]:
+        return [f"{10 ** v * scale:g}" for v in values]
+
+
+def log_ticks(lo: float, hi: float) -> list[tuple[float | None, list[float]]]:
+    """Tick levels for a log axis spanning 10**lo .. 10**hi: decades, plus 2 and 5 times a
+    decade when the span is under 4 decades (and 3 when under one)."""
+    if not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
+        return []
+    span = hi - lo
+    decades = range(int(np.floor(lo)), int(np.ceil(hi)) + 1)
+    majors = [float(d) for d in decades if lo <= d <= hi]
+    mults = (2, 3, 5) if span < 1 else (2, 5) if span < 4 else ()
+    minors = [d + float(np.log10(m)) for d in decades for m in mults if lo <= d + np.log10(m) <= hi]
+    return [(1.0, majors), (None, minors)]
+
+
 class SpectraPanel(_StackedPanel):
     """Singular-value spectra per layer, experts and the merged result overlaid. GUI thread.
 
@@ -175,14 +200,18 @@ class SpectraPanel(_StackedPanel):
         super().__init__(parent)
         self.settings = settings
         self.layer_combo = QComboBox()
-        self.layer_combo.setMinimumContentsLength(6)
+        self.layer_combo.setMinimumContentsLength(4)
         self.layer_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
         self.mode_combo = QComboBox()
         for label, key in self.MODES:
             self.mode_combo.addItem(label, key)
         self.mode_combo.setToolTip("Singular values σᵢ, normalised σᵢ/σ₁, or the cumulative share "
                                    "of the energy ‖W‖² held by the top i directions")
+        self.mode_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.mode_combo.setMinimumContentsLength(6)
         self.source_combo = QComboBox()
+        self.source_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.source_combo.setMinimumContentsLength(6)
         self.source_combo.setToolTip("Spectra of the experts' weights, or of their task vectors "
                                      "(updates relative to the base / the experts' mean)")
         self.log_check = QCheckBox("Log")
@@ -202,8 +231,11 @@ class SpectraPanel(_StackedPanel):
         bar.addWidget(self.mode_combo)
         bar.addWidget(self.log_check)
         bar.addStretch(1)
+        self.pending = QLabel("")  # "computing the merged curve…" while the analysis reruns
+        self.pending.setStyleSheet("color: #8a5a00;")
+        bar.addWidget(self.pending)
         bar.addWidget(self.export_button)
-        self.plot = pg.PlotWidget()
+        self.plot = pg.PlotWidget(axisItems={"left": LogAxis("left")})
         self.plot.showGrid(x=True, y=True, alpha=0.25)
         self.plot.setLabel("bottom", "index i (singular direction)")
         self.legend = self.plot.addLegend(offset=(-10, 10))
@@ -217,6 +249,8 @@ class SpectraPanel(_StackedPanel):
         lay.addWidget(self.readout)
         self._curves: dict[str, np.ndarray] = {}
         self._shared_line: pg.InfiniteLine | None = None
+        self._hover: int | None = None  # the singular index under the mouse, for the read-out
+        self.colors: dict[str, str] = {}  # curve name -> colour (each expert keeps its own)
         self.layer_combo.currentIndexChanged.connect(self.redraw)
         self.source_combo.currentIndexChanged.connect(self.redraw)
         self.mode_combo.currentIndexChanged.connect(self.redraw)
@@ -236,6 +270,16 @@ class SpectraPanel(_StackedPanel):
     @property
     def mode(self) -> str:
         return str(self.mode_combo.currentData())
+
+    def set_pending(self, text: str) -> None:
+        """Say that a curve (the merged one) is being computed; "" when done."""
+        self.pending.setText(text)
+
+    def set_colors(self, colors: dict[str, str]) -> None:
+        """Curve colours by expert name (they follow the expert, not its list position)."""
+        if colors != self.colors:
+            self.colors = dict(colors)
+            self.redraw()
 
     def curves(self) -> dict[str, np.ndarray]:
         """The curves currently drawn (name -> y values), after the mode transform."""
@@ -261,7 +305,8 @@ class SpectraPanel(_StackedPanel):
                 y = np.clip(y, 1e-12, None)
             x = np.arange(1, len(y) + 1)
             special = name in ("merged", "base")
-            color = MERGED_COLOR if name == "merged" else "#888888" if name == "base" else PALETTE[i % len(PALETTE)]
+            color = (MERGED_COLOR if name == "merged" else "#888888" if name == "base"
+                     else self.colors.get(name, PALETTE[i % len(PALETTE)]))
             pen = pg.mkPen(color, width=2.6 if special else 1.6,
                            style=Qt.PenStyle.DashLine if special else Qt.PenStyle.SolidLine)
             self.plot.plot(x, y, pen=pen, name="Merged" if name == "merged" else name)
@@ -283,13 +328,15 @@ class SpectraPanel(_StackedPanel):
             self.plot.addItem(line)
             self._shared_line = line
         self.plot.enableAutoRange()
+        # the read-out shows this mode's values (not the previous mode's) at the same index
+        self.readout.setText(self.readout_at(self._hover) if self._hover is not None else " ")
 
     def _mouse_moved(self, evt: tuple[Any, ...]) -> None:
         pos = evt[0]
         if not self._curves or not self.plot.sceneBoundingRect().contains(pos):
             return
         p = self.plot.plotItem.vb.mapSceneToView(pos)
-        i = round(p.x())
+        self._hover = i = round(p.x())
         self.readout.setText(self.readout_at(i))
 
     def readout_at(self, i: int) -> str:

@@ -413,7 +413,8 @@ class MergePanel(QWidget):
         self.merge_button.setDefault(True)
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
-        self.save_button = QPushButton("Save merged…")
+        self.save_button = QPushButton("Save…")  # short: four buttons share a 300 px row
+        self.save_button.setToolTip("Save the merged projector with its recipe and model card (Ctrl+S)")
         self.save_button.setEnabled(False)
         self.progress = QProgressBar()
         self.progress.setRange(0, 1000)
@@ -440,7 +441,7 @@ class MergePanel(QWidget):
         scroll.setFrameShape(QScrollArea.Shape.NoFrame)
         scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
 
-        self.setMinimumWidth(340)
+        self.setMinimumWidth(300)  # 1024 px windows: list + views + form
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addWidget(QLabel("<b>Merge</b>"))

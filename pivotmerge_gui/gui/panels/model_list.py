@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from PySide6.QtCore import QItemSelectionModel, Qt, Signal
-from PySide6.QtGui import QAction, QDragEnterEvent, QDropEvent
+from PySide6.QtGui import QAction, QDragEnterEvent, QDropEvent, QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QFileDialog,
@@ -107,6 +107,7 @@ class ModelListPanel(QWidget):
     hub_requested = Signal()
     base_chosen = Signal(str)
     base_cleared = Signal()
+    remove_requested = Signal(list)  # rows; the window asks before it discards a merge
 
     def __init__(self, model: ExpertListModel, settings, parent: QWidget | None = None) -> None:  # type: ignore[no-untyped-def]
         super().__init__(parent)
@@ -139,7 +140,11 @@ class ModelListPanel(QWidget):
         self.recent_menu.aboutToShow.connect(self._fill_recent)
         self.add_button.setMenu(add_menu)
         self.add_button.setPopupMode(QToolButton.ToolButtonPopupMode.MenuButtonPopup)
-        self.remove_button = self._tool("Remove", "Remove the selected experts", self.remove_selected)
+        self.remove_button = self._tool("Remove", "Remove the selected experts (Delete; Ctrl+Z brings "
+                                        "them back)", self.remove_selected)
+        delete = QShortcut(QKeySequence(QKeySequence.StandardKey.Delete), self.view, self.remove_selected,
+                           context=Qt.ShortcutContext.WidgetShortcut)
+        self._delete_shortcut = delete
         self.up_button = self._tool("▲", "Move the selected expert up", lambda: self._move(-1))
         self.down_button = self._tool("▼", "Move the selected expert down", lambda: self._move(1))
         for b in (self.add_button, self.remove_button, self.up_button, self.down_button):
@@ -233,7 +238,9 @@ class ModelListPanel(QWidget):
         return sorted({i.row() for i in self.view.selectionModel().selectedRows()})
 
     def remove_selected(self) -> None:
-        self.model.remove_rows(self.selected_rows())
+        rows = self.selected_rows()
+        if rows:
+            self.remove_requested.emit(rows)
 
     def _select_rows(self, rows: list[int]) -> None:
         sel = self.view.selectionModel()

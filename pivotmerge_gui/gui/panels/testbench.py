@@ -29,7 +29,7 @@ from typing import Any
 
 import pyqtgraph as pg
 from PySide6.QtCore import QSize, Qt, Signal
-from PySide6.QtGui import QColor, QIcon, QImage, QPixmap
+from PySide6.QtGui import QColor
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QComboBox,
@@ -52,6 +52,7 @@ from PySide6.QtWidgets import (
 
 from ..jobs import Jobs, SingleJobPanel
 from ..workers import GeneratorWorker, WorkContext
+from .thumbs import THUMB, thumb_icon
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 METRIC_LABELS = {
@@ -59,24 +60,6 @@ METRIC_LABELS = {
     "exact_match": "exact match (higher is better)",
     "nll": "caption NLL per token (lower is better)",
 }
-THUMB = 56
-
-
-def image_to_qimage(image: Any) -> QImage:
-    """A pair's image (``[3, H, W]`` tensor in [0, 1] or Pillow image) as a QImage."""
-    from pivotmerge_gui.core.evaluation.pairs import tensor_to_pil
-
-    pil = tensor_to_pil(image) if hasattr(image, "detach") else image.convert("RGB")
-    data = pil.tobytes("raw", "RGB")
-    q = QImage(data, pil.size[0], pil.size[1], 3 * pil.size[0], QImage.Format.Format_RGB888)
-    return q.copy()  # own the buffer
-
-
-def _thumb(image: Any) -> QIcon:
-    q = image_to_qimage(image)
-    mode = Qt.TransformationMode.FastTransformation if max(q.width(), q.height()) < THUMB else \
-        Qt.TransformationMode.SmoothTransformation
-    return QIcon(QPixmap.fromImage(q.scaled(THUMB, THUMB, Qt.AspectRatioMode.KeepAspectRatio, mode)))
 
 
 class TestBenchPanel(SingleJobPanel, QWidget):
@@ -106,6 +89,7 @@ class TestBenchPanel(SingleJobPanel, QWidget):
         self.job = Jobs().slot("bench", progressed=self._progress, stopped=self._stopped,
                                cancelled=lambda: self.status.setText("Cancelled."))
         self._columns: list[str] = []
+        self._ran: dict[str, Any] = {}  # the projectors of the columns shown (a replaced one is stale)
         self._partial: dict[str, list[Any]] = {}
         self.last_error = ""
 
@@ -125,10 +109,11 @@ class TestBenchPanel(SingleJobPanel, QWidget):
         self.backend_combo = QComboBox()
         self.backend_combo.addItem("Demo model (built in)", "demo")
         self.backend_combo.addItem("LLaVA (transformers)…", "llava")
-        bar = QHBoxLayout()
-        bar.addWidget(QLabel("Back end:"))
-        bar.addWidget(self.backend_combo)
-        bar.addSpacing(12)
+        bar = QHBoxLayout()  # two short rows: the tab fits a 1366 px screen beside the side panels
+        top_bar = QHBoxLayout()
+        top_bar.addWidget(QLabel("Back end:"))
+        top_bar.addWidget(self.backend_combo)
+        top_bar.addStretch(1)
         bar.addWidget(self.demo_button)
         bar.addWidget(self.split_combo)
         bar.addWidget(self.n_spin)
@@ -138,13 +123,13 @@ class TestBenchPanel(SingleJobPanel, QWidget):
 
         # --- projector picker
         self.projector_list = QListWidget()
-        self.projector_list.setMaximumWidth(230)
+        self.projector_list.setMaximumWidth(170)
         self.projector_list.setToolTip("Ticked projectors are compared side by side")
         self.add_file_button = QPushButton("Add projector file…")
         self.run_button = QPushButton("Run")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
-        self.scores_button = QPushButton("Compute alignment scores")
+        self.scores_button = QPushButton("Alignment scores")
         self.scores_button.setToolTip("Per-layer alignment contribution of every expert on its own domain's "
                                       "pairs (NLL increase when the layer is reset to the reference), and "
                                       "calibration features for PivotMerge's data-driven ALM and RegMean")
@@ -157,7 +142,7 @@ class TestBenchPanel(SingleJobPanel, QWidget):
         left.addWidget(self.scores_button)
         left_w = QWidget()
         left_w.setLayout(left)
-        left_w.setMaximumWidth(240)
+        left_w.setMaximumWidth(170)
 
         # --- grid
         self.grid = QTableWidget(0, 2)
@@ -210,6 +195,7 @@ class TestBenchPanel(SingleJobPanel, QWidget):
         self.status.setWordWrap(True)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(4, 4, 4, 4)
+        lay.addLayout(top_bar)
         lay.addLayout(bar)
         lay.addWidget(body, 1)
         lay.addWidget(self.progress)
@@ -275,6 +261,7 @@ class TestBenchPanel(SingleJobPanel, QWidget):
             it.setCheckState(Qt.CheckState.Checked if on else Qt.CheckState.Unchecked)
             self.projector_list.addItem(it)
         self._update_buttons()
+        self._drop_stale_columns()
 
     def selected_names(self) -> list[str]:
         out = []
@@ -285,12 +272,36 @@ class TestBenchPanel(SingleJobPanel, QWidget):
         return out
 
     def projectors(self) -> dict[str, Any]:
+        pool = self._pool()
+        return {n: pool[n] for n in self.selected_names() if n in pool}
+
+    def _pool(self) -> dict[str, Any]:
+        """Every projector the bench can run, by name (ticked or not)."""
         pool = dict(self.experts)
         if self.merged:
             pool[self.merged[0]] = self.merged[1]
         pool.update(self.files)
         pool.update({n: p for n, p in self.results.items() if n not in pool})
-        return {n: pool[n] for n in self.selected_names() if n in pool}
+        return pool
+
+    def _drop_stale_columns(self) -> None:
+        """Remove the columns (and bars) of projectors that are gone or were replaced since
+        the run (a new merge, an expert removed): their scores describe another projector."""
+        if not self._columns or self.worker is not None:
+            return
+        pool = self._pool()
+        stale = [n for n in self._columns if pool.get(n) is not self._ran.get(n)]
+        if not stale:
+            return
+        keep = [n for n in self._columns if n not in stale]
+        self._rebuild_grid(keep)
+        for n in keep:
+            for r in (self.result.results.get(n, []) if self.result is not None else self._partial.get(n, [])):
+                self._fill_cell(r)
+        self._draw_chart()
+        self.status.setText(f"{', '.join(stale)} changed or went away since the run: "
+                            f"{'its column was' if len(stale) == 1 else 'their columns were'} removed. "
+                            "Press Run to test again.")
 
     def load_demo_samples(self, split: str = "val", n_per_domain: int = 4) -> None:
         from pivotmerge_gui.core.evaluation.pairs import pairs_from_caption_sets
@@ -375,6 +386,7 @@ class TestBenchPanel(SingleJobPanel, QWidget):
             self._error("Nothing to run: " + ("add pairs first." if not self.pairs else "tick a projector."))
             return None
         pairs = list(self.pairs)
+        self._ran = dict(projs)
         self._rebuild_grid(list(projs))
         self._partial = {n: [] for n in projs}
 
@@ -478,7 +490,7 @@ class TestBenchPanel(SingleJobPanel, QWidget):
         self.grid.setHorizontalHeaderLabels(["image / reference"] + names)
         self.grid.setRowCount(len(self.pairs))
         for i, p in enumerate(self.pairs):
-            it = QTableWidgetItem(_thumb(p.image), f"[{p.domain}] {p.caption}")
+            it = QTableWidgetItem(thumb_icon(p.image), f"[{p.domain}] {p.caption}")
             it.setToolTip(f"{p.name}\n{p.caption}")
             self.grid.setItem(i, 0, it)
 
@@ -509,6 +521,8 @@ class TestBenchPanel(SingleJobPanel, QWidget):
         doms = list(next(iter(self.result.metrics.values())).per_domain) + ["mean"]
         out = {}
         for n in self.result.projectors:
+            if n not in self._columns:
+                continue  # dropped as stale
             ev = self.result.metrics[n]
             vals = [getattr(ev.per_domain[d], metric) for d in doms[:-1]] + [getattr(ev.mean, metric)]
             out[n] = [float(v) if v is not None else 0.0 for v in vals]
@@ -529,7 +543,7 @@ class TestBenchPanel(SingleJobPanel, QWidget):
                                   pen=pg.mkPen(None), name=name)
             self.plot.addItem(bar)  # named items join the legend by themselves
         if self.legend is not None:
-            self.legend.setColumnCount(min(k, 6))
+            self.legend.setColumnCount(max(1, min(k, 6, self.plot.width() // 150)))  # names stay readable
         top = max((x for v in vals.values() for x in v), default=1.0)
         self.plot.setYRange(0, top * 1.3 if top > 0 else 1.0, padding=0)
         ax = self.plot.getAxis("bottom")
@@ -561,35 +575,3 @@ class TestBenchPanel(SingleJobPanel, QWidget):
                                               "Checkpoints (*.bin *.safetensors *.pt *.pth);;All files (*)")
         if path:
             self.add_projector_file(path)
-
-
-def demo(screenshot: str | None = None, n_per_domain: int = 3) -> int:
-    """Show the panel standalone on the demo world: four experts + a PivotMerge merge,
-    run the bench; with ``screenshot`` save a PNG when done and quit."""
-    import sys
-
-    from PySide6.QtWidgets import QApplication
-
-    from pivotmerge_gui.core.pipeline import merge_projectors
-    from pivotmerge_gui.demo import kit
-
-    from ..standalone import run_panel
-
-    app = QApplication.instance() or QApplication(sys.argv)
-    experts = kit.load_experts("shared")
-    base = kit.load_projector_file(kit.base_path("shared"))
-    merged = merge_projectors(list(experts.values()), "pivotmerge", base=base,
-                              calibration=kit.calibration("shared"), names=list(experts)).projector
-    panel = TestBenchPanel()
-    panel.setWindowTitle("PivotMerge Studio — test bench")
-    panel.resize(1280, 860)
-    panel.set_experts(experts, base)
-    panel.set_merged(merged, "PivotMerge")
-    panel.load_demo_samples("test", n_per_domain)
-    return run_panel(app, panel, panel.bench_finished, screenshot)
-
-
-if __name__ == "__main__":
-    import sys
-
-    raise SystemExit(demo(sys.argv[1] if len(sys.argv) > 1 else None))
