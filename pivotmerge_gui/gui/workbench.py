@@ -101,6 +101,10 @@ class Workbench(QObject):
         hp.test_requested.connect(self.test_entries)
         hp.message.connect(lambda text: window.statusBar().showMessage(text, 8000))
         self.history.changed.connect(self._sync_bench)
+        self.history.changed.connect(self._sync_spectra)
+        self._spectra: dict[int, dict[str, dict[str, Any]]] = {}  # uid -> source -> layer -> Curve
+        self.spectra_job = window.jobs.slot("history-spectra", supersede=True)
+        self._spectra_key: set[tuple[str, str, str, int]] = set()
         bench = window.bench_panel
         bench.bench_finished.connect(self._bench_finished)
         bench.busy_changed.connect(lambda busy: None if busy else self._sync_bench())
@@ -123,6 +127,8 @@ class Workbench(QObject):
         uid = e.uid if e is not None else None
         if uid != self.history.current:
             self.history.select(uid)
+        else:
+            self._sync_spectra()  # the shown result is "merged" in the analysis, not a dotted curve
 
     def _sync_bench(self) -> None:
         bench = self.w.bench_panel
@@ -132,6 +138,62 @@ class Workbench(QObject):
         bench.set_results({e.name: e.result.projector for e in self.history.entries if e.result is not current})
         if current is not None:
             bench.set_merged(current.projector, self.merged_name())
+
+    # ------------------------------------------------------------------ spectra of pinned results
+    def _sync_spectra(self) -> None:
+        """Pinned results (other than the shown one, the analysis' "merged") get dotted curves
+        in the Spectra view; their singular values are computed once, in a worker."""
+        current = self.w.session.merge_result
+        shown = [e for e in self.history.entries if e.pinned and e.result is not current]
+        self._spectra = {uid: v for uid, v in self._spectra.items() if self.history.find(uid) is not None}
+        todo = [(e.uid, e.result.projector) for e in shown if e.uid not in self._spectra]
+        if not todo:
+            self._show_spectra(shown)
+            return
+        base = self.w.session.base_projector()
+
+        def job(ctx: WorkContext) -> dict[int, dict[str, dict[str, Any]]]:
+            from pivotmerge_gui.core.analysis import singular_values
+
+            from .panels.analysis_view import Curve
+
+            def curve(t: Any) -> Curve:
+                sv = singular_values(t)
+                return Curve(sv.values, float(sv.total_energy), bool(sv.complete))
+
+            out: dict[int, dict[str, dict[str, Any]]] = {}
+            for uid, proj in todo:
+                per: dict[str, dict[str, Any]] = {"weights": {}, "task vectors": {}}
+                state = proj.state()
+                ref = base.state() if base is not None and base.layer_names == proj.layer_names else None
+                for layer in proj.layers:
+                    key = f"{layer.name}.weight"
+                    if key not in state or state[key].dim() != 2:
+                        continue
+                    ctx.raise_if_cancelled()
+                    per["weights"][layer.name] = curve(state[key])
+                    if ref is not None and ref[key].shape == state[key].shape:
+                        per["task vectors"][layer.name] = curve(state[key].float() - ref[key].float())
+                out[uid] = per
+            return out
+
+        def done(found: dict[int, dict[str, dict[str, Any]]]) -> None:
+            self._spectra.update(found)
+            cur = self.w.session.merge_result
+            self._show_spectra([e for e in self.history.entries if e.pinned and e.result is not cur])
+
+        self.spectra_job.start(job, finished=done)
+
+    def _show_spectra(self, entries: list[HistoryEntry]) -> None:
+        extra: dict[str, dict[str, dict[str, Any]]] = {}
+        for e in entries:
+            for source, layers in self._spectra.get(e.uid, {}).items():
+                for layer, c in layers.items():
+                    extra.setdefault(source, {}).setdefault(layer, {})[e.name] = c
+        key = {(src, layer, name, id(c)) for src, ls in extra.items() for layer, cs in ls.items() for name, c in cs.items()}
+        if key != self._spectra_key:  # (curves hold arrays: compare by identity, not by value)
+            self._spectra_key = key
+            self.w.spectra_panel.set_extra(extra)
 
     # ------------------------------------------------------------------ history
     def add_result(self, result: Any, name: str | None = None, origin: str = "merge") -> HistoryEntry:

@@ -135,8 +135,9 @@ def test_window_feeds_the_test_bench_and_autotune_and_applies_tuned_coefficients
     with qtbot.waitSignal(window.merge_finished, timeout=60_000):
         window.merge_panel.merge_button.click()
     wait_idle(qtbot, window)
-    assert window.bench_panel.merged is not None and window.bench_panel.merged[0] == "Merged"
-    assert "Merged" in window.bench_panel.projectors()
+    # the bench's merged column is named after the result in the merge history
+    assert window.bench_panel.merged is not None and window.bench_panel.merged[0] == "#1 Weight average"
+    assert "#1 Weight average" in window.bench_panel.projectors()
     # scoring the merged result before saving, through the bench's own worker
     window.bench_panel.load_demo_samples("val", 1)
     w = window.bench_panel.run()
@@ -144,7 +145,7 @@ def test_window_feeds_the_test_bench_and_autotune_and_applies_tuned_coefficients
     with qtbot.waitSignal(window.bench_panel.bench_finished, timeout=120_000) as blocker:
         pass
     result = blocker.args[0]
-    assert "Merged" in result.projectors and all(n in result.projectors for n in names)
+    assert "#1 Weight average" in result.projectors and all(n in result.projectors for n in names)
     wait_idle(qtbot, window)
     # auto-tune's best setting lands in the per-layer overrides and the recipe
     layer = window.merge_panel.coefficients.layers[0]

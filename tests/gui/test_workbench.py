@@ -194,3 +194,32 @@ def test_the_saved_sweep_document_runs_in_the_cli_with_the_same_scores(qtbot, de
 
     with pytest.raises(PivotMergeError, match="one source"):
         wb.export_sweep(tmp_path / "other.yml")
+
+
+def test_pinned_results_are_dotted_curves_in_the_spectra_view(qtbot, demo_window):
+    w = demo_window
+    h = w.workbench.history
+    _merge(qtbot, w, 0.3)
+    _merge(qtbot, w, 1.5)
+    first = h.entries[0]
+    assert w.spectra_panel.extra == {}
+    h.set_pinned(first.uid)
+    wait_idle(qtbot, w, 60_000)
+    extra = w.spectra_panel.extra
+    assert set(extra) == {"weights", "task vectors"} and set(extra["weights"]) == {"0", "2"}
+    from pivotmerge_gui.core.analysis import singular_values
+
+    want = singular_values(first.result.projector.state()["0.weight"]).values
+    assert list(extra["weights"]["0"]) == [first.name]
+    assert extra["weights"]["0"][first.name].values == pytest.approx(want)
+    qtbot.waitUntil(lambda: w.spectra_panel.view is not None, timeout=30_000)
+    w.spectra_panel.redraw()
+    assert first.name in w.spectra_panel.curves() and "merged" in w.spectra_panel.curves()
+    # shown, it is the analysis' merged curve, not a dotted one; unpinned, it leaves the plot
+    w.workbench.show_entry(first.uid)
+    wait_idle(qtbot, w, 60_000)
+    assert w.spectra_panel.extra == {}
+    w.workbench.show_entry(h.entries[1].uid)
+    h.set_pinned(first.uid, False)
+    wait_idle(qtbot, w, 60_000)
+    assert w.spectra_panel.extra == {}

@@ -251,6 +251,7 @@ class SpectraPanel(_StackedPanel):
         self._shared_line: pg.InfiniteLine | None = None
         self._hover: int | None = None  # the singular index under the mouse, for the read-out
         self.colors: dict[str, str] = {}  # curve name -> colour (each expert keeps its own)
+        self.extra: dict[str, dict[str, dict[str, Any]]] = {}  # source -> layer -> name -> Curve (history)
         self.layer_combo.currentIndexChanged.connect(self.redraw)
         self.source_combo.currentIndexChanged.connect(self.redraw)
         self.mode_combo.currentIndexChanged.connect(self.redraw)
@@ -281,6 +282,11 @@ class SpectraPanel(_StackedPanel):
             self.colors = dict(colors)
             self.redraw()
 
+    def set_extra(self, extra: dict[str, dict[str, dict[str, Any]]]) -> None:
+        """More curves (pinned merge-history results), drawn dotted beside the analysis'."""
+        self.extra = extra
+        self.redraw()
+
     def curves(self) -> dict[str, np.ndarray]:
         """The curves currently drawn (name -> y values), after the mode transform."""
         return dict(self._curves)
@@ -290,7 +296,8 @@ class SpectraPanel(_StackedPanel):
             return
         layer = self.layer_combo.currentText()
         source = self.source_combo.currentText()
-        data = self.view.spectra.get(source, {}).get(layer, {})
+        extra = self.extra.get(source, {}).get(layer, {})
+        data = {**self.view.spectra.get(source, {}).get(layer, {}), **extra}
         self.plot.clear()
         self.legend.clear()
         self._curves = {}
@@ -308,7 +315,8 @@ class SpectraPanel(_StackedPanel):
             color = (MERGED_COLOR if name == "merged" else "#888888" if name == "base"
                      else self.colors.get(name, PALETTE[i % len(PALETTE)]))
             pen = pg.mkPen(color, width=2.6 if special else 1.6,
-                           style=Qt.PenStyle.DashLine if special else Qt.PenStyle.SolidLine)
+                           style=Qt.PenStyle.DashLine if special else
+                           Qt.PenStyle.DotLine if name in extra else Qt.PenStyle.SolidLine)
             self.plot.plot(x, y, pen=pen, name="Merged" if name == "merged" else name)
         label = {"raw": "singular value σᵢ", "normalised": "σᵢ / σ₁",
                  "cumulative": "cumulative energy Σσ² / ‖W‖²"}[self.mode]
