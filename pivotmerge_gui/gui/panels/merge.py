@@ -71,6 +71,7 @@ class ParamFormPanel(QWidget):
     def set_method(self, method: Any) -> None:
         if self._host is not None:
             self._layout.removeWidget(self._host)
+            self._host.hide()  # deleted later, by the event loop: not drawn under the new form meanwhile
             self._host.deleteLater()
         self._params = list(method.params)
         self._widgets = {}

@@ -241,7 +241,7 @@ class SweepPanel(QWidget):
                 it.setToolTip(f"{cell.label}: {cell.score:.4f} (merge + score {cell.elapsed_s:.1f} s); click to open")
                 color = blend(t)
                 it.setBackground(QBrush(color))
-                it.setForeground(QBrush(QColor("white" if color.lightness() < 128 else "black")))
+                it.setForeground(QBrush(QColor("white" if color.lightness() < 100 else "black")))
                 if cell is best:
                     f = it.font()
                     f.setBold(True)
