@@ -170,6 +170,12 @@ def test_sweep_refuses_values_out_of_range_and_runs_to_the_end(qtbot, demo_windo
     wait_idle(qtbot, w, 60_000)
     assert len(wb.last_sweep.cells) == 2 and sp.save_best_button.isEnabled()
     assert sp.table.verticalHeaderItem(0).text() == "token_accuracy"
+    # Save best: the best cell's merge becomes the shown result and goes to the Save dialog's path
+    saved = []
+    w.save_merged = lambda: saved.append(w.merge_result)  # the dialog itself is modal
+    sp.save_best_button.click()
+    best = wb.last_sweep.best()
+    assert saved == [best.result] and wb.history.current_entry().name == f"sweep: {best.label}"
 
 
 def test_the_saved_sweep_document_runs_in_the_cli_with_the_same_scores(qtbot, demo_window, tmp_path, capsys):
