@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="with --save: replace an earlier output in DIR")
     p.add_argument("--bench", action="store_true", help="run the test bench before the screenshot")
     p.add_argument("--method", help="select this merge method at start")
-    p.add_argument("--size", default="1680x960", help="window size WxH (for --screenshot)")
+    p.add_argument("--size", help="window size WxH (for --screenshot; default: the first window's size, "
+                                   "which fits the screen)")
     p.add_argument("--timeout", type=float, default=180.0, help="--screenshot gives up after this many seconds")
     return p
 
@@ -101,8 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.screenshot:
         from .layout import place_window
 
-        w, _, h = args.size.partition("x")
-        place_window(window, (int(w), int(h)))
+        if args.size:
+            w, _, h = args.size.partition("x")
+            place_window(window, (int(w), int(h)))
         window.quiet_errors = True  # a modal box would block the unattended run
     window.show()
     if problems:  # the app runs anyway; say what will not be kept, in the window and the log

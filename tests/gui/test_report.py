@@ -64,6 +64,10 @@ def test_report_reads_at_a_glance_labels_units_human_values_and_unwrapped_cells(
     assert label("pivot_and_alignment_s") == "Pivot and alignment (s)"
     assert label("estimated_peak_gib") == "Estimated peak (GiB)"
     assert param_value(None, True) == "yes" and param_value(None, "auto") == "automatic"
+    # a method report that repeats the parameters does not show them twice; small peaks in MiB
+    again = report_html({"method": "x", "parameters": {"density": 0.2}, "estimated_peak_gib": 0.001,
+                         "method_report": {"params": {"density": 0.2}, "other": {"density": 0.5}}})
+    assert "<h4>Params</h4>" not in again and "<h4>Other</h4>" in again and "1.0 MiB" in again
     # a narrow panel scrolls sideways instead of squashing the columns
     panel = ReportPanel()
     qtbot.addWidget(panel)

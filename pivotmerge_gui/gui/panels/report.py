@@ -143,7 +143,9 @@ def report_html(report: dict[str, Any]) -> str:
         "Time": f"{float(report.get('elapsed_s') or 0):.2f} s",
     })
     if report.get("estimated_peak_gib") is not None:
-        summary["Estimated peak memory"] = f"{float(report['estimated_peak_gib']):.2f} GiB"
+        gib = float(report["estimated_peak_gib"])
+        summary["Estimated peak memory"] = (f"{gib:.2f} GiB" if gib >= 0.1 else f"{gib * 1024:.1f} MiB"
+                                            if gib * 1024 >= 0.1 else "under 0.1 MiB")
     out.append(_TABLE + "".join(f"<tr>{_TH}{k}</th>{_TD}{v}</td></tr>" for k, v in summary.items()) + "</table>")
     params = report.get("parameters") or {}
     if params:
@@ -159,7 +161,8 @@ def report_html(report: dict[str, Any]) -> str:
     if mrep:
         scalars = {k: v for k, v in mrep.items() if _table_rows(v) is None and not isinstance(v, dict)
                    and k not in ("warnings",)}
-        groups = {k: v for k, v in mrep.items() if _table_rows(v) is None and isinstance(v, dict) and v}
+        groups = {k: v for k, v in mrep.items() if _table_rows(v) is None and isinstance(v, dict) and v
+                  and not all(params.get(ik, object()) == iv for ik, iv in v.items())}  # not the Parameters again
         if scalars:
             out.append("<h4>Method report</h4>" + _kv_table(scalars))
         for k, v in groups.items():

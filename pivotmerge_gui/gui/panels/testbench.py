@@ -542,10 +542,12 @@ class TestBenchPanel(SingleJobPanel, QWidget):
             bar = pg.BarGraphItem(x=xs, height=v, width=width * 0.95, brush=PALETTE[j % len(PALETTE)],
                                   pen=pg.mkPen(None), name=name)
             self.plot.addItem(bar)  # named items join the legend by themselves
+        cols = max(1, min(k, 6, self.plot.width() // 150))  # legend names stay readable
         if self.legend is not None:
-            self.legend.setColumnCount(max(1, min(k, 6, self.plot.width() // 150)))  # names stay readable
+            self.legend.setColumnCount(cols)
+        rows = -(-k // cols)
         top = max((x for v in vals.values() for x in v), default=1.0)
-        self.plot.setYRange(0, top * 1.3 if top > 0 else 1.0, padding=0)
+        self.plot.setYRange(0, top * (1.15 + 0.15 * rows) if top > 0 else 1.0, padding=0)  # room for the legend
         ax = self.plot.getAxis("bottom")
         ax.setTicks([[(i, d) for i, d in enumerate(doms)]])
         self.plot.setLabel("left", METRIC_LABELS[str(self.metric_combo.currentData())])
