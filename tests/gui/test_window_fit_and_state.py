@@ -360,3 +360,17 @@ def test_save_dialog_defaults_to_a_fresh_folder_so_ctrl_s_then_save_works(qtbot,
     monkeypatch.setattr(merge_flow.SaveDialog, "exec", fake_exec)
     window.action_save_merged.trigger()
     assert shown == [str(out.parent / "merged-3")]
+
+
+def test_a_saved_layout_bigger_than_this_screen_gives_way_to_the_fitted_one(window):
+    from pivotmerge_gui.gui.layout import restore_layout, split_sizes
+
+    window.resize(2400, 1500)  # as saved on a larger monitor
+    geometry = window.saveGeometry()
+    split = window.splitter.saveState()
+    restore_layout(window, geometry, split)
+    avail = window.screen().availableGeometry()
+    assert window.height() <= avail.height()
+    assert window.width() <= max(avail.width(), window.minimumSizeHint().width())
+    assert window.splitter.sizes()[0] > 0 and window.splitter.sizes()[2] > 0
+    assert split_sizes(1366)[1] > split_sizes(1366)[0]
