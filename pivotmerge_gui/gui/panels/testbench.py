@@ -547,7 +547,7 @@ class TestBenchPanel(SingleJobPanel, QWidget):
             self.legend.setColumnCount(cols)
         rows = -(-k // cols)
         top = max((x for v in vals.values() for x in v), default=1.0)
-        self.plot.setYRange(0, top * (1.15 + 0.15 * rows) if top > 0 else 1.0, padding=0)  # room for the legend
+        self.plot.setYRange(0, top * (1.1 + 0.25 * rows) if top > 0 else 1.0, padding=0)  # room for the legend
         ax = self.plot.getAxis("bottom")
         ax.setTicks([[(i, d) for i, d in enumerate(doms)]])
         self.plot.setLabel("left", METRIC_LABELS[str(self.metric_combo.currentData())])
