@@ -8,8 +8,12 @@ from typing import Any
 import torch
 
 from .base import MergeJob, Param, register
-from .consensus import disjoint_merge, elect_sign, trim_top_k
+from .consensus import disjoint_merge, elect_sign, trim_threshold
 from .task_arithmetic import TaskVectorMethod
+
+#: entries per chunk of the TIES loop: a multiple of 1024 (see :func:`ties_merge`); 4 MB of
+#: fp32 per expert, few enough chunks that torch's per-op threading costs little
+TIES_CHUNK = 1 << 18
 
 
 def ties_merge(
@@ -31,27 +35,51 @@ def ties_merge(
     conflict among the kept values, and the share of entries that keep any value."""
     if divide_by not in ("count", "weight"):
         raise ValueError(f"unknown TIES divisor {divide_by!r}")
+    if merge not in ("mean", "sum"):
+        raise ValueError(f"unknown disjoint merge {merge!r}")
     k_count = taus.shape[0]
-    trimmed = trim_top_k(taus, density)
-    sign = elect_sign(trimmed, method=sign_method)
+    flat = taus.reshape(k_count, -1)
+    n = flat.shape[1]
+    thresh = trim_threshold(flat, density)
+    w = None
     if merge == "mean" and divide_by == "weight":
-        total, agree = disjoint_merge(trimmed, sign, reduce="sum")
         w = torch.as_tensor(list(weights) if weights is not None else [1.0] * k_count,
-                            device=taus.device).to(taus.dtype)
-        divisor = (w.view(k_count, *([1] * (taus.dim() - 1))) * agree).sum(0)
-        merged = total / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-    else:
-        merged, agree = disjoint_merge(trimmed, sign, reduce=merge)
+                            device=taus.device).to(taus.dtype).view(k_count, 1)
+    merged = torch.empty(n, dtype=taus.dtype, device=taus.device)
     if facts is not None:
-        n = trimmed[0].numel()
-        before = int(torch.count_nonzero(taus))
-        nonzero = (trimmed != 0).sum(0)
-        agreeing = agree.sum(0)
-        facts["trimmed_fraction"] = round((before - int(nonzero.sum())) / (n * k_count), 6)
-        # an entry has a sign conflict iff some kept non-zero value disagrees with the elected sign
-        facts["sign_conflict_fraction"] = round(float((agreeing < nonzero).float().mean()), 6)
-        facts["kept_fraction"] = round(float((agreeing > 0).float().mean()), 6)
-    return merged
+        conflict = torch.empty(n, dtype=torch.bool, device=taus.device)
+        kept = torch.empty(n, dtype=torch.bool, device=taus.device)
+        before = nonzero_total = 0
+    # every step is entry-wise or a sum over the experts, so chunks of entries give the
+    # whole-stack result exactly (chunks start at multiples of TIES_CHUNK, which keeps
+    # torch's reduction over the experts in the same order for any K) and stay in cache
+    chunk = TIES_CHUNK
+    for s in range(0, n, chunk):
+        x = flat[:, s:s + chunk]
+        trimmed = x if thresh is None else x * (x.abs() >= thresh)
+        sign = elect_sign(trimmed, method=sign_method)
+        total, agree = disjoint_merge(trimmed, sign, reduce="sum")
+        agreeing = agree.sum(0) if facts is not None or (merge == "mean" and w is None) else None
+        out = merged[s:s + chunk]
+        if merge == "sum":
+            out.copy_(total)
+        elif w is not None:
+            divisor = (w * agree).sum(0)
+            torch.div(total, torch.where(divisor == 0, torch.ones_like(divisor), divisor), out=out)
+        else:  # disjoint_merge's mean, with the count reused for the facts
+            torch.div(total, agreeing.clamp(min=1), out=out)  # type: ignore[union-attr]
+        if facts is not None:
+            before += int(torch.count_nonzero(x))
+            nonzero = (trimmed != 0).sum(0)
+            nonzero_total += int(nonzero.sum())
+            # a sign conflict: some kept non-zero value disagrees with the elected sign
+            torch.lt(agreeing, nonzero, out=conflict[s:s + chunk])
+            torch.gt(agreeing, 0, out=kept[s:s + chunk])
+    if facts is not None:
+        facts["trimmed_fraction"] = round((before - nonzero_total) / (n * k_count), 6)
+        facts["sign_conflict_fraction"] = round(float(conflict.float().mean()), 6)
+        facts["kept_fraction"] = round(float(kept.float().mean()), 6)
+    return merged.reshape(taus.shape[1:])
 
 
 TIES_PARAMS = (
