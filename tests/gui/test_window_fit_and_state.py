@@ -90,6 +90,7 @@ def test_bench_drops_the_old_merged_column_when_the_merge_is_replaced_or_dropped
     panel.load_demo_samples("val", 1)
     with qtbot.waitSignal(panel.bench_finished, timeout=60_000):
         panel.run()
+    qtbot.waitUntil(lambda: not panel.is_busy(), timeout=10_000)  # the worker stops after its result
     assert panel._columns == [*experts, "Merged"] and "Merged" in panel.chart_values()[1]
     panel.set_merged(first)  # the same result again: nothing is stale
     assert panel._columns == [*experts, "Merged"]
@@ -100,6 +101,13 @@ def test_bench_drops_the_old_merged_column_when_the_merge_is_replaced_or_dropped
     assert panel.grid.item(0, 1) is not None  # the experts' cells are kept
     panel.set_experts({"shapes": experts["shapes"]})  # an expert removed
     assert panel._columns == ["shapes"] and list(panel.chart_values()[1]) == ["shapes"]
+    # a merge replaced right as a run finishes (its worker not yet stopped) is dropped too
+    panel.set_experts(experts)
+    with qtbot.waitSignal(panel.bench_finished, timeout=60_000):
+        panel.run()
+    panel.set_merged(first)
+    qtbot.waitUntil(lambda: not panel.is_busy(), timeout=10_000)
+    assert "Merged" not in panel._columns
 
 
 def test_done_line_goes_with_the_result_and_a_failed_merge_line_with_the_setup(qtbot, window, expert_files):

@@ -434,6 +434,7 @@ class TestBenchPanel(SingleJobPanel, QWidget):
 
     def _stopped(self) -> None:
         self._update_buttons()
+        self._drop_stale_columns()  # a projector replaced while the run was finishing
         self.busy_changed.emit(False)
 
     def _update_buttons(self) -> None:
