@@ -16,6 +16,8 @@ Both raise subclasses of ``ValueError`` that callers turn into their typed error
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -73,6 +75,33 @@ def yaml_load(text: str) -> Any:
         raise yaml.YAMLError(f"value not representable: {str(exc)[:120]}") from None
     finally:
         loader.dispose()
+
+
+def yaml_document(text: str, source: str | None, error: Callable[[str, str | None], Exception],
+                  what: str, max_chars: int) -> Any:
+    """Parse ``text``, one YAML document of kind ``what`` ("recipe", "sweep") from
+    ``source``: at most ``max_chars`` characters, no anchors/aliases, at most
+    :data:`MAX_DEPTH` deep. Every problem raises ``error(message, source)``."""
+    if len(text) > max_chars:
+        raise error(f"a {what} of {len(text):,} characters is larger than the {max_chars:,} allowed", source)
+    try:
+        return yaml_load(text)
+    except AliasError as e:
+        raise error(str(e), source) from None
+    except NestingError as e:
+        raise error(f"the YAML is {e}", source) from None
+    except yaml.YAMLError as e:
+        raise error(f"not valid YAML: {e}".replace("\n", " "), source) from None
+
+
+def read_text_document(path: Path, error: Callable[[str, str | None], Exception], what: str) -> str:
+    """The UTF-8 text of ``path`` (a recipe, a sweep); ``error(message, path)`` otherwise."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise error("not a UTF-8 text file", str(path)) from None
+    except OSError as e:
+        raise error(f"cannot read {what}: {e.strerror or e}", str(path)) from None
 
 
 def json_loads(text: str | bytes) -> Any:

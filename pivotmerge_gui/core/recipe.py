@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .bounded import AliasError, NestingError, yaml_load
+from .bounded import read_text_document, yaml_document
 from .errors import RecipeError
 from .io.discovery import display_name
 from .options import DTYPES, OUT_DTYPES, OUTPUT_FORMATS
@@ -105,27 +105,13 @@ class Recipe(_Strict):
 
     @classmethod
     def from_yaml(cls, text: str, source: str | None = None) -> Recipe:
-        if len(text) > MAX_RECIPE_CHARS:
-            raise RecipeError(
-                f"a recipe of {len(text):,} characters is larger than the {MAX_RECIPE_CHARS:,} allowed", source
-            )
-        try:
-            data = yaml_load(text)
-        except (AliasError, NestingError) as e:
-            raise RecipeError(str(e) if isinstance(e, AliasError) else f"the YAML is {e}", source) from None
-        except yaml.YAMLError as e:
-            raise RecipeError(f"not valid YAML: {e}".replace("\n", " "), source) from None
+        data = yaml_document(text, source, RecipeError, "recipe", MAX_RECIPE_CHARS)
         return cls.from_dict(data, source)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Recipe:
         p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise RecipeError("not a UTF-8 text file", str(p)) from None
-        except OSError as e:
-            raise RecipeError(f"cannot read recipe: {e.strerror or e}", str(p)) from None
+        text = read_text_document(p, RecipeError, "recipe")
         return cls.from_yaml(text, str(p))
 
     def to_dict(self) -> dict[str, Any]:

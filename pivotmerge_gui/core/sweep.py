@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .bounded import read_text_document, yaml_document
 from .errors import Cancelled, PivotMergeError, RecipeError
 from .progress import CancelToken, ProgressEvent
 from .recipe import Recipe
@@ -47,6 +48,9 @@ SCORE_METRICS: dict[str, tuple[str, str, bool]] = {
     "nll": ("nll", "nll", False),
     "retrieval": ("retrieval", "retrieval_accuracy", True),
 }
+
+MAX_SWEEP_CHARS = 1_000_000  # a sweep document, like a recipe
+
 
 
 class SweepError(RecipeError):
@@ -143,29 +147,13 @@ class SweepSpec:
 
     @classmethod
     def from_yaml(cls, text: str, source: str | None = None, base_dir: Path | None = None) -> SweepSpec:
-        import yaml
-
-        from .bounded import AliasError, NestingError, yaml_load
-
-        if len(text) > 1_000_000:
-            raise SweepError("the document is larger than 1,000,000 characters", source)
-        try:
-            data = yaml_load(text)
-        except (AliasError, NestingError) as e:
-            raise SweepError(str(e), source) from None
-        except yaml.YAMLError as e:
-            raise SweepError(f"not valid YAML: {e}".replace("\n", " "), source) from None
+        data = yaml_document(text, source, SweepError, "sweep", MAX_SWEEP_CHARS)
         return cls.from_dict(data, source, base_dir)
 
     @classmethod
     def load(cls, path: str | Path) -> SweepSpec:
         p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise SweepError("not a UTF-8 text file", str(p)) from None
-        except OSError as e:
-            raise SweepError(f"cannot read the sweep: {e.strerror or e}", str(p)) from None
+        text = read_text_document(p, SweepError, "the sweep")
         return cls.from_yaml(text, str(p), p.resolve().parent)
 
     def to_dict(self) -> dict[str, Any]:
