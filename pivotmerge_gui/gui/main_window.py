@@ -430,19 +430,13 @@ class MainWindow(MergeFlowMixin, AnalysisFlowMixin, QMainWindow):
 
     def restore_session(self) -> bool:
         """Reopen the autosaved session, if any (experts load in the background)."""
-        said: list[str] = []
-        self.session.message.connect(said.append)
-        try:
-            recipe = self.session.restore(session_file())
-        finally:
-            self.session.message.disconnect(said.append)
+        recipe = self.session.restore(session_file())
         if recipe is None:
             return False
-        lost = [m for m in said if "not restored" in m] + restore_extras(session_file(), self.bench_panel)
+        lost = self.session.not_applied + restore_extras(session_file(), self.bench_panel)
         self.statusBar().showMessage(f"Restored the last session ({len(recipe.models)} experts).", 8000)
         if lost:  # everything that could not come back, in one message
-            self.show_message("Part of the last session was not restored", "Not restored: " + "; ".join(
-                m.replace("The recipe's calibration was not restored: ", "the calibration: ") for m in lost))
+            self.show_message("Part of the last session was not restored", "Not restored: " + "; ".join(lost))
         return True
 
     def open_recipe(self, path: str | Path) -> None:

@@ -62,12 +62,8 @@ class MemoryCalibration:
         if not any(e.uid in pos for e in entries):
             raise PivotMergeError(
                 "the calibration features in memory belong to none of the listed experts: "
-                "compute them again (Tools > Calibration…) or choose a calibration file")
-        from pivotmerge_gui.core.calibration import Calibration
-
-        doms = cal.domains if len(cal.domains) == len(cal.features) else [""] * len(cal.features)
-        mapped = Calibration([cal.features[pos[u]] if u in pos else None for u in order],
-                             [doms[pos[u]] if u in pos else "" for u in order], cal.source)
+                "compute them again (Compute… in the Calibration box) or choose a calibration file")
+        mapped = cal.select([pos.get(u) for u in order])
         self._view = (order, mapped)
         return mapped
 
@@ -163,19 +159,17 @@ class SessionCalibration:
             return self.recipe_ref(entries)
         if self.memory.uids is None:
             return None
-        key = id(self.memory.calibration)
         from pivotmerge_gui.core.calibration import store
 
         cal = self.memory.calibration
-        names = {u: e.name for e in entries for u in [e.uid]}
-        if self._persisted is None or self._persisted[0] != key:
-            doms = [d or f"domain {k}" for k, d in enumerate(cal.domains)] if cal.domains else [
-                f"domain {k}" for k in range(len(cal.features))]
+        doms = [d or f"domain {k}" for k, d in enumerate(cal.domains)] if len(cal.domains) == len(cal.features) \
+            else [f"domain {k}" for k in range(len(cal.features))]
+        if self._persisted is None or self._persisted[0] != id(cal):
             tensors = {d: f for d, f in zip(doms, cal.features) if f is not None}
             sha = store.write(path, tensors, store.default_provenance(
                 features={"description": self.memory.label}), overwrite=True)
-            self._persisted = (key, sha)
-            self._domains = doms
-        mapping = {names[u]: self._domains[i] for i, u in enumerate(self.memory.uids) if u in names}
+            self._persisted = (id(cal), sha)
+        names = {e.uid: e.name for e in entries}
+        mapping: dict[str, str | None] = {names[u]: doms[i] for i, u in enumerate(self.memory.uids) if u in names}
         mapping.update({e.name: None for e in entries if e.name not in mapping})
         return {"file": str(path), "sha256": self._persisted[1], "domains": mapping}

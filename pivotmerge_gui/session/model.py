@@ -60,6 +60,7 @@ class SessionModel:
         self.plan_key: str | None = None
         self.analysis: Any = None
         self.pending_recipe: tuple[Any, Path | None] | None = None
+        self.not_applied: list[str] = []  # set by apply_recipe
         self.removed_stack: list[tuple[list[tuple[int, ExpertEntry]], int | None]] = []  # undo of removals
 
         self.load_requested = Event("load_requested")  # (uid, spec, target: expert | base)
@@ -298,19 +299,19 @@ class SessionModel:
         self.layer_coefficients = dict(recipe.layer_coefficients or {})
         self.settings = {"dtype": recipe.dtype, "out_dtype": recipe.out_dtype, "device": recipe.device,
                          "random_seed": recipe.random_seed}
-        problem = None
+        self.not_applied = []  # what of this recipe could not be applied, one phrase each
         if recipe.calibration is not None:
             ref = recipe.calibration
             try:
                 self.set_calibration_file(resolve_spec(ref.file, base_dir), ref.domains, ref.sha256)
             except PivotMergeError as exc:
                 self.clear_calibration()
-                problem = f"The recipe's calibration was not restored: {exc}"
+                self.not_applied.append(f"the calibration: {exc}")
         else:
             self.clear_calibration()
         self.setup_replaced.emit()
-        if problem:
-            self.message.emit(problem)
+        for what in self.not_applied:
+            self.message.emit(f"Not restored from the recipe: {what}")
         if not known:
             self.message.emit(f"The recipe's method '{recipe.merge_method}' is not available.")
         return known

@@ -49,17 +49,18 @@ class Calibration:
         pooled = pooled_features(self.features)
         return Calibration([f if f is not None else pooled for f in self.features], list(self.domains), self.source)
 
-    def select(self, indices: Sequence[int]) -> Calibration:
+    def select(self, indices: Sequence[int | None]) -> Calibration:
         """A new Calibration with ``features[i]`` for ``i`` in ``indices``, in that order
-        (e.g. to follow the experts after the user re-ordered them). Domain names follow
-        when there is one per feature set; otherwise the result has none."""
-        idx = [int(i) for i in indices]
+        (e.g. to follow the experts after the user re-ordered them); ``None`` gives an
+        expert no features (its domain is uncovered). Domain names follow when there is one
+        per feature set; otherwise the result has none."""
+        idx = [int(i) if i is not None else None for i in indices]
         n = len(self.features)
-        bad = [i for i in idx if not -n <= i < n]
+        bad = [i for i in idx if i is not None and not -n <= i < n]
         if bad:
             raise IndexError(f"calibration has {n} feature sets; no index {bad[0]}")
-        domains = [self.domains[i] for i in idx] if len(self.domains) == n else []
-        return Calibration([self.features[i] for i in idx], domains, self.source)
+        domains = [self.domains[i] if i is not None else "" for i in idx] if len(self.domains) == n else []
+        return Calibration([self.features[i] if i is not None else None for i in idx], domains, self.source)
 
 
 def pooled_features(features: Sequence[torch.Tensor | None]) -> torch.Tensor:
