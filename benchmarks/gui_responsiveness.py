@@ -22,6 +22,7 @@ Runs offscreen unless ``QT_QPA_PLATFORM`` is set (e.g. ``xcb`` under Xvfb).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -132,6 +133,16 @@ class Heartbeat:
                 "median_gap_ms": round(1000 * statistics.median(g), 2)}
 
 
+def wait_until(app, cond, timeout: float) -> None:  # type: ignore[no-untyped-def]
+    """Process ``app``'s events until ``cond()`` holds (TimeoutError after ``timeout`` s)."""
+    t0 = time.perf_counter()
+    while not cond():
+        app.processEvents()
+        time.sleep(0.001)
+        if time.perf_counter() - t0 > timeout:
+            raise TimeoutError("benchmark step timed out")
+
+
 def merge_stalls(n_experts: int, method: str, d_in: int, d_hidden: int, d_out: int) -> dict:
     import torch
     from PySide6.QtWidgets import QApplication
@@ -161,13 +172,7 @@ def merge_stalls(n_experts: int, method: str, d_in: int, d_hidden: int, d_out: i
     hb = Heartbeat()
     gcp = GcPauses()
 
-    def wait(cond, timeout: float) -> None:
-        t0 = time.perf_counter()
-        while not cond():
-            app.processEvents()
-            time.sleep(0.001)
-            if time.perf_counter() - t0 > timeout:
-                raise TimeoutError("benchmark step timed out")
+    wait = functools.partial(wait_until, app)
 
     wait(lambda: w.core_ready, 120)
     # Baseline: the idle event loop under the machine's current load (nothing of ours runs)
@@ -239,13 +244,7 @@ def sweep_stalls(x_values: str = "0.2, 0.4, 0.6, 0.8, 1.0, 1.4", y_values: str =
     w.show()
     hb = Heartbeat()
 
-    def wait(cond, timeout: float) -> None:
-        t0 = time.perf_counter()
-        while not cond():
-            app.processEvents()
-            time.sleep(0.001)
-            if time.perf_counter() - t0 > timeout:
-                raise TimeoutError("benchmark step timed out")
+    wait = functools.partial(wait_until, app)
 
     wait(lambda: w.core_ready, 120)
     w.add_paths([str(p) for p in kit.expert_paths("shared")])

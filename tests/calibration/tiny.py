@@ -60,15 +60,18 @@ def split_shards(folder: Path, is_vision) -> tuple[Path, Path]:  # type: ignore[
     return folder / a, folder / b
 
 
+# the language model of both tiny Qwen VL models (never read by calibration: only its shape matters)
+QWEN_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "num_key_value_heads": 2, "vocab_size": 128, "rope_scaling": {"type": "mrope", "mrope_section": [4, 2, 2]}}
+
+
 def tiny_qwen2_vl(seed: int = 0):  # type: ignore[no-untyped-def]
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     cfg = Qwen2VLConfig(
         vision_config={"depth": 2, "embed_dim": 16, "hidden_size": 32, "num_heads": 2, "patch_size": 2,
                            "spatial_merge_size": 2, "temporal_patch_size": 2, "mlp_ratio": 2},
-        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                         "num_key_value_heads": 2, "vocab_size": 128,
-                         "rope_scaling": {"type": "mrope", "mrope_section": [4, 2, 2]}},
+        text_config=QWEN_TEXT,
         image_token_id=QWEN_IMAGE_TOKEN, video_token_id=121, vision_start_token_id=122)
     torch.manual_seed(seed)
     return Qwen2VLForConditionalGeneration(cfg).eval()
@@ -82,9 +85,7 @@ def tiny_qwen2_5_vl(seed: int = 0):  # type: ignore[no-untyped-def]
         vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "patch_size": 2,
                        "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 8,
                        "out_hidden_size": 32, "fullatt_block_indexes": [1]},
-        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "num_key_value_heads": 2, "vocab_size": 128,
-                     "rope_scaling": {"type": "mrope", "mrope_section": [4, 2, 2]}},
+        text_config=QWEN_TEXT,
         image_token_id=QWEN_IMAGE_TOKEN, video_token_id=121, vision_start_token_id=122)
     torch.manual_seed(seed)
     return Qwen2_5_VLForConditionalGeneration(cfg).eval()

@@ -14,6 +14,21 @@ from pivotmerge_gui.gui.settings import session_file
 from .conftest import wait_idle
 
 
+def _reopen(qtbot, n_experts: int):  # type: ignore[no-untyped-def]
+    """A second main window that restores the autosaved session and has settled."""
+    from pivotmerge_gui.gui.main_window import MainWindow
+
+    again = MainWindow(restore_layout=False)
+    again.quiet_errors = True
+    qtbot.addWidget(again)
+    again.show()
+    qtbot.waitUntil(lambda: again.core_ready, timeout=60_000)
+    assert again.restore_session()
+    qtbot.waitUntil(lambda: len(again.experts.entries) == n_experts, timeout=10_000)
+    wait_idle(qtbot, again)
+    return again
+
+
 def test_autosave_and_restore_round_trip(qtbot, window, expert_files):
     window.add_paths([str(expert_files["e0"]), str(expert_files["e1"])])
     window.set_base(str(expert_files["base"]))
@@ -25,16 +40,7 @@ def test_autosave_and_restore_round_trip(qtbot, window, expert_files):
     assert [m.model for m in saved.models] == [str(expert_files["e0"]), str(expert_files["e1"])]
     assert saved.base_model == str(expert_files["base"])
 
-    from pivotmerge_gui.gui.main_window import MainWindow
-
-    again = MainWindow(restore_layout=False)
-    again.quiet_errors = True
-    qtbot.addWidget(again)
-    again.show()
-    qtbot.waitUntil(lambda: again.core_ready, timeout=60_000)
-    assert again.restore_session()
-    qtbot.waitUntil(lambda: len(again.experts.entries) == 2, timeout=10_000)
-    wait_idle(qtbot, again)
+    again = _reopen(qtbot, 2)
     assert [e.spec for e in again.experts.entries] == [m.model for m in saved.models]
     assert again.base_entry is not None and again.base_entry.spec == saved.base_model
     assert again.merge_panel.method.name == "ties"
@@ -76,7 +82,6 @@ def test_restore_keeps_calibration_coefficients_and_bench_pairs(qtbot, window, e
     import torch
 
     from pivotmerge_gui.core.calibration import Calibration
-    from pivotmerge_gui.gui.main_window import MainWindow
 
     window.add_paths([str(expert_files["e0"]), str(expert_files["e1"])])
     wait_idle(qtbot, window)
@@ -90,18 +95,7 @@ def test_restore_keeps_calibration_coefficients_and_bench_pairs(qtbot, window, e
     wait_idle(qtbot, window)
     window.autosave_session()
 
-    def reopen() -> MainWindow:
-        again = MainWindow(restore_layout=False)
-        again.quiet_errors = True
-        qtbot.addWidget(again)
-        again.show()
-        qtbot.waitUntil(lambda: again.core_ready, timeout=60_000)
-        assert again.restore_session()
-        qtbot.waitUntil(lambda: len(again.experts.entries) == 2, timeout=10_000)
-        wait_idle(qtbot, again)
-        return again
-
-    again = reopen()
+    again = _reopen(qtbot, 2)
     assert again.merge_panel.coefficients.overrides() == {"0": 0.75}
     ref = again.current_recipe().calibration
     assert ref is not None and ref.domains == {"expert0": "web", "expert1": "ocr"}
@@ -112,7 +106,7 @@ def test_restore_keeps_calibration_coefficients_and_bench_pairs(qtbot, window, e
     from pathlib import Path
 
     Path(ref.file).write_bytes(b"changed")
-    third = reopen()
+    third = _reopen(qtbot, 2)
     assert len(third.errors_shown) == 1 and "calibration" in third.errors_shown[0]
     assert "changed" in third.errors_shown[0]
     assert third.session.calibration_path is None and len(third.bench_panel.pairs) == 8
