@@ -42,6 +42,10 @@ class Param:
     choices: tuple[Any, ...] | None = None
     is_scale: bool = False  # the method's main scale (swept in the tuned benchmark rows)
     advanced: bool = False
+    # values a validation search tries for this parameter (benchmarks/merge_quality.py's
+    # tuned rows; every method gets a grid of the same size): None = not searched, except
+    # the ``is_scale`` parameter, whose grid is its default times fixed factors
+    search: tuple[Any, ...] | None = None
 
     def validate(self, method: str, value: Any) -> Any:
         t = self.type
