@@ -300,3 +300,43 @@ def expert_set(seed: int = 0, root: Path | str | None = None, cache_dir: Path | 
         "joint": out / tables["joint"],
         "root": out,
     }
+
+
+def world_root(seed: int, cache_dir: Path | str | None = None, log: Any = None) -> Path:
+    """A whole demo world of its own (encoder, LM, data and every projector trained from
+    ``seed``, data drawn from ``data_seed = seed``): the shipped artifacts for the manifest's
+    seed, else built once by :func:`pivotmerge_gui.demo.build.build` into the user cache
+    (about 6-7 minutes on one core) and reused. Benchmarks use it to vary the whole world
+    between seeds, not only the projectors' training."""
+    import shutil
+    import tempfile
+
+    shipped = manifest(None)
+    if seed == shipped["seed"] and seed == shipped["data_seed"]:
+        return artifacts_dir()
+    from .build import FORMAT_VERSION, build
+
+    folder = Path(cache_dir) if cache_dir is not None else _cache_root().parent / "demo-worlds"
+    key = hashlib_short(json.dumps([FORMAT_VERSION, shipped["train_config"], shipped["world_config"],
+                                    shipped["split_sizes"], torch.__version__.split("+")[0]]))
+    out = folder / f"world-seed{seed}-{key}"
+    if not (out / "manifest.json").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".building-seed{seed}-", dir=folder))
+        try:
+            build(tmp, seed=seed, data_seed=seed, log=log)
+            if (out / "manifest.json").is_file():  # another process finished first
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                shutil.rmtree(out, ignore_errors=True)
+                tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return out
+
+
+def hashlib_short(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
