@@ -1,48 +1,46 @@
-"""Merge quality on the demo world: every method, PivotMerge and its ablations, both scenarios.
+"""Merge quality: every method with the same validation search, whole-world seeds,
+scarce and missing calibration, PivotMerge's stages ablated in both modes.
 
-    python benchmarks/merge_quality.py [--json OUT] [--seeds N] [--quick] [--methods a,b]
+    python benchmarks/merge_quality.py [--world demo|large] [--seeds N] [--jobs J]
+        [--regimes full,img16,tok16,missing] [--methods a,b] [--json OUT] [--quick]
 
-What it measures (see ``pivotmerge_gui/demo`` and ``pivotmerge_gui/core/evaluation``):
+Protocol (issue 12):
 
-- Four expert projectors (LLaVA ``mlp2x_gelu``, stage-1 trained on one domain each) are
-  merged into one; the merge is scored on the held-out **test** split of every domain.
-  Main score: greedy-caption **token accuracy**, mean over the four domains (each domain
-  counts once). Retrieval accuracy (true caption vs 7 same-domain distractors, by caption
-  likelihood) and caption NLL per token are shown beside it.
-- Scenarios: ``shared`` (all experts from one init, as LLaVA's script does; the init is the
-  ``base``) and ``different`` (each expert from its own random init: there is no common
-  base). Methods that need a base get the **mean of the experts** as their reference in
-  the different-init scenario; those rows are labelled ``[ref=mean]``. Note that task
-  vectors measured from the experts' own mean sum to zero, so every method whose merged
-  update is a scaled sum/mean of the task vectors (Task Arithmetic, Iso-C, SSAM...)
-  returns exactly the weight average there; only non-linear combinations (TIES' sign
-  election, DARE, TSV-M, KnOTS, ...) differ from it.
-- Rows: each expert alone, the jointly trained projector (upper bound), every method of the
-  registry at its reference defaults, and "tuned" (its ``is_scale`` parameter swept on the
-  **validation** split, reported on test), PivotMerge with each stage switched off in turn,
-  and PivotMerge with data-driven ALM on calibration features (unlabelled visual features,
-  64 training images per domain). Methods that use calibration (RegMean) always get it.
-- Sizes: sweeps score 64 validation images per domain, rows are scored on the first 128
-  of the 256 test images per domain (``--val-n``/``--test-n``); ``--quick``: 32/64, one
-  seed, 3-point sweeps.
-- Seeds: seed 0 is the shipped artifacts; seeds 1.. are independent trainings of every
-  projector on the same frozen encoder/LM/data, trained on first use into the user cache
-  (``platformdirs.user_cache_dir("pivotmerge-gui")/demo-experts``, about a minute per seed
-  on 2 cores). Cells show mean +- standard deviation over seeds.
+- **Worlds and seeds.** Seed s is a whole world of its own: encoder, language model,
+  data, every projector (shared-init experts, different-init experts, the joint one) and
+  the calibration subset, all from s (``kit.world_root(s)``; seed 0 of the demo world is
+  the shipped artifacts, other seeds are built once into the user cache, about 6-7 min
+  each on one core). ``--world large`` uses the larger benchmark world
+  (``kit.world_root(s, preset="large")``).
+- **Scores.** Each merged projector is scored on held-out **test** images of every domain:
+  greedy-caption token accuracy, mean over domains (main score); retrieval accuracy and
+  caption NLL beside it.
+- **One validation search for every method.** Each configuration's searched parameter
+  (``Param.search`` where a method declares one, e.g. RegMean's alpha, PivotMerge's
+  ridge; otherwise its ``is_scale`` parameter times 0.25..3) is tried at 7 values on the
+  **validation** split; the best value's test score is the row's score. The default
+  settings' test score is shown beside it. Test scores are never used to choose anything.
+- **Groups.** Data-free methods (no calibration) and data-driven methods (RegMean,
+  RegMean++, the layer-wise distillation baseline, PivotMerge with calibration) are
+  compared within their group. Data-driven rows are repeated per calibration regime:
+  ``full`` (64 images per domain, all 16 patch tokens each), ``img16`` (16 images per
+  domain), ``tok16`` (16 tokens per domain in all), ``missing`` (``full``, but domain
+  ``seed mod D`` has no calibration data).
+- **Scenarios.** ``shared``: experts from one init, which is the base; ``different``: each
+  expert from its own init, methods that need a base get the experts' mean (``[ref=mean]``).
+- **Ablations.** PivotMerge with each stage flipped from its default, in both modes, each
+  with the same validation search.
+- **Statistics.** Mean ± std over seeds; PivotMerge's paired difference (same seed) to the
+  best other row of its group and to each other row, with a 95 % Student-t interval; the
+  ratio to the jointly trained projector.
 
-It prints one markdown table per scenario (plus the best merge and PivotMerge's rank) and
-writes everything (per seed, per domain, the chosen scale, every merge's report with
-PivotMerge's per-layer details) as JSON with ``--json``; ``--from-json`` re-prints the
-tables of a saved run. ``--jobs 3`` runs the seeds in parallel processes (a full run took
-about 10 minutes wall on a busy 2-core machine that way).
+``--jobs J`` runs seeds in parallel processes; ``--from-json F`` re-prints a saved run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -52,81 +50,132 @@ from typing import Any
 
 import torch
 
-from pivotmerge_gui.core.calibration import Calibration, calibration_from_features
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality_report import MAIN, Row, comparison_lines, table
+
+from pivotmerge_gui.core.calibration import Calibration
 from pivotmerge_gui.core.errors import PivotMergeError
-from pivotmerge_gui.core.evaluation import (
-    CaptionSet,
-    EvalResult,
-    evaluate,
-)
+from pivotmerge_gui.core.evaluation import CaptionSet, EvalResult, evaluate
 from pivotmerge_gui.core.methods import list_methods
 from pivotmerge_gui.core.methods.base import MergeMethod
 from pivotmerge_gui.core.pipeline import jsonable, merge_projectors
 from pivotmerge_gui.core.projector import Projector, mean_projector
 from pivotmerge_gui.demo import kit
 
-MAIN = "token_accuracy"
-SCALE_FACTORS_FULL = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+SCALE_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 SCALE_FACTORS_QUICK = (0.5, 1.0, 2.0)
-# PivotMerge's stage toggles: each ablation row flips one of them from the method's
-# current default ("no X" when X is on by default, "with X" when it is off by default)
+REGIMES = {
+    "full": "64 images per domain, all patch tokens",
+    "img16": "16 images per domain, all patch tokens",
+    "tok16": "16 tokens per domain",
+    "missing": "64 images per domain; one domain (seed mod D) without data",
+}
+# PivotMerge's stage toggles: each ablation row flips one from the method's default
 PIVOT_STAGES: tuple[tuple[str, str], ...] = (
     ("align_hidden_units", "hidden-unit alignment"),
     ("sdf", "SDF"),
     ("filter_conflicts", "conflict filtering"),
     ("residuals", "residuals"),
 )
-
-
-def pivot_ablations(cls: type[MergeMethod]) -> list[tuple[str, dict[str, Any]]]:
-    defaults = {p.name: p.default for p in cls.params}
-    out = []
-    for name, pretty in PIVOT_STAGES:
-        if isinstance(defaults.get(name), bool):
-            on = defaults[name]
-            out.append((f"{'no' if on else 'with'} {pretty}", {name: not on}))
-    if "alm" in defaults and defaults["alm"] != "off":
-        out.append(("ALM off", {"alm": "off"}))
-    return out
+DATA_SEARCH = "alm_ridge"  # PivotMerge's searched parameter in data mode
 
 
 @dataclass
-class Row:
+class Config:
+    """One row: a method with fixed settings, its searched parameter and grid."""
+
     label: str
-    kind: str  # expert | joint | base | merge
-    method: str = ""
-    variant: str = ""  # default | tuned | ablation | calibrated
-    per_seed: list[dict[str, Any]] = field(default_factory=list)
+    method: str
+    params: dict[str, Any]
+    group: str  # data-free | data-driven
+    search: tuple[str, list[Any]] | None
+    ref: str = "none"  # none | base | mean
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def scale_param(cls: type[MergeMethod]):
-    return next((p for p in cls.params if p.is_scale), None)
+def param(cls: type[MergeMethod], name: str):
+    return next((p for p in cls.params if p.name == name), None)
 
 
-def sweep_values(cls: type[MergeMethod], factors: Sequence[float]) -> list[float]:
-    p = scale_param(cls)
+def search_of(cls: type[MergeMethod], factors: Sequence[float], name: str | None = None,
+              quick: bool = False) -> tuple[str, list[Any]] | None:
+    """The parameter a validation search tries, and its values (7; 3 with --quick)."""
+    p = param(cls, name) if name else next((q for q in cls.params if q.search), None)
+    if p is not None and p.search:
+        vals = list(p.search)
+        return p.name, (vals[:: max(1, len(vals) // 3)][:3] if quick else vals)
+    p = next((q for q in cls.params if q.is_scale), None)
     if p is None:
-        return []
-    vals = []
+        return None
+    vals: list[Any] = []
     for f in factors:
         v = float(p.default) * f
-        if p.min is not None:
-            v = max(v, float(p.min))
-        if p.max is not None:
-            v = min(v, float(p.max))
-        v = round(v, 4)
-        if v not in vals:
-            vals.append(v)
-    return vals
+        v = min(max(v, float(p.min)) if p.min is not None else v, float(p.max)) if p.max is not None else v
+        if round(v, 4) not in vals:
+            vals.append(round(v, 4))
+    return p.name, vals
 
 
-def run_eval(world: kit.DemoWorld, proj: Projector, sets: dict[str, CaptionSet], full: bool) -> EvalResult:
-    parts = ("nll", "generate", "retrieval") if full else ("generate",)
-    return evaluate(world.backend, proj, sets, parts=parts)
+def stage_ablations(cls: type[MergeMethod], mode: str) -> list[tuple[str, dict[str, Any]]]:
+    defaults = {p.name: p.default for p in cls.params}
+    out = []
+    for name, pretty in PIVOT_STAGES:
+        if isinstance(defaults.get(name), bool):
+            on = defaults[name]
+            out.append((f"{'no' if on else 'with'} {pretty}", {name: not on}))
+    if mode == "data-free":
+        out.append(("ALM off", {"alm": "off"}))
+    else:
+        out.append(("ALM one coefficient per layer (data-lambda)", {"alm": "data-lambda"}))
+        out.append(("plain ridge refit (no alignment, no SDF)", {"align_hidden_units": False, "sdf": False}))
+    return out
+
+
+def configs(methods: list[type[MergeMethod]], scenario: str, factors: Sequence[float],
+            quick: bool) -> list[Config]:
+    out: list[Config] = []
+    for cls in methods:
+        ref = "mean" if (cls.needs_base and scenario == "different") else (
+            "base" if (cls.needs_base or cls.uses_base) and scenario == "shared" else "none")
+        tag = " [ref=mean]" if ref == "mean" else ""
+        if cls.name != "pivotmerge":
+            group = "data-driven" if cls.needs_calibration else "data-free"
+            out.append(Config(f"{cls.name}{tag}", cls.name, {}, group, search_of(cls, factors, quick=quick), ref))
+            continue
+        pm_ref = "base" if scenario == "shared" else "none"
+        out.append(Config("pivotmerge (data-free)", "pivotmerge", {}, "data-free",
+                          search_of(cls, factors, "scale", quick), pm_ref))
+        for what, p in stage_ablations(cls, "data-free"):
+            out.append(Config(f"pivotmerge (data-free): {what}", "pivotmerge", p, "data-free",
+                              search_of(cls, factors, "scale", quick), pm_ref, {"ablation": True}))
+        out.append(Config("pivotmerge (data)", "pivotmerge", {"alm": "data"}, "data-driven",
+                          search_of(cls, factors, DATA_SEARCH, quick), pm_ref))
+        for what, p in stage_ablations(cls, "data"):
+            s = search_of(cls, factors, "scale" if p.get("alm") == "data-lambda" else DATA_SEARCH, quick)
+            out.append(Config(f"pivotmerge (data): {what}", "pivotmerge", {"alm": "data", **p}, "data-driven",
+                              s, pm_ref, {"ablation": True}))
+    return out
+
+
+def make_calibration(world: kit.DemoWorld, regime: str, seed: int) -> Calibration:
+    """Unlabelled train-split features per domain, subset drawn from ``seed``."""
+    feats = world.features("train")
+    g = torch.Generator().manual_seed(10_000 + seed)
+    out: list[torch.Tensor | None] = []
+    for d in world.domains:
+        f = feats[d]  # [N, tokens, width]
+        n_img = 16 if regime in ("img16", "tok16") else 64
+        x = f[torch.randperm(f.shape[0], generator=g)[:n_img]]
+        if regime == "tok16":  # one random patch token from each of 16 images
+            x = x[torch.arange(n_img), torch.randint(0, x.shape[1], (n_img,), generator=g)]
+        out.append(x.reshape(-1, x.shape[-1]).float().contiguous())
+    if regime == "missing":
+        out[seed % len(out)] = None
+    return Calibration(features=out, domains=list(world.domains))
 
 
 def summary_of(res: EvalResult) -> dict[str, Any]:
@@ -134,130 +183,118 @@ def summary_of(res: EvalResult) -> dict[str, Any]:
     return {"mean": d["mean"], "per_domain": d["per_domain"], "samples": d["samples"]}
 
 
-def merge(experts: list[Projector], names: list[str], method: str, params: dict[str, Any], *,
-          base: Projector | None, calibration: Calibration | None, seed: int):
-    return merge_projectors(experts, method, params, base=base, calibration=calibration,
-                            seed=seed, names=names)
+class SeedRun:
+    """Every row of one world seed."""
 
+    def __init__(self, args: argparse.Namespace, seed: int, methods: list[type[MergeMethod]]) -> None:
+        self.args, self.seed, self.methods = args, seed, methods
+        t = time.time()
+        root = (args.artifacts if (seed == 0 and args.artifacts is not None)
+                else kit.world_root(seed, **({} if args.world == "demo" else {"preset": args.world})))
+        self.world = kit.load_world(root)
+        self.paths = kit.expert_set(self.world.manifest["seed"], root=root)
+        log(f"seed {seed}: world {root} ready in {time.time() - t:.0f} s")
+        n_val, n_test = (32, 64) if args.quick else (args.val_n, args.test_n)
+        self.val = self.world.caption_sets("val", n_val)
+        self.test = self.world.caption_sets("test", n_test)
+        self.factors = SCALE_FACTORS_QUICK if args.quick else SCALE_FACTORS
 
-def bench_scenario(world: kit.DemoWorld, scenario: str, seed: int, paths: dict[str, Any],
-                   val: dict[str, CaptionSet], test: dict[str, CaptionSet], cal: Calibration,
-                   methods: list[type[MergeMethod]], factors: Sequence[float],
-                   rows: dict[str, Row]) -> None:
-    names = list(world.domains)
-    experts = [kit.load_projector_file(paths[scenario][d]) for d in names]
-    base = kit.load_projector_file(paths["base"]["shared"]) if scenario == "shared" else None
-    mean_ref = mean_projector(experts)
+    def eval(self, proj: Projector, sets: dict[str, CaptionSet], full: bool) -> EvalResult:
+        parts = ("nll", "generate", "retrieval") if full else ("generate",)
+        return evaluate(self.world.backend, proj, sets, parts=parts)
 
-    def record(label: str, kind: str, proj: Projector, method: str = "", variant: str = "",
-               extra: dict[str, Any] | None = None) -> EvalResult:
-        res = run_eval(world, proj, test, full=True)
-        row = rows.setdefault(label, Row(label, kind, method, variant))
-        row.per_seed.append({"seed": seed, "test": summary_of(res), **(extra or {})})
-        log(f"  [{scenario} seed {seed}] {label}: {MAIN} {res.score(MAIN):.3f}")
-        return res
+    def run(self, scenarios: list[str], regimes: list[str]) -> dict[str, dict[str, dict[str, Row]]]:
+        out: dict[str, dict[str, dict[str, Row]]] = {}
+        for scenario in scenarios:
+            out[scenario] = self.scenario(scenario, regimes)
+        return out
 
-    for d, e in zip(names, experts):
-        record(f"expert: {d}", "expert", e)
-    record("joint (all domains, upper bound)", "joint", kit.load_projector_file(paths["joint"]))
-    if base is not None:
-        record("base (shared init, untrained)", "base", base)
+    def scenario(self, scenario: str, regimes: list[str]) -> dict[str, dict[str, Row]]:
+        names = list(self.world.domains)
+        experts = [kit.load_projector_file(self.paths[scenario][d]) for d in names]
+        base = kit.load_projector_file(self.paths["base"]["shared"]) if scenario == "shared" else None
+        refs = {"none": None, "base": base, "mean": mean_projector(experts)}
+        tables: dict[str, dict[str, Row]] = {"reference": {}}
+        tag = f"[{scenario} seed {self.seed}]"
 
-    for cls in methods:
-        needs_ref = cls.needs_base and base is None
-        ref = mean_ref if needs_ref else (base if (cls.needs_base or cls.uses_base) else None)
-        cal_for = cal if cls.needs_calibration else None
-        tag = " [ref=mean]" if needs_ref else ""
+        def put(tbl: str, row: Row, rec: dict[str, Any]) -> None:
+            tables.setdefault(tbl, {}).setdefault(row.label, row).per_seed.append({"seed": self.seed, **rec})
 
-        def do(params: dict[str, Any], calibration: Calibration | None = cal_for,
-               method: str = cls.name, ref: Projector | None = ref):
-            return merge(experts, names, method, params, base=ref, calibration=calibration, seed=seed)
+        refs_rows = [(f"expert: {d}", "expert", e) for d, e in zip(names, experts)]
+        refs_rows.append(("joint (all domains, upper bound)", "joint", kit.load_projector_file(self.paths["joint"])))
+        if base is not None:
+            refs_rows.append(("base (shared init, untrained)", "base", base))
+        for label, kind, proj in refs_rows:
+            put("reference", Row(label, kind, group="reference"), {"test": summary_of(self.eval(proj, self.test, True))})
 
-        label = f"{cls.name}{tag}"
-        try:
-            t = time.time()
-            res = do({})
-            record(f"{label} (default)", "merge", res.projector, cls.name, "default",
-                   {"params": {}, "merge_s": round(time.time() - t, 3), "report": jsonable(res.report)})
-        except PivotMergeError as exc:
-            rows.setdefault(f"{label} (default)", Row(f"{label} (default)", "merge", cls.name, "default")
-                            ).per_seed.append({"seed": seed, "error": str(exc)})
-            log(f"  [{scenario} seed {seed}] {label}: n/a ({exc})")
-            continue
-        sp = scale_param(cls)
-        if sp is not None:
-            best = None
-            for v in sweep_values(cls, factors):
-                r = do({sp.name: v})
-                score = run_eval(world, r.projector, val, full=False).score(MAIN)
-                if best is None or score > best[0] + 1e-12:
-                    best = (score, v, r)
+        cfgs = configs(self.methods, scenario, self.factors, self.args.quick)
+        for regime in ["data-free", *regimes]:
+            cal = None if regime == "data-free" else make_calibration(self.world, regime, self.seed)
+            group = "data-free" if regime == "data-free" else "data-driven"
+            for c in (c for c in cfgs if c.group == group):
+                t = time.time()
+
+                def do(extra: dict[str, Any], c: Config = c, cal: Calibration | None = cal):
+                    return merge_projectors(experts, c.method, {**c.params, **extra}, base=refs[c.ref],
+                                            calibration=cal, seed=self.seed, names=names)
+                row = Row(c.label, "merge", c.method, group, c.search[0] if c.search else "")
+                try:
+                    rec = self.tune(do, c)
+                except PivotMergeError as exc:
+                    put(regime, row, {"error": str(exc)})
+                    log(f"  {tag} {regime} {c.label}: n/a ({exc})")
+                    continue
+                rec["seconds"] = round(time.time() - t, 2)
+                put(regime, row, rec)
+                log(f"  {tag} {regime} {c.label}: test {MAIN} {rec['test']['mean'][MAIN]:.3f} "
+                    f"(chosen {rec.get('chosen')}, default {rec['default_test']['mean'][MAIN]:.3f})")
+        return tables
+
+    def tune(self, do: Any, c: Config) -> dict[str, Any]:
+        """The validation search of one row; test scores of the chosen and default settings."""
+        default = do({})
+        rec: dict[str, Any] = {"params": c.params, "default_test": summary_of(self.eval(default.projector, self.test, False))}
+        chosen = default
+        if c.search is not None:
+            name, values = c.search
+            best: tuple[float, Any, Any] | None = None
+            val_scores = {}
+            for v in values:
+                r = do({name: v})
+                s = self.eval(r.projector, self.val, False).score(MAIN)
+                val_scores[str(v)] = round(s, 5)
+                if best is None or s > best[0] + 1e-12:
+                    best = (s, v, r)
             assert best is not None
-            record(f"{label} (tuned {sp.name})", "merge", best[2].projector, cls.name, "tuned",
-                   {"params": {sp.name: best[1]}, "val_score": best[0]})
-        if cls.name == "pivotmerge":
-            for what, params in pivot_ablations(cls):
-                r = do(params)
-                record(f"pivotmerge: {what}", "merge", r.projector, cls.name, "ablation",
-                       {"params": params, "report": jsonable(r.report)})
-            r = do({"alm": "data"}, cal)
-            record("pivotmerge: ALM data-driven (calibration)", "merge", r.projector, cls.name,
-                   "calibrated", {"params": {"alm": "data"}, "report": jsonable(r.report)})
+            chosen = best[2]
+            rec.update(chosen=best[1], val_scores=val_scores)
+        rec["test"] = summary_of(self.eval(chosen.projector, self.test, True))
+        if c.method == "pivotmerge" and not c.extra.get("ablation"):
+            rec["report"] = jsonable(chosen.report)
+        return rec
 
 
-def _stat(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def merge_rows(results: dict, part: dict) -> None:
+    """Add one seed's tables (``part``) to ``results`` (scenario -> table -> label -> Row)."""
+    for scenario, tables in part.items():
+        for tname, rows in tables.items():
+            dst = results.setdefault(scenario, {}).setdefault(tname, {})
+            for label, r in rows.items():
+                row = r if isinstance(r, Row) else Row(**r)
+                if label in dst:
+                    dst[label].per_seed.extend(row.per_seed)
+                else:
+                    dst[label] = Row(row.label, row.kind, row.method, row.group, row.tuned_param, list(row.per_seed))
 
 
-def fmt(values: list[float], digits: int = 3) -> str:
-    m, s = _stat(values)
-    if math.isnan(m):
-        return "n/a"
-    return f"{m:.{digits}f} ± {s:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
-
-
-def table(rows: dict[str, Row], domains: list[str]) -> str:
-    head = ["projector", *domains, f"mean {MAIN}", "mean retrieval", "mean NLL", "chosen scale"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows.values():
-        ok = [s for s in row.per_seed if "test" in s]
-        if not ok:
-            err = row.per_seed[0].get("error", "") if row.per_seed else ""
-            lines.append(f"| {row.label} | " + " | ".join(["n/a"] * (len(head) - 2)) + f" | {err[:60]} |")
-            continue
-        cells = [fmt([s["test"]["per_domain"][d][MAIN] for s in ok]) for d in domains]
-        cells.append("**" + fmt([s["test"]["mean"][MAIN] for s in ok]) + "**")
-        cells.append(fmt([s["test"]["mean"]["retrieval_accuracy"] for s in ok]))
-        cells.append(fmt([s["test"]["mean"]["nll"] for s in ok]))
-        scales = sorted({json.dumps(s.get("params", {})) for s in ok if row.variant == "tuned"})
-        cells.append(", ".join(json.loads(x).popitem()[1].__repr__() for x in scales) if scales else "")
-        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def run_seed(world: kit.DemoWorld, args: argparse.Namespace, seed: int, scenarios: list[str],
-             val: dict[str, CaptionSet], test: dict[str, CaptionSet], cal: Calibration,
-             methods: list[type[MergeMethod]], factors: Sequence[float],
-             results: dict[str, dict[str, Row]]) -> None:
-    t = time.time()
-    paths = kit.expert_set(seed, root=args.artifacts)
-    log(f"seed {seed}: experts ready in {time.time() - t:.1f} s ({paths['root']})")
-    for scenario in scenarios:
-        bench_scenario(world, scenario, seed, paths, val, test, cal, methods, factors, results[scenario])
-
-
-def run_parallel(argv: list[str], seeds: list[int], jobs: int, scenarios: list[str],
-                 results: dict[str, dict[str, Row]]) -> None:
-    """One worker process per seed (at most ``jobs`` at once); rows combined in seed order."""
+def run_parallel(argv: list[str], seeds: list[int], jobs: int, results: dict) -> None:
+    """One worker process per seed (at most ``jobs`` at once), combined in seed order."""
     import subprocess
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         outs = {s: Path(tmp) / f"seed{s}.json" for s in seeds}
-        pending = list(seeds)
-        running: list[tuple[int, subprocess.Popen[bytes]]] = []
+        pending, running = list(seeds), []
         while pending or running:
             while pending and len(running) < jobs:
                 s = pending.pop(0)
@@ -267,111 +304,98 @@ def run_parallel(argv: list[str], seeds: list[int], jobs: int, scenarios: list[s
             if proc.wait() != 0:
                 raise SystemExit(f"worker for seed {s} failed with exit code {proc.returncode}")
         for s in seeds:
-            for scenario, rows in json.loads(outs[s].read_text()).items():
-                if scenario not in results:
-                    continue
-                for r in rows:
-                    row = results[scenario].setdefault(r["label"], Row(r["label"], r["kind"], r["method"], r["variant"]))
-                    row.per_seed.extend(r["per_seed"])
+            merge_rows(results, json.loads(outs[s].read_text()))
 
 
-def summary(rows: dict[str, Row]) -> str:
-    """One line: the best merge by mean test score, and where PivotMerge's rows stand."""
-    scored = []
-    for row in rows.values():
-        ok = [s["test"]["mean"][MAIN] for s in row.per_seed if "test" in s]
-        if row.kind == "merge" and ok:
-            scored.append((*_stat(ok), row.label))
-    if not scored:
-        return ""
-    scored.sort(reverse=True)
-    best = scored[0]
-    parts = [f"best merge: {best[2]} {best[0]:.3f} ± {best[1]:.3f}"]
-    pm = [(i + 1, m, sd, label) for i, (m, sd, label) in enumerate(scored) if label.startswith("pivotmerge")]
-    if pm:
-        rank, m, sd, label = min(pm)
-        parts.append(f"best PivotMerge row: {label} {m:.3f} ± {sd:.3f} (rank {rank} of {len(scored)} merge rows)")
-    return "; ".join(parts)
-
-
-def render(results: dict[str, dict[str, Row]], domains: list[str], seeds: list[int]) -> list[str]:
-    title = (f"# Merge quality on the demo world ({len(seeds)} seed(s): {seeds}; "
-             f"main score: test {MAIN}, mean over domains; cells: mean ± std over seeds)")
-    out_lines = [title, ""]
-    for scenario, rows in results.items():
-        out_lines += [f"## Scenario: {scenario} init", "", table(rows, domains), "", summary(rows), ""]
-    return out_lines
+def render(results: dict, domains: list[str], seeds: list[int], world: str) -> list[str]:
+    out = [(f"# Merge quality, {world} world ({len(seeds)} whole-world seed(s): {seeds}; main score: test "
+           f"{MAIN}, mean over domains; cells: mean ± std over seeds; every row's searched "
+           "parameter chosen on validation)"), ""]
+    for scenario, tables in results.items():
+        out += [f"## Scenario: {scenario} init", ""]
+        joint = next((r for r in tables.get("reference", {}).values() if r.kind == "joint"), None)
+        for tname, rows in tables.items():
+            title = ("Experts and references" if tname == "reference" else
+                     "Data-free methods" if tname == "data-free" else
+                     f"Data-driven methods, calibration `{tname}` ({REGIMES.get(tname, tname)})")
+            out += [f"### {title}", "", table(rows, domains), ""]
+            if tname == "reference":
+                continue
+            pm_label = "pivotmerge (data-free)" if tname == "data-free" else "pivotmerge (data)"
+            pm = rows.get(pm_label)
+            others = [r for r in rows.values() if r.method != "pivotmerge"]
+            out += comparison_lines(pm, others, joint, f"PivotMerge vs the other {tname} rows")
+            abl = [r for lab, r in rows.items() if lab.startswith(pm_label + ":")]
+            if abl:
+                out += comparison_lines(pm, abl, None, "Each stage (PivotMerge minus the ablated row)")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, default=None, help="write all results here")
-    ap.add_argument("--seeds", type=int, default=3, help="independent expert trainings (seed 0 = shipped)")
-    ap.add_argument("--quick", action="store_true", help="1 seed, 3-point sweeps, 64 test images per domain")
+    ap.add_argument("--world", default="demo", help="demo (48 -> 64 -> 64, 4 domains) or large")
+    ap.add_argument("--seeds", type=int, default=5, help="whole-world seeds 0..N-1 (0 = shipped demo world)")
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="1 seed, 3-point searches, 32/64 images")
     ap.add_argument("--methods", default="", help="comma-separated subset of methods (default: all)")
     ap.add_argument("--scenarios", default="shared,different")
-    ap.add_argument("--val-n", type=int, default=64, help="validation images per domain (sweeps)")
-    ap.add_argument("--test-n", type=int, default=128, help="test images per domain (of 256)")
-    ap.add_argument("--artifacts", type=Path, default=None, help="demo world folder (default: shipped)")
-    ap.add_argument("--jobs", type=int, default=1,
-                    help="run seeds in this many parallel processes (results are identical)")
+    ap.add_argument("--regimes", default=",".join(REGIMES), help=f"calibration regimes: {', '.join(REGIMES)}")
+    ap.add_argument("--val-n", type=int, default=64, help="validation images per domain (searches)")
+    ap.add_argument("--test-n", type=int, default=128, help="test images per domain")
+    ap.add_argument("--artifacts", type=Path, default=None, help="seed 0's world folder (default: shipped)")
+    ap.add_argument("--jobs", type=int, default=1, help="seeds in this many parallel processes")
     ap.add_argument("--only-seed", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--rows-out", type=Path, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core box)")
-    ap.add_argument("--from-json", type=Path, default=None,
-                    help="print the tables of an earlier run's --json output and exit")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    ap.add_argument("--from-json", type=Path, default=None, help="print the tables of a saved --json run")
     args = ap.parse_args(argv)
     if args.from_json is not None:
         doc = json.loads(args.from_json.read_text())
-        results = {sc: {r["label"]: Row(r["label"], r["kind"], r["method"], r["variant"], r["per_seed"])
-                        for r in rows} for sc, rows in doc["scenarios"].items()}
-        first = next(r for rows in results.values() for r in rows.values() if r.per_seed)
-        domains = list(first.per_seed[0]["test"]["per_domain"])
-        print("\n".join(render(results, domains, doc["seeds"])))
+        results: dict = {}
+        merge_rows(results, {sc: {t: {r["label"]: r for r in rows} for t, rows in tables.items()}
+                             for sc, tables in doc["scenarios"].items()})
+        print("\n".join(render(results, doc["domains"], doc["seeds"], doc.get("world", "demo"))))
         print(f"_elapsed {doc['elapsed_s']:.0f} s; command: {doc['command']}_")
         return 0
     torch.set_num_threads(args.threads)
     t0 = time.time()
-
-    world = kit.load_world(args.artifacts)
-    seeds = [0] if args.quick else list(range(args.seeds))
-    factors = SCALE_FACTORS_QUICK if args.quick else SCALE_FACTORS_FULL
-    n_val, n_test = (32, 64) if args.quick else (args.val_n, args.test_n)
-    val = world.caption_sets("val", n_val)
-    test = world.caption_sets("test", n_test)
-    cal = calibration_from_features(world.features("train"), world.domains, max_tokens=64 * 16, seed=0)
+    seeds = [args.first_seed] if args.quick else list(range(args.first_seed, args.first_seed + args.seeds))
     wanted = [m for m in args.methods.split(",") if m]
     methods = [m for m in list_methods() if not wanted or m.name in wanted]
-    if not wanted or "pivotmerge" in wanted:  # PivotMerge rows last, next to their ablations
-        methods = [m for m in methods if m.name != "pivotmerge"] + [m for m in methods if m.name == "pivotmerge"]
+    methods = [m for m in methods if m.name != "pivotmerge"] + [m for m in methods if m.name == "pivotmerge"]
     scenarios = [s for s in args.scenarios.split(",") if s]
+    regimes = [r for r in args.regimes.split(",") if r]
+    bad = [r for r in regimes if r not in REGIMES]
+    if bad:
+        ap.error(f"unknown regime(s) {bad}; choose from {list(REGIMES)}")
 
-    results: dict[str, dict[str, Row]] = {s: {} for s in scenarios}
+    results: dict = {}
     if args.only_seed is not None:  # worker of --jobs: one seed, raw rows to a file
-        run_seed(world, args, args.only_seed, scenarios, val, test, cal, methods, factors, results)
+        part = SeedRun(args, args.only_seed, methods).run(scenarios, regimes)
         args.rows_out.write_text(json.dumps(jsonable(
-            {s: [row.__dict__ for row in results[s].values()] for s in scenarios})))
+            {sc: {t: {lab: r.__dict__ for lab, r in rows.items()} for t, rows in tables.items()}
+             for sc, tables in part.items()})))
         return 0
     if args.jobs > 1 and len(seeds) > 1:
-        run_parallel(argv if argv is not None else sys.argv[1:], seeds, args.jobs, scenarios, results)
+        run_parallel(argv if argv is not None else sys.argv[1:], seeds, args.jobs, results)
     else:
         for seed in seeds:
-            run_seed(world, args, seed, scenarios, val, test, cal, methods, factors, results)
-
+            merge_rows(results, SeedRun(args, seed, methods).run(scenarios, regimes))
+    domains = kit.load_world(args.artifacts if args.artifacts is not None and args.world == "demo" else
+                             kit.world_root(seeds[0], **({} if args.world == "demo" else {"preset": args.world}))).domains
     elapsed = time.time() - t0
-    out_lines = render(results, world.domains, seeds)
-    out_lines.append(f"_elapsed {elapsed:.0f} s, torch threads {args.threads}_")
-    print("\n".join(out_lines))
+    lines = render(results, domains, seeds, args.world)
+    lines.append(f"_elapsed {elapsed:.0f} s, torch threads {args.threads}_")
+    print("\n".join(lines))
     if args.json:
         doc = {
             "command": " ".join(["python", "benchmarks/merge_quality.py", *(argv if argv is not None else sys.argv[1:])]),
-            "seeds": seeds,
-            "main_metric": MAIN,
-            "scale_factors": list(factors),
-            "sizes": {"val": n_val, "test": n_test},
+            "world": args.world, "seeds": seeds, "domains": domains, "main_metric": MAIN,
+            "regimes": {r: REGIMES[r] for r in regimes}, "scale_factors": list(SCALE_FACTORS),
             "elapsed_s": round(elapsed, 1),
-            "manifest_files": world.manifest["files"],
-            "scenarios": {s: [row.__dict__ for row in results[s].values()] for s in scenarios},
+            "scenarios": {sc: {t: [r.__dict__ for r in rows.values()] for t, rows in tables.items()}
+                          for sc, tables in results.items()},
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(jsonable(doc), indent=1))

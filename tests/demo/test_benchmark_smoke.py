@@ -1,5 +1,6 @@
-"""The merge-quality benchmark runs end to end (on a tiny world, two methods, a few images)
-and its JSON holds every row with per-seed, per-domain numbers."""
+"""The merge-quality benchmark runs end to end (on a tiny world, a few methods, a few
+images) and its JSON holds every row with per-seed, per-domain numbers and the value its
+validation search chose."""
 
 from __future__ import annotations
 
@@ -27,22 +28,34 @@ def test_benchmark_runs_on_a_tiny_world(tmp_path, capsys):
     build.build(world, tiny=True)
     bench = _load_bench()
     out = tmp_path / "bench.json"
-    rc = bench.main(["--artifacts", str(world), "--seeds", "1", "--methods", "linear,task_arithmetic",
-                     "--val-n", "2", "--test-n", "3", "--json", str(out)])
+    rc = bench.main(["--artifacts", str(world), "--seeds", "1", "--methods", "linear,task_arithmetic,regmean",
+                     "--regimes", "full,missing", "--val-n", "2", "--test-n", "3", "--json", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "## Scenario: shared init" in printed and "## Scenario: different init" in printed
+    assert "calibration `missing`" in printed and "PivotMerge" not in printed.split("\n")[0]
     doc = json.loads(out.read_text())
-    shared = {r["label"]: r for r in doc["scenarios"]["shared"]}
-    different = {r["label"]: r for r in doc["scenarios"]["different"]}
-    assert {"expert: text", "joint (all domains, upper bound)", "linear (default)",
-            "task_arithmetic (default)", "task_arithmetic (tuned scaling)"} <= set(shared)
+    shared = doc["scenarios"]["shared"]
+    assert set(shared) == {"reference", "data-free", "full", "missing"}
+    ref = {r["label"] for r in shared["reference"]}
+    assert {"expert: text", "joint (all domains, upper bound)", "base (shared init, untrained)"} <= ref
+    free = {r["label"]: r for r in shared["data-free"]}
+    assert set(free) == {"linear", "task_arithmetic"}
+    ta = free["task_arithmetic"]["per_seed"][0]
+    # 7 scale values tried on validation, the chosen one among them
+    assert len(ta["val_scores"]) == 7 and str(ta["chosen"]) in ta["val_scores"]
+    assert ta["chosen"] in {0.075, 0.15, 0.225, 0.3, 0.45, 0.6, 0.9}
+    assert "chosen" not in free["linear"]["per_seed"][0]  # nothing to search
+    rm = {r["label"]: r for r in shared["missing"]}["regmean"]["per_seed"][0]
+    assert len(rm["val_scores"]) == 7
     # no shared init in the different-init scenario: task vectors from the experts' mean
-    assert "task_arithmetic [ref=mean] (default)" in different
-    row = shared["task_arithmetic (tuned scaling)"]["per_seed"][0]
-    assert row["params"]["scaling"] in {0.075, 0.15, 0.225, 0.3, 0.45, 0.6, 0.9}
-    for label, r in shared.items():
-        test = r["per_seed"][0]["test"]
-        assert set(test["per_domain"]) == {"shapes", "text", "count", "texture"}, label
-        assert 0.0 <= test["mean"]["token_accuracy"] <= 1.0
-        assert test["per_domain"]["text"]["n"] == 3
+    assert "task_arithmetic [ref=mean]" in {r["label"] for r in doc["scenarios"]["different"]["data-free"]}
+    for tables in doc["scenarios"].values():
+        for rows in tables.values():
+            for r in rows:
+                test = r["per_seed"][0]["test"]
+                assert set(test["per_domain"]) == {"shapes", "text", "count", "texture"}, r["label"]
+                assert 0.0 <= test["mean"]["token_accuracy"] <= 1.0
+                assert test["per_domain"]["text"]["n"] == 3
+    assert bench.main(["--from-json", str(out)]) == 0
+    assert "### Data-free methods" in capsys.readouterr().out

@@ -55,7 +55,7 @@ PARAMS = (
           "(mu = alm_ridge * trace(Gram) / tokens; 0 = plain least squares, large = the "
           "data-free merge). "
           "Default chosen on the demo world's validation split.", min=0.0, max=1e12,
-          advanced=True),
+          advanced=True, search=(0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)),
     Param("alm_uncovered_weight", float, ALM_UNCOVERED_WEIGHT_DEFAULT, "Data-driven ALM: weight of an "
           "expert whose domain has no calibration features, relative to a covered domain's. It "
           "is fitted on the other domains' features pooled, with its own outputs as targets, so "
