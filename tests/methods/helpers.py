@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from pivotmerge_gui.core.methods import Calibration, MergeJob, MergeOutput, get_method
-from pivotmerge_gui.core.projector import Projector
+from pivotmerge_gui.core.projector import Layer, Projector
 from tests.conftest import make_mlp_projector
 
 
@@ -45,3 +45,15 @@ def calibration_for(experts, n: int = 64, seed: int = 0) -> Calibration:
     g = torch.Generator().manual_seed(seed)
     d_in = experts[0].in_features
     return Calibration([torch.randn(n, d_in, generator=g) + 0.3 * i for i in range(len(experts))])
+
+
+def qwen_merger(seed: int) -> Projector:
+    """A Qwen2-VL-like merger: LayerNorm, 4-token grouping, mlp, an extra vector layer."""
+    g = torch.Generator().manual_seed(seed)
+    t = lambda *s: torch.randn(*s, generator=g) * 0.1
+    return Projector("qwen2-vl-merger",
+                     [Layer("ln", "layernorm", {"weight": 1 + t(8), "bias": t(8)}),
+                      Layer("0", "linear", {"weight": t(32, 32), "bias": t(32)}),
+                      Layer("2", "linear", {"weight": t(16, 32), "bias": t(16)}),
+                      Layer("nl", "vector", {"weight": t(16)})],
+                     ("layernorm:ln", "merge_tokens:4", "linear:0", "gelu", "linear:2"))

@@ -2,7 +2,7 @@
 
 With K identical experts theta = base + tau (weights 1), each method's defining formula
 gives (written per tensor; "matrix" = a linear layer's 2-D weight):
-- linear, cart, regmean: theta itself.
+- linear, cart, regmean, regmean_pp, prodistill: theta itself.
 - task_arithmetic, dare_linear (p = 0), breadcrumbs: base + lambda * K * mask(tau)
   (mask = identity for TA/DARE, the two-tailed Breadcrumbs mask otherwise).
 - ties, dare_ties (p = 0): base + lambda * trim_density(tau) (every sign agrees).
@@ -22,7 +22,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pivotmerge_gui.core.methods import list_methods
+from pivotmerge_gui.core.methods import get_method, list_methods
 from pivotmerge_gui.core.methods.breadcrumbs import breadcrumbs_mask
 from pivotmerge_gui.core.methods.consensus import trim_top_k
 from tests.conftest import make_mlp_projector
@@ -41,7 +41,7 @@ def _trunc(t: torch.Tensor, r: int) -> torch.Tensor:
 def expected(name: str, params: dict, key: str, base: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     theta = base + tau
     matrix = key.endswith(".weight") and tau.dim() == 2
-    if name in ("linear", "cart", "regmean"):
+    if name in ("linear", "cart", "regmean", "regmean_pp", "prodistill"):
         return theta
     if name in ("task_arithmetic", "dare_linear"):
         return base + params["scaling"] * K * tau
@@ -97,7 +97,7 @@ def test_identical_experts(name):
     experts = [expert.clone() for _ in range(K)]
     overrides = {"drop_rate": 0.0} if name.startswith("dare") else {}
     job = job_for(name, experts, base, overrides,
-                  calibration=calibration_for(experts) if name == "regmean" else None)
+                  calibration=calibration_for(experts) if get_method(name).needs_calibration else None)
     out = run(name, job)
     for key, b in base.state().items():
         want = expected(name, job.params, key, b, delta[key])

@@ -288,19 +288,9 @@ def test_bf16_compute_dtype_close_to_fp32(family):
 def test_data_alm_is_bounded_and_handles_merge_tokens_and_vectors():
     """Qwen2-VL-like merger (layernorm, 4-token merge, extra vector) from different inits:
     1-D updates averaged around their own mean vanish and are not fitted; lambdas stay sane."""
-    from pivotmerge_gui.core.projector import Layer, Projector
+    from .helpers import qwen_merger
 
-    def merger(seed):
-        g = torch.Generator().manual_seed(seed)
-        t = lambda *s: torch.randn(*s, generator=g) * 0.1
-        return Projector("qwen2-vl-merger",
-                         [Layer("ln", "layernorm", {"weight": 1 + t(8), "bias": t(8)}),
-                          Layer("0", "linear", {"weight": t(32, 32), "bias": t(32)}),
-                          Layer("2", "linear", {"weight": t(16, 32), "bias": t(16)}),
-                          Layer("nl", "vector", {"weight": t(16)})],
-                         ("layernorm:ln", "merge_tokens:4", "linear:0", "gelu", "linear:2"))
-
-    experts = [merger(s) for s in range(3)]
+    experts = [qwen_merger(s) for s in range(3)]
     g = torch.Generator().manual_seed(0)
     cal = Calibration([torch.randn(400, 8, generator=g) for _ in range(3)])
     out, _ = run(experts, {"alm_tokens": 64, "filter_conflicts": False}, calibration=cal)

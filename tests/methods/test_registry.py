@@ -20,7 +20,7 @@ from .helpers import calibration_for, family, job_for, run
 
 BASELINES = [m for m in list_methods() if m.name != "pivotmerge"]
 EXPECTED = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "tsv_m",
-            "iso_c", "iso_cts", "knots", "cart", "regmean", "ssam"}
+            "iso_c", "iso_cts", "knots", "cart", "regmean", "regmean_pp", "prodistill", "ssam"}
 
 
 def test_all_baselines_registered():
@@ -47,9 +47,12 @@ def test_metadata_complete_and_defaults_validate(cls):
 
 def test_flags():
     by = {m.name: m for m in BASELINES}
-    assert not by["linear"].needs_base and not by["regmean"].needs_base and not by["cart"].needs_base
-    assert by["regmean"].needs_calibration
-    for n in EXPECTED - {"linear", "regmean", "cart"}:
+    data_driven = {"regmean", "regmean_pp", "prodistill"}
+    for n in data_driven | {"linear", "cart"}:
+        assert not by[n].needs_base, n
+    for n in data_driven:
+        assert by[n].needs_calibration, n
+    for n in EXPECTED - data_driven - {"linear", "cart"}:
         assert by[n].needs_base, n
     assert by["dare_linear"].randomized and by["dare_ties"].randomized
     assert not by["ties"].randomized

@@ -54,6 +54,59 @@ def add_expert_terms(
     rhs += scale * gw
 
 
+def expert_features(job: MergeJob, method: str) -> tuple[list[torch.Tensor], list[str], list[int]]:
+    """Each expert's calibration features [N_k, in] on the job's device and dtype, checked
+    (one feature set per expert, the projector's input width); an expert whose domain has
+    none gets the covered domains' features pooled (``Calibration.with_stand_ins``).
+    Returns the features, the expert names and the indices of the stand-in experts."""
+    cal = job.calibration
+    if cal is None or not cal.features:
+        raise NeedsCalibrationError(method)
+    k_count = len(job.experts)
+    if len(cal.features) != k_count:
+        raise MethodError(
+            f"method '{method}': got calibration features for {len(cal.features)} domains but "
+            f"there are {k_count} experts; give one feature set per expert, in expert order"
+        )
+    names = job.expert_names or [e.source or f"expert {i}" for i, e in enumerate(job.experts)]
+    missing = cal.missing
+    xs = []
+    for k, (expert, feats) in enumerate(zip(job.experts, cal.with_stand_ins().features)):
+        x = feats.to(device=job.device, dtype=job.dtype)
+        if x.shape[-1] != expert.in_features:
+            raise MethodError(
+                f"method '{method}': calibration features for '{names[k]}' have width "
+                f"{x.shape[-1]} but the projector takes {expert.in_features}"
+            )
+        xs.append(x.reshape(-1, x.shape[-1]))
+    return xs, list(names), missing
+
+
+def data_report(method: str, params: dict[str, Any], xs: list[torch.Tensor], names: list[str],
+                missing: list[int], solved: list[str]) -> dict[str, Any]:
+    """The report of a calibration-driven merge (JSON-serialisable)."""
+    return {
+        "method": method,
+        "params": params,
+        "calibration_samples": [int(x.shape[0]) for x in xs],
+        "stand_in_domains": [names[k] for k in missing] or None,
+        "solved_tensors": solved,
+    }
+
+
+def weighted_average(states: list[dict[str, torch.Tensor]], w: list[float], key: str) -> torch.Tensor:
+    """sum_k w_k theta_k[key] / sum_k w_k."""
+    return sum(wk * s[key] for wk, s in zip(w, states)) / sum(w)
+
+
+#: RegMean's (and RegMean++'s) one knob. The paper treats alpha as a hyperparameter in
+#: [0, 1] chosen on validation data; the grid spans it with more points near 1, where the
+#: off-diagonal shrink is mild and where validation ended up on the demo world (issue 12)
+ALPHA = Param("alpha", float, 0.6,
+              "scale of the Gram matrices' off-diagonal entries (1 = plain least squares)",
+              min=0.0, max=1.0, search=(0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 1.0))
+
+
 @register
 class RegMean(MergeMethod):
     name = "regmean"
@@ -67,43 +120,21 @@ class RegMean(MergeMethod):
     )
     needs_calibration = True
     uses_calibration = True
-    params = (
-        Param("alpha", float, 0.6,
-              "scale of the Gram matrices' off-diagonal entries (1 = plain least squares)",
-              min=0.0, max=1.0),
-    )
+    params = (ALPHA,)
 
     def merge(self, job: MergeJob) -> Generator[ProgressEvent, None, MergeOutput]:
-        cal = job.calibration
-        if cal is None or not cal.features:
-            raise NeedsCalibrationError(self.name)
-        k_count = len(job.experts)
-        if len(cal.features) != k_count:
-            raise MethodError(
-                f"method 'regmean': got calibration features for {len(cal.features)} domains but "
-                f"there are {k_count} experts; give one feature set per expert, in expert order"
-            )
         alpha = float(job.params.get("alpha", 0.6))
+        xs, names, missing = expert_features(job, self.name)
+        k_count = len(job.experts)
         w = job.expert_weights
-        total_w = sum(w)
-        names = job.expert_names or [e.source or f"expert {i}" for i, e in enumerate(job.experts)]
         ref = job.experts[0]
         states = [e.state() for e in job.experts]
         # normal equations per linear layer, accumulated one expert at a time so that only
         # one expert's layer inputs are held in memory
         normal: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        samples: list[int] = []
-        missing = cal.missing
-        cal = cal.with_stand_ins()  # an uncovered domain: the others' features pooled
-        for k, (expert, feats) in enumerate(zip(job.experts, cal.features)):
+        for k, (expert, x) in enumerate(zip(job.experts, xs)):
             job.cancel.raise_if_cancelled()
             yield ProgressEvent("calibrate", 0.8 * k / k_count, f"RegMean: inputs of {names[k]}")
-            x = feats.to(device=job.device, dtype=job.dtype)
-            if x.shape[-1] != expert.in_features:
-                raise MethodError(
-                    f"method 'regmean': calibration features for '{names[k]}' have width "
-                    f"{x.shape[-1]} but the projector takes {expert.in_features}"
-                )
             with torch.no_grad():
                 _, inputs = expert.forward_with_inputs(x, capture=True)
             for layer in expert.linear_layers():
@@ -117,7 +148,6 @@ class RegMean(MergeMethod):
                     normal[layer.name] = (xi.new_zeros(wk.shape[1], wk.shape[1], dtype=torch.float64), xi.new_zeros(wk.shape[1], wk.shape[0], dtype=torch.float64))
                 lhs, rhs = normal[layer.name]
                 add_expert_terms(lhs, rhs, xi.double(), wk.double(), alpha, w[k])
-            samples.append(int(x.reshape(-1, x.shape[-1]).shape[0]))
         out: dict[str, torch.Tensor] = {}
         solved: list[str] = []
         n_tensors = len(states[0])
@@ -132,14 +162,7 @@ class RegMean(MergeMethod):
                     out[key] = solve_normal_equations(lhs, rhs).T.to(job.dtype).contiguous()
                     solved.append(key)
                 else:
-                    out[key] = sum(wk * s[key] for wk, s in zip(w, states)) / total_w
+                    out[key] = weighted_average(states, w, key)
                 i += 1
         yield ProgressEvent("merge", 1.0, "RegMean: done")
-        report: dict[str, Any] = {
-            "method": self.name,
-            "params": {"alpha": alpha},
-            "calibration_samples": samples,
-            "stand_in_domains": [names[k] for k in missing] or None,
-            "solved_tensors": solved,
-        }
-        return MergeOutput(out, report)
+        return MergeOutput(out, data_report(self.name, {"alpha": alpha}, xs, names, missing, solved))
