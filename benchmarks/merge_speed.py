@@ -226,8 +226,10 @@ def mergekit_config(inputs: dict, path: Path) -> None:
     path.write_text(yaml.safe_dump(doc))
 
 
-def timed(cmd: list[str], env: dict) -> tuple[float, float, int, str, str]:
-    """(wall s, peak RSS MB, exit code, stdout, stderr) of one child process."""
+def timed(cmd: list[str], env: dict) -> tuple[float, float, float, int, str, str]:
+    """(wall s, CPU s (user + sys), peak RSS MB, exit code, stdout, stderr) of one child
+    process (its own rusage from ``wait4``: on a shared machine CPU time is steadier than
+    wall time)."""
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
@@ -236,7 +238,8 @@ def timed(cmd: list[str], env: dict) -> tuple[float, float, int, str, str]:
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
-        return wall, usage.ru_maxrss / 1024, proc.returncode, out.read(), err.read()
+        cpu = usage.ru_utime + usage.ru_stime
+        return wall, cpu, usage.ru_maxrss / 1024, proc.returncode, out.read(), err.read()
 
 
 def main() -> int:
@@ -298,15 +301,16 @@ def main() -> int:
                         cmd = [sys.executable, __file__, "--device", args.device, "--repeat", str(args.repeat),
                                "--threads", str(args.threads), "--child", name, str(root / "inputs.json"),
                                str(root / "out" / name / str(r))]
-                    wall, rss, rc, out, err = timed(cmd, env)
+                    wall, cpu, rss, rc, out, err = timed(cmd, env)
                     if rc != 0:
                         print(f"[{family}] {name}: FAILED\n{err[-2000:]}", file=sys.stderr)
                         failed[name] = err.strip().splitlines()[-1] if err.strip() else "failed"
                         continue
                     row = {} if name == "mergekit-ties" else json.loads(out.strip().splitlines()[-1])
-                    row.update(process_s=round(wall, 3), process_peak_rss_mb=round(rss, 1))
+                    row.update(process_s=round(wall, 3), process_cpu_s=round(cpu, 3), process_peak_rss_mb=round(rss, 1))
                     runs[name].append(row)
-                    print(f"[{family}] run {r + 1}: {name:<16} {wall:7.2f} s  {rss:7.0f} MB", file=sys.stderr)
+                    print(f"[{family}] run {r + 1}: {name:<16} {wall:7.2f} s  {cpu:7.2f} CPU s  {rss:7.0f} MB",
+                          file=sys.stderr)
             mk = None
             for name in todo:
                 if name in failed:
@@ -314,14 +318,17 @@ def main() -> int:
                     continue
                 rs = runs[name]
                 med = dict(rs[len(rs) // 2])
-                for key in ("load_s", "merge_s", "save_s", "end_to_end_s", "process_s", "process_peak_rss_mb", "peak_rss_mb"):
+                for key in ("load_s", "merge_s", "save_s", "end_to_end_s", "process_s", "process_cpu_s",
+                            "process_peak_rss_mb", "peak_rss_mb"):
                     if key in med:
                         med[key] = round(statistics.median(x[key] for x in rs), 3)
-                med.update(family=family, method=name, runs_s=[x["process_s"] for x in rs])
+                med.update(family=family, method=name, runs_s=[x["process_s"] for x in rs],
+                           runs_cpu_s=[x["process_cpu_s"] for x in rs])
                 if name == "mergekit-ties":
                     mk = med
                 elif mk is not None:
                     med["time_vs_mergekit_ties"] = round(med["process_s"] / mk["process_s"], 3)
+                    med["cpu_vs_mergekit_ties"] = round(med["process_cpu_s"] / mk["process_cpu_s"], 3)
                     med["rss_vs_mergekit_ties"] = round(med["process_peak_rss_mb"] / mk["process_peak_rss_mb"], 3)
                 rows.append(med)
     import platform
@@ -333,19 +340,23 @@ def main() -> int:
             "cpus": os.cpu_count(), "machine": platform.machine(), "device": args.device, "mergekit": bool(mk_py)}
     print(f"{args.experts} bf16 experts, device {args.device}, threads {args.threads or 'default'}, torch {torch.__version__}, "
           f"{os.cpu_count()} CPUs, median of {args.runs} run(s); times are whole processes (start to exit)")
-    print("| family | method | load s | merge s | save s | process s | peak RSS MB | x mergekit TIES time | x RSS |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| family | method | load s | merge s | save s | process s | CPU s | peak RSS MB "
+          "| x mergekit TIES time | x CPU | x RSS |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['family']} | {r['method']} | failed: {r['error']} | | | | | | |")
+            print(f"| {r['family']} | {r['method']} | failed: {r['error']} | | | | | | | | |")
         elif r["method"] == "mergekit-ties":
-            print(f"| {r['family']} | mergekit TIES | | | | {r['process_s']:.2f} | {r['process_peak_rss_mb']:.0f} | 1 | 1 |")
+            print(f"| {r['family']} | mergekit TIES | | | | {r['process_s']:.2f} | {r['process_cpu_s']:.2f} | "
+                  f"{r['process_peak_rss_mb']:.0f} | 1 | 1 | 1 |")
         else:
-            rt = f"{r['time_vs_mergekit_ties']:.2f} | {r['rss_vs_mergekit_ties']:.2f}" if "time_vs_mergekit_ties" in r else "- | -"
+            rt = (f"{r['time_vs_mergekit_ties']:.2f} | {r['cpu_vs_mergekit_ties']:.2f} | {r['rss_vs_mergekit_ties']:.2f}"
+                  if "time_vs_mergekit_ties" in r else "- | - | -")
             print(f"| {r['family']} | {r['method']} | {r['load_s']:.2f} | {r['merge_s']:.2f} | {r['save_s']:.2f} | "
-                  f"{r['process_s']:.2f} | {r['process_peak_rss_mb']:.0f} | {rt} |")
+                  f"{r['process_s']:.2f} | {r['process_cpu_s']:.2f} | {r['process_peak_rss_mb']:.0f} | {rt} |")
             if "rss_mb_after_each" in r:
-                print(f"|   (repeats: merge s {r['merge_s_each']}, RSS MB after each {r['rss_mb_after_each']}) | | | | | | | | |")
+                print(f"|   (repeats: merge s {r['merge_s_each']}, RSS MB after each {r['rss_mb_after_each']}) "
+                      "| | | | | | | | | | |")
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     return 1 if any("error" in r for r in rows) else 0

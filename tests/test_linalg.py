@@ -115,6 +115,28 @@ def test_lapack_threads_restores_the_thread_count():
     assert torch.get_num_threads() == before
 
 
+def test_map_single_threaded_keeps_order_results_and_the_thread_count():
+    before = torch.get_num_threads()
+    x = _rand(8, 5000, seed=3, dtype=torch.float32)
+    seen_threads = []
+
+    def piece(i):
+        seen_threads.append(torch.get_num_threads())
+        return (x[i].abs() * 3).sum(), i
+
+    got = linalg.map_single_threaded(piece, range(8), x.device)
+    assert [i for _, i in got] == list(range(8))
+    for (val, i) in got:
+        assert torch.equal(val, (x[i].abs() * 3).sum())
+    assert torch.get_num_threads() == before
+    if before > 1:
+        assert set(seen_threads) == {1}  # every piece ran with single-threaded ops
+    with pytest.raises(ValueError, match="boom"):
+        linalg.map_single_threaded(lambda i: (_ for _ in ()).throw(ValueError("boom")), range(3), x.device)
+    assert torch.get_num_threads() == before
+    assert linalg.map_single_threaded(lambda i: i * 2, [], x.device) == []
+
+
 def test_bf16_probe_and_product_dtype():
     assert linalg.bf16_is_fast("cuda") is True
     assert linalg.bf16_is_fast("meta") is False

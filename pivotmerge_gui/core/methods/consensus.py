@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..linalg import map_single_threaded
+
 TIE_RTOL = 1e-5  # a score this small relative to its terms is a tie (fp32 rounding margin)
 
 
@@ -53,7 +55,8 @@ def kth_largest_abs(flat: torch.Tensor, k: int) -> torch.Tensor:
     q = j / n
     d = 6.0 * math.sqrt(q * (1.0 - q) / SELECT_SAMPLE) + 4.0 / SELECT_SAMPLE
     lo_i, hi_i = math.floor((q - d) * SELECT_SAMPLE), math.ceil((q + d) * SELECT_SAMPLE)
-    for r in range(rows):
+
+    def one_row(r: int) -> None:
         a = flat[r].abs()
         sample = a[idx].sort().values
         # entries >= lo and <= hi; NaN is neither, so the counts below add up to n + #NaN
@@ -65,8 +68,10 @@ def kth_largest_abs(flat: torch.Tensor, k: int) -> torch.Tensor:
             band = a[ge & le]
             if below + band.numel() + above == n:  # no NaN: every entry counted once
                 out[r] = band.kthvalue(j - below).values
-                continue
+                return
         out[r] = a.kthvalue(j).values
+
+    map_single_threaded(one_row, range(rows), flat.device)  # rows are independent
     return out
 
 

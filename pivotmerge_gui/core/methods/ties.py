@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..linalg import map_single_threaded
 from .base import MergeJob, Param, register
 from .consensus import disjoint_merge, elect_sign, trim_threshold
 from .task_arithmetic import TaskVectorMethod
@@ -49,12 +50,9 @@ def ties_merge(
     if facts is not None:
         conflict = torch.empty(n, dtype=torch.bool, device=taus.device)
         kept = torch.empty(n, dtype=torch.bool, device=taus.device)
-        before = nonzero_total = 0
-    # every step is entry-wise or a sum over the experts, so chunks of entries give the
-    # whole-stack result exactly (chunks start at multiples of TIES_CHUNK, which keeps
-    # torch's reduction over the experts in the same order for any K) and stay in cache
-    chunk = TIES_CHUNK
-    for s in range(0, n, chunk):
+
+    def one_chunk(s: int) -> tuple[int, int]:
+        """Merge entries [s, s + chunk) into ``merged``; (nonzero before, after the trim)."""
         x = flat[:, s:s + chunk]
         trimmed = x if thresh is None else x * (x.abs() >= thresh)
         sign = elect_sign(trimmed, method=sign_method)
@@ -68,13 +66,22 @@ def ties_merge(
             torch.div(total, torch.where(divisor == 0, torch.ones_like(divisor), divisor), out=out)
         else:  # disjoint_merge's mean, with the count reused for the facts
             torch.div(total, agreeing.clamp(min=1), out=out)  # type: ignore[union-attr]
-        if facts is not None:
-            before += int(torch.count_nonzero(x))
-            nonzero = (trimmed != 0).sum(0)
-            nonzero_total += int(nonzero.sum())
-            # a sign conflict: some kept non-zero value disagrees with the elected sign
-            torch.lt(agreeing, nonzero, out=conflict[s:s + chunk])
-            torch.gt(agreeing, 0, out=kept[s:s + chunk])
+        if facts is None:
+            return 0, 0
+        nonzero = (trimmed != 0).sum(0)
+        # a sign conflict: some kept non-zero value disagrees with the elected sign
+        torch.lt(agreeing, nonzero, out=conflict[s:s + chunk])
+        torch.gt(agreeing, 0, out=kept[s:s + chunk])
+        return int(torch.count_nonzero(x)), int(nonzero.sum())
+
+    # every step is entry-wise or a sum over the experts, so chunks of entries give the
+    # whole-stack result exactly (chunks start at multiples of TIES_CHUNK, which keeps
+    # torch's reduction over the experts in the same order for any K) and stay in cache;
+    # on the CPU they run on parallel threads with single-threaded ops (map_single_threaded)
+    chunk = TIES_CHUNK
+    counts = map_single_threaded(one_chunk, range(0, n, chunk), taus.device)
+    before = sum(c[0] for c in counts)
+    nonzero_total = sum(c[1] for c in counts)
     if facts is not None:
         facts["trimmed_fraction"] = round((before - nonzero_total) / (n * k_count), 6)
         facts["sign_conflict_fraction"] = round(float(conflict.float().mean()), 6)

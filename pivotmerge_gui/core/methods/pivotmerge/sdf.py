@@ -38,8 +38,9 @@ class TaskStack:
     ``low`` is a copy of the stack in the sketch dtype for the randomized range finder. In
     fp32 (where bf16 products are not fast) it *is* the exact stack (``exact``), and exact
     products read it: one matrix per product instead of two. In bf16 (big layers, 4096x4096
-    and 4 experts: half of a 268 MB fp32 stack) it is dropped after the sketch and exact
-    products use the experts' own fp32 tensors, ``tau_k @ x = theta_k @ x - ref @ x``."""
+    and 4 experts: half of a 268 MB fp32 stack) it serves the shared-subspace sketch and the
+    residuals' range finder and is then dropped; exact products use the experts' own fp32
+    tensors, ``tau_k @ x = theta_k @ x - ref @ x``."""
 
     def __init__(self, thetas: Sequence[torch.Tensor], ref: torch.Tensor, low_dtype: torch.dtype) -> None:
         self.thetas = [t.float() for t in thetas]
@@ -81,31 +82,48 @@ class TaskStack:
         return torch.stack([(u.t() @ th) @ v - rv for th in self.thetas])
 
 
-def residual_lowrank(
-    ts: TaskStack, i: int, u: torch.Tensor, c: torch.Tensor, v: torch.Tensor, rank: int, salt: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-``rank`` SVD factors of R = tau_i - U C V^T without forming R (randomized, fp32)."""
-    _, m, n = ts.shape
+def residuals_lowrank(
+    ts: TaskStack, u: torch.Tensor, c: torch.Tensor, v: torch.Tensor, rank: int, salt: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per expert i, top-``rank`` SVD factors of R_i = tau_i - U C_i V^T without forming R_i
+    (randomized SVD with one subspace iteration, Halko et al. 2011, Alg. 4.4 + 5.1).
+
+    The range finder's four products run for every expert at once on the stack ``ts.low``
+    (batched: each product reads the stack once; bf16 where it is fast, else the exact fp32
+    stack); the final projection B_i = Q_i^T R_i and its SVD are exact fp32 (as in
+    :func:`...linalg.shared_subspace`, only the subspace is approximate). Small layers take an
+    exact SVD of R_i."""
+    k, m, n = ts.shape
     rank = min(rank, m, n)
-
-    def r_mul(x: torch.Tensor) -> torch.Tensor:  # R @ x
-        return ts.mul(i, x) - u @ (c @ (v.t() @ x))
-
-    def rt_mul(y: torch.Tensor) -> torch.Tensor:  # R^T @ y
-        return ts.tmul(i, y) - v @ (c.t() @ (u.t() @ y))
-
     if max(m, n) <= EXACT_GRAM_LIMIT // 2:
-        res = ts.tau(i) - u @ c @ v.t()
-        with lapack_threads(res.device.type != "cpu"):
-            uu, ss, vh = torch.linalg.svd(res, full_matrices=False)
-        return uu[:, :rank], ss[:rank], vh[:rank].t()
+        out = []
+        for i in range(k):
+            res = ts.tau(i) - u @ c[i] @ v.t()
+            with lapack_threads(res.device.type != "cpu"):
+                uu, ss, vh = torch.linalg.svd(res, full_matrices=False)
+            out.append((uu[:, :rank], ss[:rank], vh[:rank].t()))
+        return out
+    low = ts.low
+    dt = low.dtype
+    ct = c.transpose(1, 2)
+
+    def r_mul(x: torch.Tensor) -> torch.Tensor:  # R_i @ x_i for every i: [K, n, p] -> [K, m, p]
+        return torch.matmul(low, x.to(dt)).float() - u @ (c @ (v.t() @ x))
+
+    def rt_mul(y: torch.Tensor) -> torch.Tensor:  # R_i^T @ y_i: [K, m, p] -> [K, n, p]
+        # (y^T tau)^T reads the stack row-major: faster than tau^T @ y on CPU
+        return torch.matmul(y.transpose(1, 2).to(dt), low).transpose(1, 2).float() - v @ (ct @ (u.t() @ y))
+
     p = min(rank + 8, m, n)
-    q = orth(r_mul(gaussian((n, p), salt, ts.ref.device, torch.float32)))
+    q = orth(r_mul(gaussian((k, n, p), salt, ts.ref.device, torch.float32)))
     q = orth(r_mul(rt_mul(q)))
-    bt = rt_mul(q)  # [n, p] = (Q^T R)^T
-    with lapack_threads(bt.device.type != "cpu"):
-        ub, s, vh = torch.linalg.svd(bt.t(), full_matrices=False)
-    return (q @ ub)[:, :rank], s[:rank], vh[:rank].t()
+    out = []
+    for i in range(k):
+        bt = ts.tmul(i, q[i]) - v @ (c[i].t() @ (u.t() @ q[i]))  # [n, p] = (Q_i^T R_i)^T, exact
+        with lapack_threads(bt.device.type != "cpu"):
+            ub, s, vh = torch.linalg.svd(bt.t(), full_matrices=False)
+        out.append(((q[i] @ ub)[:, :rank], s[:rank], vh[:rank].t()))
+    return out
 
 
 def overlap_normalised_sum(
@@ -176,9 +194,10 @@ def sdf_tensor(
     k, m, n = ts.shape
     total = ts.total
     u, v, sub = shared_subspace(ts.low, s.shared_energy, s.max_rank, salt=salt, total=total)
-    if not ts.exact:
-        ts.low = ts.low.new_empty(0)  # the bf16 sketch copy is no longer needed: free it now
     r = u.shape[1]
+    want_residuals = s.residuals and s.residual_weight > 0 and r < min(m, n)
+    if not ts.exact and not want_residuals:
+        ts.low = ts.low.new_empty(0)  # the bf16 sketch copy is no longer needed: free it now
     c = ts.coords(u, v) if r > 0 else torch.zeros(k, 0, 0, device=ts.ref.device)
     shared_e = float(c.pow(2).sum()) / total if total > 0 else 1.0
     c_star, st = elect_and_merge(c, weights, filter_conflicts=s.filter_conflicts,
@@ -189,13 +208,14 @@ def sdf_tensor(
     entry.conflict_fraction = round(st["conflict_fraction"], 6)
     entry.trimmed_fraction = round(st["trimmed_fraction"], 6)
     entry.residual_rank = 0
-    if s.residuals and s.residual_weight > 0 and r < min(m, n):
+    if want_residuals:
         factors = []
         kept = 0.0
-        for i in range(k):
-            uu, ss, vv = residual_lowrank(ts, i, u, c[i], v, s.residual_rank, salt * 131 + i)
+        for i, (uu, ss, vv) in enumerate(residuals_lowrank(ts, u, c, v, s.residual_rank, salt * 131)):
             kept += float(ss.pow(2).sum())
             factors.append((uu, ss * weights[i], vv))
+        if not ts.exact:
+            ts.low = ts.low.new_empty(0)
         merged = merged + s.residual_weight * overlap_normalised_sum(factors)
         entry.residual_rank = int(factors[0][1].numel())
         entry.residual_energy_kept = round(kept / total, 6) if total > 0 else 0.0
