@@ -28,8 +28,8 @@ Protocol (issue 12):
   ``seed mod D`` has no calibration data).
 - **Scenarios.** ``shared``: experts from one init, which is the base; ``different``: each
   expert from its own init, methods that need a base get the experts' mean (``[ref=mean]``).
-- **Ablations.** PivotMerge with each stage flipped from its default, in both modes, each
-  with the same validation search.
+- **Ablations.** PivotMerge with each stage flipped from its default, in both modes, at the
+  value PivotMerge's own search chose on that seed (one stage changed, nothing else).
 - **Statistics.** Mean ± std over seeds; PivotMerge's paired difference (same seed) to the
   best other row of its group and to each other row, with a 95 % Student-t interval; the
   ratio to the jointly trained projector.
@@ -155,7 +155,7 @@ def configs(methods: list[type[MergeMethod]], scenario: str, factors: Sequence[f
         out.append(Config("pivotmerge (data)", "pivotmerge", {"alm": "data"}, "data-driven",
                           search_of(cls, factors, DATA_SEARCH, quick), pm_ref))
         for what, p in stage_ablations(cls, "data"):
-            s = search_of(cls, factors, "scale" if p.get("alm") == "data-lambda" else DATA_SEARCH, quick)
+            s = search_of(cls, factors, DATA_SEARCH, quick)
             out.append(Config(f"pivotmerge (data): {what}", "pivotmerge", {"alm": "data", **p}, "data-driven",
                               s, pm_ref, {"ablation": True}))
     return out
@@ -231,6 +231,7 @@ class SeedRun:
         for regime in ["data-free", *regimes]:
             cal = None if regime == "data-free" else make_calibration(self.world, regime, self.seed)
             group = "data-free" if regime == "data-free" else "data-driven"
+            chosen_main: dict[str, Any] = {}  # PivotMerge's validation choice in this group
             for c in (c for c in cfgs if c.group == group):
                 t = time.time()
 
@@ -239,7 +240,7 @@ class SeedRun:
                                             calibration=cal, seed=self.seed, names=names)
                 row = Row(c.label, "merge", c.method, group, c.search[0] if c.search else "")
                 try:
-                    rec = self.tune(do, c)
+                    rec = self.tune(do, c, chosen_main)
                 except PivotMergeError as exc:
                     put(regime, row, {"error": str(exc)})
                     log(f"  {tag} {regime} {c.label}: n/a ({exc})")
@@ -250,12 +251,19 @@ class SeedRun:
                     f"(chosen {rec.get('chosen')}, default {rec['default_test']['mean'][MAIN]:.3f})")
         return tables
 
-    def tune(self, do: Any, c: Config) -> dict[str, Any]:
-        """The validation search of one row; test scores of the chosen and default settings."""
+    def tune(self, do: Any, c: Config, chosen_main: dict[str, Any]) -> dict[str, Any]:
+        """The validation search of one row; test scores of the chosen and default settings.
+        An ablation row is not searched: it flips one stage of PivotMerge's row at the value
+        that row's search chose (``chosen_main``), everything else identical."""
         default = do({})
         rec: dict[str, Any] = {"params": c.params, "default_test": summary_of(self.eval(default.projector, self.test, False))}
         chosen = default
-        if c.search is not None:
+        if c.extra.get("ablation"):
+            if c.search is not None and c.search[0] in chosen_main:
+                fixed = {c.search[0]: chosen_main[c.search[0]]}
+                chosen = do(fixed)
+                rec["fixed"] = fixed
+        elif c.search is not None:
             name, values = c.search
             best: tuple[float, Any, Any] | None = None
             val_scores = {}
@@ -268,6 +276,8 @@ class SeedRun:
             assert best is not None
             chosen = best[2]
             rec.update(chosen=best[1], val_scores=val_scores)
+            if c.method == "pivotmerge":
+                chosen_main[name] = best[1]
         rec["test"] = summary_of(self.eval(chosen.projector, self.test, True))
         if c.method == "pivotmerge" and not c.extra.get("ablation"):
             rec["report"] = jsonable(chosen.report)

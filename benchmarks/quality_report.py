@@ -75,7 +75,13 @@ def table(rows: dict[str, Row], domains: list[str]) -> str:
         cells.append(fmt([s["test"]["mean"]["retrieval_accuracy"] for s in ok]))
         cells.append(fmt([s["test"]["mean"]["nll"] for s in ok]))
         chosen = sorted({s["chosen"] for s in ok if s.get("chosen") is not None})
-        cells.append(f"{row.tuned_param} ∈ {{{', '.join(f'{c:g}' for c in chosen)}}}" if chosen else "")
+        fixed = sorted({v for s in ok for v in (s.get("fixed") or {}).values()})
+        if chosen:
+            cells.append(f"{row.tuned_param} ∈ {{{', '.join(f'{c:g}' for c in chosen)}}}")
+        elif fixed:
+            cells.append(f"PivotMerge's {row.tuned_param} ∈ {{{', '.join(f'{c:g}' for c in fixed)}}}")
+        else:
+            cells.append("")
         lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
