@@ -115,7 +115,7 @@ class NeedsBaseError(MethodError):
         super().__init__(
             f"method '{method}' computes task vectors and needs the shared init checkpoint: "
             "set base_model in the recipe (or the Base slot in the app), or pick a base-free "
-            "method (linear, regmean, pivotmerge)"
+            "method (linear, regmean, regmean_pp, prodistill, pivotmerge)"
         )
         self.method = method
 
