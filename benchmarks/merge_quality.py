@@ -358,15 +358,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only-seed", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--rows-out", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    ap.add_argument("--from-json", type=Path, default=None, help="print the tables of a saved --json run")
+    ap.add_argument("--from-json", type=Path, nargs="+", default=None,
+                    help="print the tables of saved --json run(s) (several: seeds combined; with --json, saved)")
     args = ap.parse_args(argv)
-    if args.from_json is not None:
-        doc = json.loads(args.from_json.read_text())
+    if args.from_json:
         results: dict = {}
-        merge_rows(results, {sc: {t: {r["label"]: r for r in rows} for t, rows in tables.items()}
-                             for sc, tables in doc["scenarios"].items()})
-        print("\n".join(render(results, doc["domains"], doc["seeds"], doc.get("world", "demo"))))
-        print(f"_elapsed {doc['elapsed_s']:.0f} s; command: {doc['command']}_")
+        docs = [json.loads(p.read_text()) for p in args.from_json]
+        seeds_all: list[int] = []
+        for doc in docs:  # runs of different seeds (same world and protocol) combine
+            merge_rows(results, {sc: {t: {r["label"]: r for r in rows} for t, rows in tables.items()}
+                                 for sc, tables in doc["scenarios"].items()})
+            seeds_all += [s for s in doc["seeds"] if s not in seeds_all]
+        print("\n".join(render(results, docs[0]["domains"], seeds_all, docs[0].get("world", "demo"))))
+        for doc in docs:
+            print(f"_elapsed {doc['elapsed_s']:.0f} s; command: {doc['command']}_")
+        if args.json:  # the combined run, in the same format
+            combined = {**docs[0], "seeds": seeds_all, "elapsed_s": sum(d["elapsed_s"] for d in docs),
+                        "command": " ; ".join(d["command"] for d in docs),
+                        "scenarios": {sc: {t: [r.__dict__ for r in rows.values()] for t, rows in tables.items()}
+                                      for sc, tables in results.items()}}
+            args.json.write_text(json.dumps(jsonable(combined), indent=1))
         return 0
     torch.set_num_threads(args.threads)
     t0 = time.time()
