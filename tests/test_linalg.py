@@ -211,3 +211,19 @@ def test_gram_top_eigvecs_float32_matches_float64_subspace(right):
         assert q32.dtype == torch.float32 and q32.shape == q64.shape
         proj = q32.double() @ q32.double().T - q64 @ q64.T
         assert float(torch.linalg.matrix_norm(proj, ord=2)) < 1e-4
+
+
+def test_sketch_eigh_both_matches_the_exact_eigenpairs_of_a_low_rank_stack():
+    """Both sides of an exactly rank-6 stack come back exactly (right side from the left
+    side's Rayleigh-Ritz rows, no Gaussian pass of its own)."""
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(70, 6, generator=g), torch.randn(6, 50, generator=g)
+    taus = torch.stack([a @ torch.randn(6, 6, generator=g) @ b for _ in range(3)])  # rank 6 on both sides
+    va, ua, vb, ub = linalg.sketch_eigh_both(taus, 12, salt=1, power_iters=1)
+    for vals, vecs, gram in ((va, ua, (taus @ taus.transpose(1, 2)).sum(0)),
+                             (vb, ub, (taus.transpose(1, 2) @ taus).sum(0))):
+        exact = torch.linalg.eigvalsh(gram.double()).flip(0)[:6].float()
+        torch.testing.assert_close(vals[:6], exact, rtol=1e-4, atol=1e-3)
+        proj = vecs[:, :6] @ vecs[:, :6].t()  # the top-6 eigenvectors span the stack's range
+        torch.testing.assert_close(proj @ gram, gram, rtol=0, atol=1e-3 * float(gram.abs().max()))
+        assert float(vals[6:].abs().max()) < 1e-3 * float(vals[0])
