@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_report import MAIN, Row, comparison_lines, table
+from quality_report import MAIN, Row, compact, comparison_lines, table
 
 from pivotmerge_gui.core.calibration import Calibration
 from pivotmerge_gui.core.errors import PivotMergeError
@@ -321,6 +321,9 @@ def render(results: dict, domains: list[str], seeds: list[int], world: str) -> l
     out = [(f"# Merge quality, {world} world ({len(seeds)} whole-world seed(s): {seeds}; main score: test "
            f"{MAIN}, mean over domains; cells: mean ± std over seeds; every row's searched "
            "parameter chosen on validation)"), ""]
+    for scenario, tables in results.items():
+        regimes = [t for t in tables if t not in ("reference", "data-free")]
+        out += [f"## Summary: {scenario} init (test {MAIN}, mean ± std over seeds)", "", compact(tables, regimes), ""]
     for scenario, tables in results.items():
         out += [f"## Scenario: {scenario} init", ""]
         joint = next((r for r in tables.get("reference", {}).values() if r.kind == "joint"), None)

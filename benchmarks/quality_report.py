@@ -131,3 +131,20 @@ def comparison_lines(pm: Row | None, others: list[Row], joint: Row | None, title
             ratio = [scores(pm)[s] / sj[s] for s in common if sj[s] > 0]
             out += ["", f"{pm.label} / jointly trained projector: {fmt(ratio)} (goal >= 0.95)"]
     return out + [""]
+
+
+def compact(tables: dict[str, dict[str, Row]], regimes: list[str]) -> str:
+    """One scenario in one table: a row per configuration, a column per calibration
+    regime (data-free rows fill the first column only); cells = test mean ± std."""
+    head = ["projector", "no calibration", *[f"calibration `{r}`" for r in regimes]]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for row in tables.get("reference", {}).values():
+        if row.kind in ("joint", "base"):
+            lines.append(f"| {row.label} | " + " | ".join([fmt(list(scores(row).values()))] * (len(head) - 1)) + " |")
+    for row in tables.get("data-free", {}).values():
+        lines.append(f"| {row.label} | {fmt(list(scores(row).values()))} |" + " |" * len(regimes))
+    labels = list(dict.fromkeys(lab for r in regimes for lab in tables.get(r, {})))
+    for lab in labels:
+        cells = [fmt(list(scores(tables[r][lab]).values())) if lab in tables.get(r, {}) else "" for r in regimes]
+        lines.append(f"| {lab} | | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
