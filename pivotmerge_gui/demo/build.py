@@ -1,4 +1,8 @@
-"""Rebuild the demo world: ``python -m pivotmerge_gui.demo.build [--out DIR] [--tiny] [--seed N]``.
+"""Rebuild the demo world: ``python -m pivotmerge_gui.demo.build [--out DIR] [--tiny] [--seed N] [--preset P]``.
+
+``--preset`` picks the world (:mod:`.presets`): ``demo`` (default, the shipped one) or a
+larger benchmark-only world (``large``, ``large-unequal``; ``--out`` required), whose
+manifest records ``"preset"``.
 
 Writes, into ``DIR`` (default: the package's ``demo/artifacts``):
 
@@ -17,7 +21,8 @@ examples (seconds; used by a test to keep this script honest).
 
 Determinism: data come from numpy PCG64 streams; training uses seeded torch generators.
 Bit-identical retraining is guaranteed for the same torch build and thread count
-(``torch.set_num_threads`` is fixed to 1 here); the manifest records both.
+(``torch.set_num_threads`` is fixed per preset: 1 for the demo, 2 for the large worlds);
+the manifest records both.
 """
 
 from __future__ import annotations
@@ -32,13 +37,11 @@ from typing import Any
 
 import torch
 
+from ..core.evaluation.backend import CaptionBackend, CaptionSet
 from ..core.io.hashing import sha256_file
-from .data import DOMAINS, SPLIT_SIZES, Tokenizer, generate_all
-from .models import WorldConfig
+from .data import Tokenizer, generate_all, vocabulary
+from .presets import PRESETS, get
 from .train import (
-    BUILD_THREADS,
-    TINY,
-    TrainConfig,
     encode,
     save_expert_set,
     train_encoder,
@@ -48,7 +51,6 @@ from .train import (
 
 FORMAT = "pivotmerge-demo-world"
 FORMAT_VERSION = 1
-TINY_SIZES = {"train": 32, "val": 12, "test": 12}
 
 
 def _save_safetensors(module: torch.nn.Module, path: Path) -> None:
@@ -62,25 +64,31 @@ def _save_safetensors(module: torch.nn.Module, path: Path) -> None:
 
 
 def build(out: Path, *, tiny: bool = False, seed: int = 0, data_seed: int = 0,
-          log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train the whole world and write it to ``out``; returns the manifest."""
+          log: Callable[[str], None] | None = None, preset: str = "demo") -> dict[str, Any]:
+    """Train the whole world of ``preset`` (see :mod:`.presets`) and write it to ``out``;
+    returns the manifest."""
+    pre = get(preset)
     threads = torch.get_num_threads()
-    torch.set_num_threads(BUILD_THREADS)
+    torch.set_num_threads(pre.threads)
     try:
-        return _build(out, tiny=tiny, seed=seed, data_seed=data_seed, log=log)
+        return _build(out, tiny=tiny, seed=seed, data_seed=data_seed, log=log, preset=preset)
     finally:
         torch.set_num_threads(threads)
 
 
 def _build(out: Path, *, tiny: bool, seed: int, data_seed: int,
-           log: Callable[[str], None] | None) -> dict[str, Any]:
+           log: Callable[[str], None] | None, preset: str) -> dict[str, Any]:
+    from dataclasses import replace
+
     t_start = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer()
-    wcfg = WorldConfig(vocab_size=len(tok))
-    tcfg = TINY if tiny else TrainConfig()
-    sizes = TINY_SIZES if tiny else SPLIT_SIZES
-    train = generate_all("train", sizes["train"], data_seed)
+    pre = get(preset)
+    domains = list(pre.domains)
+    tok = Tokenizer(vocabulary(domains))
+    wcfg = replace(pre.world, vocab_size=len(tok))
+    tcfg = pre.tiny if tiny else pre.train
+    sizes = pre.tiny_sizes if tiny else pre.split_sizes
+    train = generate_all("train", sizes["train"], data_seed, domains)
     timings: dict[str, float] = {}
 
     t = time.time()
@@ -89,8 +97,8 @@ def _build(out: Path, *, tiny: bool, seed: int, data_seed: int,
     t = time.time()
     lm = train_lm(wcfg, tcfg, train, tok, seed, log)
     timings["lm_s"] = time.time() - t
-    feats = {d: encode(enc, train[d].images) for d in DOMAINS}
-    caps = {d: train[d].captions for d in DOMAINS}
+    feats = {d: encode(enc, train[d].images) for d in domains}
+    caps = {d: train[d].captions for d in domains}
     t = time.time()
     es = train_experts(wcfg, tcfg, lm, feats, caps, tok, seed, log)
     timings["projectors_s"] = time.time() - t
@@ -102,28 +110,50 @@ def _build(out: Path, *, tiny: bool, seed: int, data_seed: int,
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        # the shipped demo's manifest has no "preset" key (it predates presets)
+        **({} if preset == "demo" else {"preset": preset}),
         "tiny": tiny,
         "seed": seed,
         "data_seed": data_seed,
         "split_sizes": dict(sizes),
-        "domains": list(DOMAINS),
+        "domains": domains,
         "vocabulary": tok.words,
         "world_config": wcfg.to_dict(),
         "train_config": tcfg.to_dict(),
         **tables,
         "files": {p.relative_to(out).as_posix(): sha256_file(p) for p in files},
         "torch_version": torch.__version__,
-        "threads": BUILD_THREADS,
+        "threads": pre.threads,
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    # specialisation check on the validation split, through the real loaders
-    from .kit import specialisation_matrix
+    # specialisation check on the validation split, projectors through the real loader
+    from .backend import DemoBackend
 
-    manifest["validation_token_accuracy"] = specialisation_matrix(out, split="val")
+    backend = DemoBackend(enc, lm, tok)
+    val = generate_all("val", sizes["val"], data_seed, domains)
+    sets = {d: CaptionSet(x.images, list(x.captions), backend.encode_images(x.images)) for d, x in val.items()}
+    experts = {sc: {d: out / rel for d, rel in tables["experts"][sc].items()} for sc in ("shared", "different")}
+    manifest["validation_token_accuracy"] = specialisation_matrix_of(backend, sets, experts, out / tables["joint"])
     manifest["timings"]["total_s"] = round(time.time() - t_start, 2)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
+
+
+def specialisation_matrix_of(backend: CaptionBackend, sets: dict[str, CaptionSet],
+                             experts: dict[str, dict[str, Path]], joint: Path) -> dict[str, Any]:
+    """Token accuracy (greedy captions) of every expert file (``{scenario: {domain: path}}``)
+    and of the joint projector on every set, each loaded by the project's real loader."""
+    from ..core.evaluation.metrics import evaluate
+    from ..core.io import load_projector
+
+    def scores(path: Path) -> dict[str, float]:
+        res = evaluate(backend, load_projector(str(path)), sets, parts=("generate",))
+        return {d: round(m.token_accuracy or 0.0, 4) for d, m in res.per_domain.items()}
+
+    out: dict[str, Any] = {sc: {dom: scores(p) for dom, p in table.items()} for sc, table in experts.items()}
+    out["joint"] = scores(joint)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,21 +162,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="a few training steps on a few examples (seconds)")
     ap.add_argument("--seed", type=int, default=0, help="training seed (encoder, LM, projectors)")
     ap.add_argument("--data-seed", type=int, default=0, help="seed of the generated data")
+    ap.add_argument("--preset", choices=list(PRESETS), default="demo",
+                    help="which world: the shipped 'demo' or a larger benchmark world (see demo/presets.py)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
-    from .kit import artifacts_dir
-
-    out = args.out or artifacts_dir()
+    if args.out is None and args.preset != "demo":
+        ap.error("--out is required for a preset other than 'demo' (the shipped artifacts are the demo world)")
+    out = args.out or Path(__file__).resolve().parent / "artifacts"  # = kit.artifacts_dir()
     log = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    manifest = build(out, tiny=args.tiny, seed=args.seed, data_seed=args.data_seed, log=log)
+    manifest = build(out, tiny=args.tiny, seed=args.seed, data_seed=args.data_seed, log=log, preset=args.preset)
     if not args.quiet:
         acc = manifest["validation_token_accuracy"]
+        doms = manifest["domains"]
         print(f"wrote {out} in {manifest['timings']['total_s']} s")
         for scenario in ("shared", "different"):
-            print(f"{scenario}: validation token accuracy (rows: expert, cols: {', '.join(DOMAINS)})")
-            for dom in DOMAINS:
-                print(f"  {dom:8s} " + " ".join(f"{acc[scenario][dom][d]:.3f}" for d in DOMAINS))
-        print("  joint    " + " ".join(f"{acc['joint'][d]:.3f}" for d in DOMAINS))
+            print(f"{scenario}: validation token accuracy (rows: expert, cols: {', '.join(doms)})")
+            for dom in doms:
+                print(f"  {dom:8s} " + " ".join(f"{acc[scenario][dom][d]:.3f}" for d in doms))
+        print("  joint    " + " ".join(f"{acc['joint'][d]:.3f}" for d in doms))
     return 0
 
 

@@ -6,6 +6,12 @@ own caption template, but all captions share one small word-level vocabulary (co
 words appear in three domains), so experts trained on different domains really do
 compete for the same projector output space.
 
+Two more domains exist for the larger benchmark world only (preset ``large``, see
+:mod:`.presets`): ``relation`` (two objects and where the first is relative to the
+second: "the red square is left of the blue circle") and ``digits`` (three coloured
+digit glyphs read as number words: "a red number reading two five one"). Their words
+are appended after the demo's, so the demo's vocabulary and token ids do not change.
+
 Images are float32 RGB tensors ``[3, 16, 16]`` in ``[0, 1]``. Everything is drawn with a
 numpy ``PCG64`` generator seeded from ``(seed, domain, split)``, so the same arguments
 give bit-identical data on every machine (no torch RNG involved).
@@ -30,6 +36,10 @@ PATCH = 4
 NUM_PATCHES = (IMAGE_SIZE // PATCH) ** 2  # 16 image tokens, like LLaVA's 576 in miniature
 
 DOMAINS: tuple[str, ...] = ("shapes", "text", "count", "texture")
+# Opt-in domains of the larger benchmark world (preset "large", see :mod:`.presets`):
+# never part of the shipped demo, whose data, vocabulary and token ids stay as they are.
+EXTRA_DOMAINS: tuple[str, ...] = ("relation", "digits")
+ALL_DOMAINS: tuple[str, ...] = DOMAINS + EXTRA_DOMAINS
 
 COLORS: dict[str, tuple[float, float, float]] = {
     "red": (0.86, 0.16, 0.16),
@@ -68,16 +78,34 @@ FONT: dict[str, tuple[str, ...]] = {
 }
 LETTERS = tuple(FONT)
 
+# Digit glyphs 1..6 in the same 3x5 style (the "digits" domain reads them as number words).
+DIGIT_FONT: dict[str, tuple[str, ...]] = {
+    "one": (".#.", "##.", ".#.", ".#.", "###"),
+    "two": ("##.", "..#", ".#.", "#..", "###"),
+    "three": ("##.", "..#", ".#.", "..#", "##."),
+    "four": ("#.#", "#.#", "###", "..#", "..#"),
+    "five": ("###", "#..", "##.", "..#", "##."),
+    "six": (".##", "#..", "###", "#.#", "###"),
+}
+RELATIONS: dict[str, tuple[str, ...]] = {"left": ("left", "of"), "right": ("right", "of"),
+                                          "above": ("above",), "below": ("below",)}
+
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<blank>", "<unk>")
 _TEMPLATE_WORDS = ("a", "at", "the", "text", "reading", "there", "is", "are", "dot", "dots",
                    "texture", "of", "and", "top", "bottom", "left", "right")
 
 
-def vocabulary() -> list[str]:
-    """The shared word list (specials first; order fixes token ids)."""
+# words only the extra domains use; appended after the demo's words (demo ids unchanged)
+_EXTRA_WORDS: dict[str, tuple[str, ...]] = {"relation": ("above", "below"), "digits": ("number",)}
+
+
+def vocabulary(domains: Sequence[str] = DOMAINS) -> list[str]:
+    """The shared word list (specials first; order fixes token ids). Words of the extra
+    domains come after the demo's, so every demo word keeps its id in a larger world."""
     words: list[str] = list(SPECIALS)
+    extra = tuple(w for d in EXTRA_DOMAINS if d in domains for w in _EXTRA_WORDS[d])
     for group in (_TEMPLATE_WORDS, tuple(COLORS), SHAPES, LETTERS, NUMBERS,
-                  tuple(w for ws in PATTERNS.values() for w in ws)):
+                  tuple(w for ws in PATTERNS.values() for w in ws), extra):
         for w in group:
             if w not in words:
                 words.append(w)
@@ -180,6 +208,13 @@ def _make_shapes(rng: np.random.Generator) -> tuple[np.ndarray, str, list[str]]:
     return img, f"a {color} {shape} at the {vpos} {hpos}", [color, shape, vpos, hpos]
 
 
+def _draw_glyph(img: np.ndarray, glyph: Sequence[str], y: int, x: int, ink: np.ndarray) -> None:
+    for r, row in enumerate(glyph):
+        for c, px in enumerate(row):
+            if px == "#":
+                img[y + r, x + c] = ink
+
+
 def _make_text(rng: np.random.Generator) -> tuple[np.ndarray, str, list[str]]:
     img = _background(rng)
     ink = np.clip(rng.uniform(0.7, 1.0, size=3), 0, 1).astype(np.float32)
@@ -188,11 +223,7 @@ def _make_text(rng: np.random.Generator) -> tuple[np.ndarray, str, list[str]]:
     jitter = int(rng.integers(0, 2))
     y = int(rng.integers(1, IMAGE_SIZE - 5))
     for i, ch in enumerate(letters):
-        x = PATCH * i + jitter
-        for r, row in enumerate(FONT[ch]):
-            for c, px in enumerate(row):
-                if px == "#":
-                    img[y + r, x + c] = ink
+        _draw_glyph(img, FONT[ch], y, PATCH * i + jitter, ink)
     return img, "text reading " + " ".join(letters), letters
 
 
@@ -232,7 +263,44 @@ def _make_texture(rng: np.random.Generator) -> tuple[np.ndarray, str, list[str]]
     return img, f"a texture of {c1} and {c2} " + " ".join(words), [c1, c2, *words]
 
 
-_MAKERS = {"shapes": _make_shapes, "text": _make_text, "count": _make_count, "texture": _make_texture}
+def _make_relation(rng: np.random.Generator) -> tuple[np.ndarray, str, list[str]]:
+    """Two objects and where the first is relative to the second: the caption needs both
+    objects' colour and shape bound to their relative position (``shapes`` only ever
+    places one object in a quadrant)."""
+    img = _background(rng)
+    c1, c2 = (str(c) for c in rng.choice(list(COLORS), size=2, replace=False))
+    s1, s2 = (str(s) for s in rng.choice(SHAPES, size=2, replace=False))
+    rel = str(rng.choice(list(RELATIONS)))
+    size = 5
+    # the first object on one side of the image, the second on the other; the other axis free
+    near, far = int(rng.integers(0, 3)), int(rng.integers(8, 11))
+    a, b = int(rng.integers(0, IMAGE_SIZE - size + 1)), int(rng.integers(0, IMAGE_SIZE - size + 1))
+    first_lo = rel in ("left", "above")
+    p1, p2 = (near, far) if first_lo else (far, near)
+    horizontal = rel in ("left", "right")
+    (y1, x1), (y2, x2) = ((a, p1), (b, p2)) if horizontal else ((p1, a), (p2, b))
+    img[y1:y1 + size, x1:x1 + size][_shape_mask(s1, size)] = _rgb(c1)
+    img[y2:y2 + size, x2:x2 + size][_shape_mask(s2, size)] = _rgb(c2)
+    words = RELATIONS[rel]
+    caption = f"the {c1} {s1} is {' '.join(words)} the {c2} {s2}"
+    return img, caption, [c1, s1, rel, c2, s2]
+
+
+def _make_digits(rng: np.random.Generator) -> tuple[np.ndarray, str, list[str]]:
+    """Three coloured digit glyphs read as number words: the glyphs are new to every other
+    domain (``text`` has letters only) and the words are shared with ``count``."""
+    img = _background(rng)
+    color = str(rng.choice(list(COLORS)))
+    digits = [str(rng.choice(NUMBERS)) for _ in range(3)]
+    jitter = int(rng.integers(0, 2))
+    y = int(rng.integers(1, IMAGE_SIZE - 5))
+    for i, num in enumerate(digits):
+        _draw_glyph(img, DIGIT_FONT[num], y, PATCH * i + jitter + 2, _rgb(color))
+    return img, f"a {color} number reading " + " ".join(digits), [color, *digits]
+
+
+_MAKERS = {"shapes": _make_shapes, "text": _make_text, "count": _make_count, "texture": _make_texture,
+           "relation": _make_relation, "digits": _make_digits}
 SPLIT_SIZES = {"train": 1024, "val": 128, "test": 256}
 
 
@@ -244,7 +312,7 @@ def generate(domain: str, split: str, n: int | None = None, seed: int = 0,
     images (captions can repeat: the caption space of a domain is small by design).
     """
     if domain not in _MAKERS:
-        raise ValueError(f"unknown demo domain '{domain}'; known: {', '.join(DOMAINS)}")
+        raise ValueError(f"unknown demo domain '{domain}'; known: {', '.join(ALL_DOMAINS)}")
     n = SPLIT_SIZES[split] if n is None else int(n)
     rng = _rng(seed, domain, split)
     imgs, caps, content = [], [], []
@@ -258,9 +326,10 @@ def generate(domain: str, split: str, n: int | None = None, seed: int = 0,
     return DomainData(domain, split, torch.from_numpy(arr.astype(np.float32)), caps, content)
 
 
-def generate_all(split: str, n: int | None = None, seed: int = 0) -> dict[str, DomainData]:
-    """One split of every domain, in :data:`DOMAINS` order."""
-    return {d: generate(d, split, n, seed) for d in DOMAINS}
+def generate_all(split: str, n: int | None = None, seed: int = 0,
+                 domains: Sequence[str] = DOMAINS) -> dict[str, DomainData]:
+    """One split of every domain (default: the demo's :data:`DOMAINS`), in that order."""
+    return {d: generate(d, split, n, seed) for d in domains}
 
 
 def patchify(images: torch.Tensor) -> torch.Tensor:

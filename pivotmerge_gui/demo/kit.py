@@ -147,7 +147,7 @@ class DemoWorld:
         key = (split, n)
         if key not in self._data:
             size = n if n is not None else self.manifest["split_sizes"][split]
-            self._data[key] = generate_all(split, size, self.manifest["data_seed"])
+            self._data[key] = generate_all(split, size, self.manifest["data_seed"], self.domains)
         return self._data[key]
 
     def features(self, split: str = "val", n: int | None = None) -> dict[str, torch.Tensor]:
@@ -233,19 +233,11 @@ def calibration_file(n: int = 64, split: str = "train", root: Path | str | None 
 def specialisation_matrix(root: Path | str | None = None, split: str = "val",
                           n: int | None = None) -> dict[str, Any]:
     """Token accuracy of every expert (and the joint projector) on every domain."""
-    from ..core.evaluation.metrics import evaluate
+    from .build import specialisation_matrix_of
 
     world = load_world(root)
-    sets = world.caption_sets(split, n)
-    out: dict[str, Any] = {}
-    for scenario in SCENARIOS:
-        out[scenario] = {}
-        for dom, proj in load_experts(scenario, root).items():  # type: ignore[arg-type]
-            res = evaluate(world.backend, proj, sets, parts=("generate",))
-            out[scenario][dom] = {d: round(m.token_accuracy or 0.0, 4) for d, m in res.per_domain.items()}
-    res = evaluate(world.backend, load_projector_file(joint_path(root)), sets, parts=("generate",))
-    out["joint"] = {d: round(m.token_accuracy or 0.0, 4) for d, m in res.per_domain.items()}
-    return out
+    experts_ = {sc: experts(sc, root) for sc in SCENARIOS}  # type: ignore[arg-type]
+    return specialisation_matrix_of(world.backend, world.caption_sets(split, n), experts_, joint_path(root))
 
 
 def _cache_root() -> Path:
@@ -281,7 +273,7 @@ def expert_set(seed: int = 0, root: Path | str | None = None, cache_dir: Path | 
 
         world = load_world(r)
         threads = torch.get_num_threads()
-        torch.set_num_threads(BUILD_THREADS)
+        torch.set_num_threads(int(man.get("threads", BUILD_THREADS)))
         try:
             train = world.dataset("train")
             feats = world.features("train")
@@ -302,29 +294,43 @@ def expert_set(seed: int = 0, root: Path | str | None = None, cache_dir: Path | 
     }
 
 
-def world_root(seed: int, cache_dir: Path | str | None = None, log: Any = None) -> Path:
+def world_root(seed: int, cache_dir: Path | str | None = None, log: Any = None,
+               preset: str = "demo") -> Path:
     """A whole demo world of its own (encoder, LM, data and every projector trained from
     ``seed``, data drawn from ``data_seed = seed``): the shipped artifacts for the manifest's
     seed, else built once by :func:`pivotmerge_gui.demo.build.build` into the user cache
     (about 6-7 minutes on one core) and reused. Benchmarks use it to vary the whole world
-    between seeds, not only the projectors' training."""
+    between seeds, not only the projectors' training.
+
+    ``preset`` picks the world (:mod:`.presets`): ``"demo"`` (the shipped one), ``"large"``
+    (6 domains, 256 -> 1024 -> 1024 projectors; about 3-4 minutes on 2 idle cores, far
+    longer on a busy machine) or
+    ``"large-unequal"`` (``large`` with experts trained on 1/8..1x of their data). Only
+    the demo preset ever returns the shipped artifacts."""
     import shutil
     import tempfile
 
-    shipped = manifest(None)
-    if seed == shipped["seed"] and seed == shipped["data_seed"]:
-        return artifacts_dir()
     from .build import FORMAT_VERSION, build
+    from .presets import get
 
+    pre = get(preset)
+    shipped = manifest(None)
+    if preset == "demo" and seed == shipped["seed"] and seed == shipped["data_seed"]:
+        return artifacts_dir()
     folder = Path(cache_dir) if cache_dir is not None else _cache_root().parent / "demo-worlds"
-    key = hashlib_short(json.dumps([FORMAT_VERSION, shipped["train_config"], shipped["world_config"],
-                                    shipped["split_sizes"], torch.__version__.split("+")[0]]))
-    out = folder / f"world-seed{seed}-{key}"
+    if preset == "demo":
+        key = hashlib_short(json.dumps([FORMAT_VERSION, shipped["train_config"], shipped["world_config"],
+                                        shipped["split_sizes"], torch.__version__.split("+")[0]]))
+        out = folder / f"world-seed{seed}-{key}"
+    else:
+        key = hashlib_short(json.dumps([FORMAT_VERSION, preset, pre.domains, pre.train.to_dict(),
+                                        pre.world.to_dict(), pre.split_sizes, torch.__version__.split("+")[0]]))
+        out = folder / f"world-{preset}-seed{seed}-{key}"
     if not (out / "manifest.json").is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".building-seed{seed}-", dir=folder))
+        tmp = Path(tempfile.mkdtemp(prefix=f".building-{preset}-seed{seed}-", dir=folder))
         try:
-            build(tmp, seed=seed, data_seed=seed, log=log)
+            build(tmp, seed=seed, data_seed=seed, log=log, preset=preset)
             if (out / "manifest.json").is_file():  # another process finished first
                 shutil.rmtree(tmp, ignore_errors=True)
             else:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import DOMAINS, NUM_PATCHES, DomainData, Tokenizer, patchify
+from .data import NUM_PATCHES, DomainData, Tokenizer, patchify
 from .models import (
     SlotHead,
     TinyLM,
@@ -59,11 +59,25 @@ class TrainConfig:
     projector_lr: float = 2e-3
     joint_steps_factor: float = 2.0  # the joint projector sees all domains: give it more steps
     batch: int = 64
+    # Opt-in (larger benchmark world only): the fraction of its domain's training examples
+    # and of ``projector_steps`` each expert gets, in domain order; () = every expert all of
+    # them (the demo). The joint projector trains on the union of the experts' subsets.
+    expert_fractions: tuple[float, ...] = ()
 
-    def to_dict(self) -> dict[str, float]:
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "expert_fractions", tuple(float(f) for f in self.expert_fractions))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest's ``train_config``; opt-in fields at their default are left out, so
+        the demo's manifest (and every cache key made from it) is what it always was."""
         from dataclasses import asdict
 
-        return asdict(self)
+        d = asdict(self)
+        if not d["expert_fractions"]:
+            del d["expert_fractions"]
+        else:
+            d["expert_fractions"] = list(d["expert_fractions"])
+        return d
 
 
 TINY = TrainConfig(encoder_steps=8, lm_steps=10, projector_steps=6, batch=16)
@@ -200,24 +214,40 @@ class ExpertSet:
     joint: nn.Module
 
 
+def expert_budget(tcfg: TrainConfig, domains: Sequence[str], sizes: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """(training examples, steps) of each domain's expert: everything, or the configured
+    fractions (at least one example and one step each)."""
+    fracs = tcfg.expert_fractions or (1.0,) * len(domains)
+    if len(fracs) != len(domains):
+        raise ValueError(f"expert_fractions has {len(fracs)} entries for {len(domains)} domains")
+    return {d: (max(1, round(f * sizes[d])), max(1, round(f * tcfg.projector_steps)))
+            for d, f in zip(domains, fracs)}
+
+
 def train_experts(cfg: WorldConfig, tcfg: TrainConfig, lm: TinyLM,
                   features: dict[str, torch.Tensor], captions: dict[str, list[str]],
                   tok: Tokenizer, seed: int, log: Log | None = None) -> ExpertSet:
-    """One expert per domain from a shared init and from separate inits, plus the joint
-    projector (from the shared init, all domains). Seeds are derived from ``seed`` so a
-    different ``seed`` is an independent training run of every projector."""
+    """One expert per domain (the keys of ``features``, in order) from a shared init and
+    from separate inits, plus the joint projector (from the shared init, all domains).
+    Seeds are derived from ``seed`` so a different ``seed`` is an independent training run
+    of every projector."""
     s = 10_000 + 100 * seed
     base = make_projector(cfg, s)
+    domains = list(features)
+    budget = expert_budget(tcfg, domains, {d: len(features[d]) for d in domains})
+    features = {d: features[d][: budget[d][0]] for d in domains}
+    captions = {d: list(captions[d][: budget[d][0]]) for d in domains}
     shared, different, inits = {}, {}, {}
-    for k, dom in enumerate(DOMAINS):
-        shared[dom] = train_projector(base, lm, features[dom], captions[dom], tok, tcfg.projector_steps,
+    for k, dom in enumerate(domains):
+        steps = budget[dom][1]
+        shared[dom] = train_projector(base, lm, features[dom], captions[dom], tok, steps,
                                       tcfg.projector_lr, tcfg.batch, s + 1 + k, log, f"shared/{dom}")
         inits[dom] = make_projector(cfg, s + 11 + k)
         different[dom] = train_projector(inits[dom], lm, features[dom], captions[dom], tok,
-                                         tcfg.projector_steps, tcfg.projector_lr, tcfg.batch,
+                                         steps, tcfg.projector_lr, tcfg.batch,
                                          s + 21 + k, log, f"different/{dom}")
-    all_feats = torch.cat([features[d] for d in DOMAINS])
-    all_caps = [c for d in DOMAINS for c in captions[d]]
+    all_feats = torch.cat([features[d] for d in domains])
+    all_caps = [c for d in domains for c in captions[d]]
     joint = train_projector(base, lm, all_feats, all_caps, tok,
                             int(tcfg.projector_steps * tcfg.joint_steps_factor), tcfg.projector_lr,
                             tcfg.batch, s + 31, log, "joint")
@@ -236,7 +266,7 @@ def save_expert_set(es: ExpertSet, out: Path) -> dict[str, Any]:
     paths: dict[str, Any] = {"shared": {}, "different": {}}
     base = Path("shared") / "base" / PROJECTOR_FILE
     save_projector_bin(es.base, out / base)
-    for dom in DOMAINS:
+    for dom in es.shared:
         for scenario, table in (("shared", es.shared), ("different", es.different)):
             rel = Path(scenario) / dom / PROJECTOR_FILE
             save_projector_bin(table[dom], out / rel)
