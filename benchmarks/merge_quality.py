@@ -114,7 +114,10 @@ def search_of(cls: type[MergeMethod], factors: Sequence[float], name: str | None
     vals: list[Any] = []
     for f in factors:
         v = float(p.default) * f
-        v = min(max(v, float(p.min)) if p.min is not None else v, float(p.max)) if p.max is not None else v
+        if p.min is not None:
+            v = max(v, float(p.min))
+        if p.max is not None:
+            v = min(v, float(p.max))
         if round(v, 4) not in vals:
             vals.append(round(v, 4))
     return p.name, vals
@@ -406,8 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for seed in seeds:
             merge_rows(results, SeedRun(args, seed, methods).run(scenarios, regimes))
-    domains = kit.load_world(args.artifacts if args.artifacts is not None and args.world == "demo" else
-                             kit.world_root(seeds[0], **({} if args.world == "demo" else {"preset": args.world}))).domains
+    # the domains of the world(s) the rows were scored on (every expert row names its domain)
+    domains = [r.label.removeprefix("expert: ") for r in next(iter(results.values()))["reference"].values()
+               if r.kind == "expert"]
     elapsed = time.time() - t0
     lines = render(results, domains, seeds, args.world)
     lines.append(f"_elapsed {elapsed:.0f} s, torch threads {args.threads}_")

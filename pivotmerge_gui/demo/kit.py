@@ -214,14 +214,12 @@ def calibration_file(n: int = 64, split: str = "train", root: Path | str | None 
     patch token), made once by the same code as ``pivotmerge calibrate`` (the demo's
     encoder through :func:`...core.calibration.compute.compute_calibration`) into the user
     cache, keyed by the world's file hashes; its features equal :func:`calibration`'s."""
-    import hashlib
-
     from .calibration import build_demo_calibration
 
     r = _root(root)
     man = manifest(r)
-    key = hashlib.sha256(json.dumps([man["files"].get("vision_encoder.safetensors"), man["data_seed"],
-                                     split, n], sort_keys=True).encode()).hexdigest()[:16]
+    key = _short_hash(json.dumps([man["files"].get("vision_encoder.safetensors"), man["data_seed"],
+                                  split, n], sort_keys=True), 16)
     folder = Path(cache_dir) if cache_dir is not None else _cache_root().parent / "demo-calibration"
     path = folder / f"demo-{split}-{n}-{key}.safetensors"
     if not path.is_file():
@@ -255,8 +253,6 @@ def expert_set(seed: int = 0, root: Path | str | None = None, cache_dir: Path | 
     cache), keyed by the world's file hashes, and reused afterwards. Returns ``{"shared": {domain: Path}, "different": {...}, "base": {"shared":
     Path}, "joint": Path, "root": Path}``.
     """
-    import hashlib
-
     r = _root(root)
     man = manifest(r)
     if seed == man["seed"]:
@@ -265,7 +261,7 @@ def expert_set(seed: int = 0, root: Path | str | None = None, cache_dir: Path | 
     key_src = json.dumps([man["files"].get("vision_encoder.safetensors"),
                           man["files"].get("language_model.safetensors"),
                           man["train_config"], man["split_sizes"], man["data_seed"]], sort_keys=True)
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    key = _short_hash(key_src, 16)
     out = Path(cache_dir) if cache_dir is not None else _cache_root() / key / f"seed{seed}"
     index = out / "expert_set.json"
     if not index.is_file():
@@ -319,12 +315,12 @@ def world_root(seed: int, cache_dir: Path | str | None = None, log: Any = None,
         return artifacts_dir()
     folder = Path(cache_dir) if cache_dir is not None else _cache_root().parent / "demo-worlds"
     if preset == "demo":
-        key = hashlib_short(json.dumps([FORMAT_VERSION, shipped["train_config"], shipped["world_config"],
-                                        shipped["split_sizes"], torch.__version__.split("+")[0]]))
+        key = _short_hash(json.dumps([FORMAT_VERSION, shipped["train_config"], shipped["world_config"],
+                                      shipped["split_sizes"], torch.__version__.split("+")[0]]))
         out = folder / f"world-seed{seed}-{key}"
     else:
-        key = hashlib_short(json.dumps([FORMAT_VERSION, preset, pre.domains, pre.train.to_dict(),
-                                        pre.world.to_dict(), pre.split_sizes, torch.__version__.split("+")[0]]))
+        key = _short_hash(json.dumps([FORMAT_VERSION, preset, pre.domains, pre.train.to_dict(),
+                                      pre.world.to_dict(), pre.split_sizes, torch.__version__.split("+")[0]]))
         out = folder / f"world-{preset}-seed{seed}-{key}"
     if not (out / "manifest.json").is_file():
         folder.mkdir(parents=True, exist_ok=True)
@@ -342,7 +338,9 @@ def world_root(seed: int, cache_dir: Path | str | None = None, log: Any = None,
     return out
 
 
-def hashlib_short(text: str) -> str:
+def _short_hash(text: str, length: int = 12) -> str:
+    """The first ``length`` hex digits of the sha256 of ``text``: the cache keys of the demo
+    calibration file, of expert sets and of whole worlds."""
     import hashlib
 
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    return hashlib.sha256(text.encode()).hexdigest()[:length]

@@ -53,6 +53,11 @@ from .base import MergeJob, MergeMethod, MergeOutput, Param, register
 from .regmean import data_report, expert_features
 from .regmean_pp import averaged_state, merged_inputs, progressive_layers
 
+RIDGE = Param("ridge", float, 0.01,
+              "pull towards the weight average, relative to the mean eigenvalue of the "
+              "layer inputs' second moment (0 = plain least squares)",
+              min=0.0, search=(0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0))
+
 
 def with_ones(h: torch.Tensor, bias: bool) -> torch.Tensor:
     return torch.cat([h, h.new_ones(h.shape[0], 1)], 1) if bias else h
@@ -72,21 +77,18 @@ class ProDistill(MergeMethod):
     )
     needs_calibration = True
     uses_calibration = True
-    params = (
-        Param("ridge", float, 0.01,
-              "pull towards the weight average, relative to the mean eigenvalue of the "
-              "layer inputs' second moment (0 = plain least squares)",
-              min=0.0, search=(0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)),
-    )
+    params = (RIDGE,)
 
     def merge(self, job: MergeJob) -> Generator[ProgressEvent, None, MergeOutput]:
-        ridge = float(job.params.get("ridge", 0.01))
+        ridge = float(job.params.get("ridge", RIDGE.default))
         xs, names, missing = expert_features(job, self.name)
         w = job.expert_weights
         total_w = sum(w)
         ref = job.experts[0]
         state = averaged_state(job)
         layers = progressive_layers(ref)
+        with torch.no_grad():  # each expert's own stream: the inputs of every layer, once
+            own_inputs = [expert.forward_with_inputs(x, capture=True)[1] for expert, x in zip(job.experts, xs)]
         steps = max(1, len(layers) * len(xs))
         fits: list[dict[str, Any]] = []
         for li, lname in enumerate(layers):
@@ -102,10 +104,9 @@ class ProDistill(MergeMethod):
                 yield ProgressEvent("merge", (li * len(xs) + k) / steps,
                                     f"ProDistill: layer {lname}, distilling {names[k]}")
                 a = with_ones(merged_inputs(ref, state, lname, x), has_bias).double()
-                with torch.no_grad():  # expert k's own stream and its own layer l
-                    own = expert.forward_with_inputs(x, capture=True)[1][lname]
-                    el = expert.layer(lname)
-                    y = F.linear(own, el.weight, el.bias).reshape(-1, d_out).double()
+                el = expert.layer(lname)  # expert k's own layer l on its own stream
+                with torch.no_grad():
+                    y = F.linear(own_inputs[k][lname], el.weight, el.bias).reshape(-1, d_out).double()
                 c = w[k] / (a.shape[0] * total_w)
                 m += c * (a.T @ a)
                 r += c * (a.T @ y)

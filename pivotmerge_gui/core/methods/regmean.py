@@ -123,7 +123,7 @@ class RegMean(MergeMethod):
     params = (ALPHA,)
 
     def merge(self, job: MergeJob) -> Generator[ProgressEvent, None, MergeOutput]:
-        alpha = float(job.params.get("alpha", 0.6))
+        alpha = float(job.params.get("alpha", ALPHA.default))
         xs, names, missing = expert_features(job, self.name)
         k_count = len(job.experts)
         w = job.expert_weights
