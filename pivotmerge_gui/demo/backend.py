@@ -90,12 +90,16 @@ class DemoBackend(CaptionBackend):
             prefix = self._prefix(projector, features[b])
             ids = torch.full((len(prefix), 1), self.tok.bos_id, dtype=torch.long)
             done = torch.zeros(len(prefix), dtype=torch.bool)
+            step_in = torch.cat([prefix, self.lm.embed(ids)], dim=1)
+            cache = None
             for _ in range(max_new_tokens):
-                nxt = caption_logits(self.lm, prefix, ids)[:, -1].argmax(-1)
+                logits, cache = self.lm.step(step_in, cache)  # KV cache: only the new token runs
+                nxt = logits[:, -1].argmax(-1)
                 nxt = torch.where(done, torch.full_like(nxt, self.tok.eos_id), nxt)
                 ids = torch.cat([ids, nxt[:, None]], dim=1)
                 done |= nxt == self.tok.eos_id
                 if bool(done.all()):
                     break
+                step_in = self.lm.embed(nxt[:, None])
             out.extend(self.tok.decode(row[1:]) for row in ids.tolist())
         return out

@@ -30,6 +30,7 @@ from torch import nn
 from .data import NUM_PATCHES, PATCH
 
 PROJECTOR_PREFIX = "model.mm_projector."
+KV = tuple[torch.Tensor, torch.Tensor]  # one block's cached keys and values [B, heads, T, d/heads]
 
 
 @dataclass(frozen=True)
@@ -67,17 +68,27 @@ class Block(nn.Module):
         self.ff1 = nn.Linear(d, ff)
         self.ff2 = nn.Linear(ff, d)
 
-    def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.step(x)[0]
+
+    def step(self, x: torch.Tensor, past: KV | None = None) -> tuple[torch.Tensor, KV]:
+        """The block on ``x`` [B, t, d] after the cached keys/values ``past`` of the earlier
+        positions (``None``: ``x`` starts the sequence); returns the output and the cache
+        extended by ``x``'s positions (incremental decoding: one new token costs one
+        position's work instead of the whole sequence's)."""
         b, t, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         att = (q @ k.transpose(-1, -2)) / math.sqrt(d // self.heads)
         if self.causal:
-            mask = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+            total = k.shape[2]  # query i (absolute position total - t + i) sees keys 0..that position
+            mask = torch.ones(t, total, dtype=torch.bool, device=x.device).triu(total - t + 1)
             att = att.masked_fill(mask, float("-inf"))
         att = att.softmax(-1)
         y = (att @ v).transpose(1, 2).reshape(b, t, d)
         x = x + self.out(y)
-        return x + self.ff2(F.gelu(self.ff1(self.ln2(x))))
+        return x + self.ff2(F.gelu(self.ff1(self.ln2(x)))), (k, v)
 
 
 class VisionEncoder(nn.Module):
@@ -137,6 +148,17 @@ class TinyLM(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         return self.head(self.ln(x))
+
+    def step(self, embeds: torch.Tensor, past: list[KV] | None = None) -> tuple[torch.Tensor, list[KV]]:
+        """Logits of ``embeds``' positions following the cached ``past`` (from an earlier
+        call), and the extended cache: ``forward`` for greedy decoding one token at a time."""
+        start = 0 if past is None else int(past[0][0].shape[2])
+        x = embeds + self.pos[start: start + embeds.shape[1]]
+        cache: list[KV] = []
+        for i, blk in enumerate(self.blocks):
+            x, kv = blk.step(x, None if past is None else past[i])
+            cache.append(kv)
+        return self.head(self.ln(x)), cache
 
 
 def make_projector(cfg: WorldConfig, seed: int) -> nn.Sequential:
