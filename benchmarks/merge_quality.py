@@ -164,8 +164,11 @@ def configs(methods: list[type[MergeMethod]], scenario: str, factors: Sequence[f
     return out
 
 
-def make_calibration(world: kit.DemoWorld, regime: str, seed: int) -> Calibration:
-    """Unlabelled train-split features per domain, subset drawn from ``seed``."""
+def make_calibration(world: kit.DemoWorld, regime: str, seed: int,
+                     experts_of: dict[str, list[str]] | None = None) -> Calibration:
+    """Unlabelled train-split features per domain, subset drawn from ``seed``. With
+    ``experts_of`` (domain -> its experts, several per domain) each expert gets its own
+    shard of its domain's draw, so a domain's total stays the regime's."""
     feats = world.features("train")
     g = torch.Generator().manual_seed(10_000 + seed)
     out: list[torch.Tensor | None] = []
@@ -178,7 +181,16 @@ def make_calibration(world: kit.DemoWorld, regime: str, seed: int) -> Calibratio
         out.append(x.reshape(-1, x.shape[-1]).float().contiguous())
     if regime == "missing":
         out[seed % len(out)] = None
-    return Calibration(features=out, domains=list(world.domains))
+    if experts_of is None:
+        return Calibration(features=out, domains=list(world.domains))
+    feats_k: list[torch.Tensor | None] = []
+    doms_k: list[str] = []
+    for d, x in zip(world.domains, out):
+        k = len(experts_of[d])
+        for j in range(k):
+            feats_k.append(None if x is None else x[j * len(x) // k:(j + 1) * len(x) // k].contiguous())
+            doms_k.append(d)
+    return Calibration(features=feats_k, domains=doms_k)
 
 
 def summary_of(res: EvalResult) -> dict[str, Any]:
@@ -196,6 +208,11 @@ class SeedRun:
                 else kit.world_root(seed, **({} if args.world == "demo" else {"preset": args.world})))
         self.world = kit.load_world(root)
         self.paths = kit.expert_set(self.world.manifest["seed"], root=root)
+        self.experts_of: dict[str, list[str]] | None = None  # one expert per domain
+        if args.experts_per_domain > 1:  # many experts: each domain's data split between k
+            split = kit.split_expert_set(args.experts_per_domain, root)
+            self.paths = {**self.paths, "shared": split["shared"], "different": split["different"]}
+            self.experts_of = {d: [n for n, dd in split["domain_of"].items() if dd == d] for d in self.world.domains}
         log(f"seed {seed}: world {root} ready in {time.time() - t:.0f} s")
         n_val, n_test = (32, 64) if args.quick else (args.val_n, args.test_n)
         self.val = self.world.caption_sets("val", n_val)
@@ -213,7 +230,8 @@ class SeedRun:
         return out
 
     def scenario(self, scenario: str, regimes: list[str]) -> dict[str, dict[str, Row]]:
-        names = list(self.world.domains)
+        names = (list(self.world.domains) if self.experts_of is None
+                 else [n for d in self.world.domains for n in self.experts_of[d]])
         experts = [kit.load_projector_file(self.paths[scenario][d]) for d in names]
         base = kit.load_projector_file(self.paths["base"]["shared"]) if scenario == "shared" else None
         refs = {"none": None, "base": base, "mean": mean_projector(experts)}
@@ -232,7 +250,7 @@ class SeedRun:
 
         cfgs = configs(self.methods, scenario, self.factors, self.args.quick)
         for regime in ["data-free", *regimes]:
-            cal = None if regime == "data-free" else make_calibration(self.world, regime, self.seed)
+            cal = None if regime == "data-free" else make_calibration(self.world, regime, self.seed, self.experts_of)
             group = "data-free" if regime == "data-free" else "data-driven"
             chosen_main: dict[str, Any] = {}  # PivotMerge's validation choice in this group
             for c in (c for c in cfgs if c.group == group):
@@ -320,8 +338,9 @@ def run_parallel(argv: list[str], seeds: list[int], jobs: int, results: dict) ->
             merge_rows(results, json.loads(outs[s].read_text()))
 
 
-def render(results: dict, domains: list[str], seeds: list[int], world: str) -> list[str]:
-    out = [(f"# Merge quality, {world} world ({len(seeds)} whole-world seed(s): {seeds}; main score: test "
+def render(results: dict, domains: list[str], seeds: list[int], world: str, per_domain: int = 1) -> list[str]:
+    many = f", {per_domain} experts per domain (each on its own shard of the domain's data)" if per_domain > 1 else ""
+    out = [(f"# Merge quality, {world} world{many} ({len(seeds)} whole-world seed(s): {seeds}; main score: test "
            f"{MAIN}, mean over domains; cells: mean ± std over seeds; every row's searched "
            "parameter chosen on validation)"), ""]
     for scenario, tables in results.items():
@@ -361,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-n", type=int, default=128, help="test images per domain")
     ap.add_argument("--artifacts", type=Path, default=None, help="seed 0's world folder (default: shipped)")
     ap.add_argument("--jobs", type=int, default=1, help="seeds in this many parallel processes")
+    ap.add_argument("--experts-per-domain", type=int, default=1,
+                    help="many experts: K per domain, each trained on 1/K of its domain's data (default 1)")
     ap.add_argument("--only-seed", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--rows-out", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
@@ -375,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
             merge_rows(results, {sc: {t: {r["label"]: r for r in rows} for t, rows in tables.items()}
                                  for sc, tables in doc["scenarios"].items()})
             seeds_all += [s for s in doc["seeds"] if s not in seeds_all]
-        print("\n".join(render(results, docs[0]["domains"], seeds_all, docs[0].get("world", "demo"))))
+        print("\n".join(render(results, docs[0]["domains"], seeds_all, docs[0].get("world", "demo"),
+                               docs[0].get("experts_per_domain", 1))))
         for doc in docs:
             print(f"_elapsed {doc['elapsed_s']:.0f} s; command: {doc['command']}_")
         if args.json:  # the combined run, in the same format
@@ -409,17 +431,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for seed in seeds:
             merge_rows(results, SeedRun(args, seed, methods).run(scenarios, regimes))
-    # the domains of the world(s) the rows were scored on (every expert row names its domain)
-    domains = [r.label.removeprefix("expert: ") for r in next(iter(results.values()))["reference"].values()
-               if r.kind == "expert"]
+    # the domains of the world(s) the rows were scored on
+    domains = list(next(iter(next(iter(results.values()))["reference"].values())).per_seed[0]["test"]["per_domain"])
     elapsed = time.time() - t0
-    lines = render(results, domains, seeds, args.world)
+    lines = render(results, domains, seeds, args.world, args.experts_per_domain)
     lines.append(f"_elapsed {elapsed:.0f} s, torch threads {args.threads}_")
     print("\n".join(lines))
     if args.json:
         doc = {
             "command": " ".join(["python", "benchmarks/merge_quality.py", *(argv if argv is not None else sys.argv[1:])]),
-            "world": args.world, "seeds": seeds, "domains": domains, "main_metric": MAIN,
+            "world": args.world, "experts_per_domain": args.experts_per_domain, "seeds": seeds,
+            "domains": domains, "main_metric": MAIN,
             "regimes": {r: REGIMES[r] for r in regimes}, "scale_factors": list(SCALE_FACTORS),
             "elapsed_s": round(elapsed, 1),
             "scenarios": {sc: {t: [r.__dict__ for r in rows.values()] for t, rows in tables.items()}

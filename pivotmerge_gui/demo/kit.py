@@ -290,6 +290,53 @@ def expert_set(seed: int = 0, root: Path | str | None = None, cache_dir: Path | 
     }
 
 
+def split_expert_set(per_domain: int = 2, root: Path | str | None = None,
+                     cache_dir: Path | str | None = None, log: Any = None) -> dict[str, Any]:
+    """Paths of a many-experts set of the world at ``root``: ``per_domain`` experts per
+    domain, each trained on its own shard of the domain's data
+    (:func:`.train.train_split_experts`), from the world's shared base ("shared") and
+    from inits of their own ("different"); trained once into the user cache. Returns
+    ``{"shared": {name: Path}, "different": {...}, "domain_of": {name: domain},
+    "base": {"shared": Path}, "joint": Path, "root": Path}`` (base and joint: the world's)."""
+    r = _root(root)
+    man = manifest(r)
+    key = _short_hash(json.dumps(["split", per_domain, man["files"], man["train_config"],
+                                  man["split_sizes"], man["seed"], man["data_seed"]], sort_keys=True), 16)
+    out = Path(cache_dir) if cache_dir is not None else _cache_root() / key / f"split{per_domain}"
+    index = out / "split_set.json"
+    if not index.is_file():
+        from .train import BUILD_THREADS, TrainConfig, save_projector_bin, train_split_experts
+
+        world = load_world(r)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(int(man.get("threads", BUILD_THREADS)))
+        try:
+            train = world.dataset("train")
+            from .models import PROJECTOR_PREFIX, make_projector
+
+            base = make_projector(world.config, 0)
+            state = torch.load(base_path("shared", r), map_location="cpu", weights_only=True)
+            base.load_state_dict({k.removeprefix(PROJECTOR_PREFIX): v for k, v in state.items()})
+            shared, different = train_split_experts(
+                world.config, TrainConfig(**man["train_config"]), world.lm, base, world.features("train"),
+                {d: train[d].captions for d in world.domains}, world.tokenizer, int(man["seed"]), per_domain, log)
+        finally:
+            torch.set_num_threads(threads)
+        tables: dict[str, Any] = {"shared": {}, "different": {}, "domain_of": {}}
+        for scenario, table in (("shared", shared), ("different", different)):
+            for name, module in table.items():
+                rel = f"{scenario}/{name}/mm_projector.bin"
+                save_projector_bin(module, out / rel)
+                tables[scenario][name] = rel
+                tables["domain_of"][name] = name.rsplit("-", 1)[0]
+        index.write_text(json.dumps(tables, indent=1))
+    tables = json.loads(index.read_text())
+    return {"shared": {n: out / rel for n, rel in tables["shared"].items()},
+            "different": {n: out / rel for n, rel in tables["different"].items()},
+            "domain_of": dict(tables["domain_of"]), "base": {"shared": base_path("shared", r)},
+            "joint": joint_path(r), "root": out}
+
+
 def world_root(seed: int, cache_dir: Path | str | None = None, log: Any = None,
                preset: str = "demo") -> Path:
     """A whole demo world of its own (encoder, LM, data and every projector trained from

@@ -254,6 +254,37 @@ def train_experts(cfg: WorldConfig, tcfg: TrainConfig, lm: TinyLM,
     return ExpertSet(seed, base, shared, different, inits, joint)
 
 
+def train_split_experts(cfg: WorldConfig, tcfg: TrainConfig, lm: TinyLM, base: nn.Module,
+                        features: dict[str, torch.Tensor], captions: dict[str, list[str]],
+                        tok: Tokenizer, seed: int, per_domain: int, log: Log | None = None
+                        ) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+    """Many experts: ``per_domain`` experts for each domain, expert ``j`` trained on the
+    ``j``-th of ``per_domain`` contiguous shards of the domain's training examples (teams
+    aligning on overlapping kinds of data), each with the full step budget. Returns
+    ``(shared, different)``, keyed ``"{domain}-{j+1}"``: from ``base`` and from an init of
+    their own. Seeds are derived from ``seed`` and never coincide with
+    :func:`train_experts`'."""
+    if per_domain < 1:
+        raise ValueError("per_domain must be at least 1")
+    s = 50_000 + 1000 * seed
+    shared: dict[str, nn.Module] = {}
+    different: dict[str, nn.Module] = {}
+    k = 0
+    for dom, dom_feats in features.items():
+        n = len(dom_feats)
+        for j in range(per_domain):
+            lo, hi = j * n // per_domain, (j + 1) * n // per_domain
+            name = f"{dom}-{j + 1}"
+            feats, caps = dom_feats[lo:hi], list(captions[dom][lo:hi])
+            shared[name] = train_projector(base, lm, feats, caps, tok, tcfg.projector_steps, tcfg.projector_lr,
+                                           tcfg.batch, s + 1 + k, log, f"shared/{name}")
+            different[name] = train_projector(make_projector(cfg, s + 300 + k), lm, feats, caps, tok,
+                                              tcfg.projector_steps, tcfg.projector_lr, tcfg.batch,
+                                              s + 600 + k, log, f"different/{name}")
+            k += 1
+    return shared, different
+
+
 # --------------------------------------------------------------------------- saving
 def save_projector_bin(module: torch.nn.Module, path: Path) -> None:
     """A LLaVA ``mm_projector.bin`` of a trained projector module."""

@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from pivotmerge_gui.demo import build
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "merge_quality.py"
@@ -59,3 +61,33 @@ def test_benchmark_runs_on_a_tiny_world(tmp_path, capsys):
                 assert test["per_domain"]["text"]["n"] == 3
     assert bench.main(["--from-json", str(out)]) == 0
     assert "### Data-free methods" in capsys.readouterr().out
+
+
+def test_benchmark_many_experts_shards_each_domains_calibration(tmp_path, capsys):
+    world = tmp_path / "world"
+    build.build(world, tiny=True)
+    bench = _load_bench()
+    from pivotmerge_gui.demo import kit
+
+    w = kit.load_world(world)
+    experts_of = {d: [f"{d}-1", f"{d}-2"] for d in w.domains}
+    one = bench.make_calibration(w, "missing", 0)
+    two = bench.make_calibration(w, "missing", 0, experts_of)
+    assert two.domains == [d for d in w.domains for _ in (1, 2)]
+    assert two.features[0] is None and two.features[1] is None  # seed 0: domain 0 has no data
+    for k in range(1, len(w.domains)):  # the two shards are the one-expert draw, split
+        assert torch.equal(torch.cat([two.features[2 * k], two.features[2 * k + 1]]), one.features[k])
+
+    out = tmp_path / "many.json"
+    rc = bench.main(["--artifacts", str(world), "--seeds", "1", "--methods", "task_arithmetic,regmean",
+                     "--scenarios", "shared", "--regimes", "missing", "--experts-per-domain", "2",
+                     "--val-n", "2", "--test-n", "2", "--json", str(out)])
+    assert rc == 0
+    assert "2 experts per domain" in capsys.readouterr().out.split("\n")[0]
+    doc = json.loads(out.read_text())
+    assert doc["experts_per_domain"] == 2 and doc["domains"] == list(w.domains)
+    shared = doc["scenarios"]["shared"]
+    experts = [r["label"] for r in shared["reference"] if r["kind"] == "expert"]
+    assert experts == [f"expert: {d}-{j}" for d in w.domains for j in (1, 2)]
+    rm = {r["label"]: r for r in shared["missing"]}["regmean"]["per_seed"][0]
+    assert set(rm["test"]["per_domain"]) == set(w.domains) and len(rm["val_scores"]) == 7

@@ -67,3 +67,26 @@ def test_expert_set_trains_other_seeds_once_into_the_cache(tmp_path):
     assert p0.shape == p1.shape and not torch.equal(p0, p1)  # an independent training run
     again = kit.expert_set(1, root=world_dir, cache_dir=cache)
     assert again["different"] == seed1["different"] and index.stat().st_mtime_ns == stamp
+
+
+def test_split_expert_set_trains_several_experts_per_domain_from_the_worlds_base(tmp_path):
+    world_dir = tmp_path / "world"
+    build.build(world_dir, tiny=True)
+    cache = tmp_path / "cache"
+    split = kit.split_expert_set(2, root=world_dir, cache_dir=cache)
+    doms = kit.domains(world_dir)
+    names = [f"{d}-{j}" for d in doms for j in (1, 2)]
+    assert list(split["shared"]) == names and list(split["different"]) == names
+    assert split["domain_of"] == {n: n.rsplit("-", 1)[0] for n in names}
+    assert split["base"]["shared"] == kit.base_path("shared", world_dir)
+    base = kit.load_projector_file(split["base"]["shared"]).state()["0.weight"]
+    a = {n: kit.load_projector_file(p).state()["0.weight"] for n, p in split["shared"].items()}
+    b = {n: kit.load_projector_file(p).state()["0.weight"] for n, p in split["different"].items()}
+    for n in names:  # trained (moved from their init), and the two shards of a domain differ
+        assert not torch.equal(a[n], base)
+        assert (a[n] - base).norm() < (b[n] - base).norm()  # shared ones stay near the base
+    assert not torch.equal(a[names[0]], a[names[1]])
+    index = cache / "split_set.json"
+    stamp = index.stat().st_mtime_ns
+    assert kit.split_expert_set(2, root=world_dir, cache_dir=cache)["shared"] == split["shared"]
+    assert index.stat().st_mtime_ns == stamp  # trained once, then reused
