@@ -12,8 +12,10 @@ the seed recorded in the manifest, so they are not shipped.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -244,6 +246,19 @@ def _cache_root() -> Path:
     return Path(platformdirs.user_cache_dir("pivotmerge-gui")) / "demo-experts"
 
 
+@contextlib.contextmanager
+def _build_threads(man: dict[str, Any]) -> Iterator[None]:
+    """Torch threads set to the world's build setting (its manifest's ``threads``) inside."""
+    from .train import BUILD_THREADS
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(man.get("threads", BUILD_THREADS)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def expert_set(seed: int = 0, root: Path | str | None = None, cache_dir: Path | str | None = None,
                log: Any = None) -> dict[str, Any]:
     """Paths of every projector of one independent training run (``seed``).
@@ -265,18 +280,13 @@ def expert_set(seed: int = 0, root: Path | str | None = None, cache_dir: Path | 
     out = Path(cache_dir) if cache_dir is not None else _cache_root() / key / f"seed{seed}"
     index = out / "expert_set.json"
     if not index.is_file():
-        from .train import BUILD_THREADS, TrainConfig, save_expert_set, train_experts
+        from .train import TrainConfig, save_expert_set, train_experts
 
-        world = load_world(r)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(int(man.get("threads", BUILD_THREADS)))
-        try:
+        with _build_threads(man):
+            world = load_world(r)
             train = world.dataset("train")
-            feats = world.features("train")
-            es = train_experts(world.config, TrainConfig(**man["train_config"]), world.lm, feats,
+            es = train_experts(world.config, TrainConfig(**man["train_config"]), world.lm, world.features("train"),
                                {d: train[d].captions for d in world.domains}, world.tokenizer, seed, log)
-        finally:
-            torch.set_num_threads(threads)
         tables = save_expert_set(es, out)
         files = {p.relative_to(out).as_posix(): sha256_file(p) for p in sorted(out.rglob("*.bin"))}
         index.write_text(json.dumps({**tables, "seed": seed, "files": files, "world": key}, indent=1))
@@ -305,23 +315,18 @@ def split_expert_set(per_domain: int = 2, root: Path | str | None = None,
     out = Path(cache_dir) if cache_dir is not None else _cache_root() / key / f"split{per_domain}"
     index = out / "split_set.json"
     if not index.is_file():
-        from .train import BUILD_THREADS, TrainConfig, save_projector_bin, train_split_experts
+        from .models import PROJECTOR_PREFIX, make_projector
+        from .train import TrainConfig, save_projector_bin, train_split_experts
 
-        world = load_world(r)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(int(man.get("threads", BUILD_THREADS)))
-        try:
+        with _build_threads(man):
+            world = load_world(r)
             train = world.dataset("train")
-            from .models import PROJECTOR_PREFIX, make_projector
-
             base = make_projector(world.config, 0)
             state = torch.load(base_path("shared", r), map_location="cpu", weights_only=True)
             base.load_state_dict({k.removeprefix(PROJECTOR_PREFIX): v for k, v in state.items()})
             shared, different = train_split_experts(
                 world.config, TrainConfig(**man["train_config"]), world.lm, base, world.features("train"),
                 {d: train[d].captions for d in world.domains}, world.tokenizer, int(man["seed"]), per_domain, log)
-        finally:
-            torch.set_num_threads(threads)
         tables: dict[str, Any] = {"shared": {}, "different": {}, "domain_of": {}}
         for scenario, table in (("shared", shared), ("different", different)):
             for name, module in table.items():
