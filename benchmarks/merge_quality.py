@@ -1,8 +1,9 @@
 """Merge quality: every method with the same validation search, whole-world seeds,
 scarce and missing calibration, PivotMerge's stages ablated in both modes.
 
-    python benchmarks/merge_quality.py [--world demo|large] [--seeds N] [--jobs J]
+    python benchmarks/merge_quality.py [--world demo|large|large-unequal] [--seeds N] [--jobs J]
         [--regimes full,img16,tok16,missing] [--methods a,b] [--json OUT] [--quick]
+        [--experts-per-domain K] [--no-retrieval] [--ablation-regimes data-free,tok16]
 
 Protocol (issue 12):
 
@@ -30,6 +31,9 @@ Protocol (issue 12):
   expert from its own init, methods that need a base get the experts' mean (``[ref=mean]``).
 - **Ablations.** PivotMerge with each stage flipped from its default, in both modes, at the
   value PivotMerge's own search chose on that seed (one stage changed, nothing else).
+- **Many experts** (``--experts-per-domain K``): K experts per domain, each trained on its own
+  1/K shard of the domain's data (``kit.split_expert_set``); each gets its shard of the
+  domain's calibration draw, so a regime's per-domain total is unchanged.
 - **Statistics.** Mean ± std over seeds; PivotMerge's paired difference (same seed) to the
   best other row of its group and to each other row, with a 95 % Student-t interval; the
   ratio to the jointly trained projector.
@@ -220,7 +224,8 @@ class SeedRun:
         self.factors = SCALE_FACTORS_QUICK if args.quick else SCALE_FACTORS
 
     def eval(self, proj: Projector, sets: dict[str, CaptionSet], full: bool) -> EvalResult:
-        parts = ("nll", "generate", "retrieval") if full else ("generate",)
+        parts = (("nll", "generate") if self.args.no_retrieval else ("nll", "generate", "retrieval")) if full \
+            else ("generate",)
         return evaluate(self.world.backend, proj, sets, parts=parts)
 
     def run(self, scenarios: list[str], regimes: list[str]) -> dict[str, dict[str, dict[str, Row]]]:
@@ -253,7 +258,8 @@ class SeedRun:
             cal = None if regime == "data-free" else make_calibration(self.world, regime, self.seed, self.experts_of)
             group = "data-free" if regime == "data-free" else "data-driven"
             chosen_main: dict[str, Any] = {}  # PivotMerge's validation choice in this group
-            for c in (c for c in cfgs if c.group == group):
+            ablate = self.args.ablation_regimes is None or regime in self.args.ablation_regimes
+            for c in (c for c in cfgs if c.group == group and (ablate or not c.extra.get("ablation"))):
                 t = time.time()
 
                 def do(extra: dict[str, Any], c: Config = c, cal: Calibration | None = cal):
@@ -380,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-n", type=int, default=128, help="test images per domain")
     ap.add_argument("--artifacts", type=Path, default=None, help="seed 0's world folder (default: shipped)")
     ap.add_argument("--jobs", type=int, default=1, help="seeds in this many parallel processes")
+    ap.add_argument("--no-retrieval", action="store_true",
+                    help="test scores without retrieval accuracy (8 captions scored per image: the costliest part)")
+    ap.add_argument("--ablation-regimes", type=lambda v: [r for r in v.split(",") if r], default=None,
+                    help="PivotMerge's stage ablations only in these groups (data-free and/or regimes; default: all)")
     ap.add_argument("--experts-per-domain", type=int, default=1,
                     help="many experts: K per domain, each trained on 1/K of its domain's data (default 1)")
     ap.add_argument("--only-seed", type=int, default=None, help=argparse.SUPPRESS)

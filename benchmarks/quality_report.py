@@ -40,17 +40,18 @@ class Row:
     per_seed: list[dict[str, Any]] = field(default_factory=list)
 
 
-def stat(values: list[float]) -> tuple[float, float]:
+def stat(values: list[float | None]) -> tuple[float, float]:
+    values = [v for v in values if v is not None]  # metrics a run did not compute
     if not values:
         return float("nan"), float("nan")
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def fmt(values: list[float], digits: int = 3) -> str:
+def fmt(values: list[float | None], digits: int = 3) -> str:
     m, s = stat(values)
     if math.isnan(m):
         return "n/a"
-    return f"{m:.{digits}f} ± {s:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if sum(v is not None for v in values) > 1 else f"{m:.{digits}f}"
 
 
 def scores(row: Row, which: str = "test", metric: str = MAIN) -> dict[int, float]:

@@ -79,8 +79,9 @@ def test_benchmark_many_experts_shards_each_domains_calibration(tmp_path, capsys
         assert torch.equal(torch.cat([two.features[2 * k], two.features[2 * k + 1]]), one.features[k])
 
     out = tmp_path / "many.json"
-    rc = bench.main(["--artifacts", str(world), "--seeds", "1", "--methods", "task_arithmetic,regmean",
+    rc = bench.main(["--artifacts", str(world), "--seeds", "1", "--methods", "task_arithmetic,regmean,pivotmerge",
                      "--scenarios", "shared", "--regimes", "missing", "--experts-per-domain", "2",
+                     "--no-retrieval", "--ablation-regimes", "data-free",
                      "--val-n", "2", "--test-n", "2", "--json", str(out)])
     assert rc == 0
     assert "2 experts per domain" in capsys.readouterr().out.split("\n")[0]
@@ -91,3 +92,9 @@ def test_benchmark_many_experts_shards_each_domains_calibration(tmp_path, capsys
     assert experts == [f"expert: {d}-{j}" for d in w.domains for j in (1, 2)]
     rm = {r["label"]: r for r in shared["missing"]}["regmean"]["per_seed"][0]
     assert set(rm["test"]["per_domain"]) == set(w.domains) and len(rm["val_scores"]) == 7
+    # --ablation-regimes data-free: stage ablations there, none with calibration
+    assert any(r["label"].startswith("pivotmerge (data-free): ") for r in shared["data-free"])
+    missing = [r["label"] for r in shared["missing"]]
+    assert "pivotmerge (data)" in missing and not any(lab.startswith("pivotmerge (data): ") for lab in missing)
+    # --no-retrieval: test scores without retrieval accuracy, NLL still there
+    assert rm["test"]["mean"]["retrieval_accuracy"] is None and rm["test"]["mean"]["nll"] is not None
