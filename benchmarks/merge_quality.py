@@ -212,7 +212,7 @@ class SeedRun:
                 else kit.world_root(seed, **({} if args.world == "demo" else {"preset": args.world})))
         self.world = kit.load_world(root)
         self.paths = kit.expert_set(self.world.manifest["seed"], root=root)
-        self.experts_of: dict[str, list[str]] | None = None  # one expert per domain
+        self.experts_of: dict[str, list[str]] | None = None  # None: one expert per domain, named by it
         if args.experts_per_domain > 1:  # many experts: each domain's data split between k
             split = kit.split_expert_set(args.experts_per_domain, root)
             self.paths = {**self.paths, "shared": split["shared"], "different": split["different"]}
@@ -224,8 +224,9 @@ class SeedRun:
         self.factors = SCALE_FACTORS_QUICK if args.quick else SCALE_FACTORS
 
     def eval(self, proj: Projector, sets: dict[str, CaptionSet], full: bool) -> EvalResult:
-        parts = (("nll", "generate") if self.args.no_retrieval else ("nll", "generate", "retrieval")) if full \
-            else ("generate",)
+        parts: tuple[str, ...] = ("generate",)
+        if full:
+            parts = ("nll", "generate") if self.args.no_retrieval else ("nll", "generate", "retrieval")
         return evaluate(self.world.backend, proj, sets, parts=parts)
 
     def run(self, scenarios: list[str], regimes: list[str]) -> dict[str, dict[str, dict[str, Row]]]:

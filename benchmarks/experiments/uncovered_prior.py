@@ -48,10 +48,11 @@ def fit_layers_with_prior(job, ref, aligned, tau_star, prior_coeff, fixed, xs, w
     if MODE["prior"] == "expert" and missing:
         cpu = torch.device("cpu")
         ref_state = ref.to(cpu, torch.float32).state()
+        uncovered = [aligned[u].to(cpu, torch.float32).state() for u in missing]
         tau = dict(tau_star)
         for key, r in ref_state.items():
             if key in tau:
-                own = sum(aligned[u].to(cpu, torch.float32).state()[key] for u in missing) / len(missing)
+                own = sum(st[key] for st in uncovered) / len(uncovered)
                 c = prior_coeff[alm.layer_of(key)] or 1.0
                 tau[key] = (own - r) / c  # prior = ref + c * tau = the uncovered experts' mean
         tau_star = tau

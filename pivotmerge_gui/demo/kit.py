@@ -159,6 +159,12 @@ class DemoWorld:
             self._features[key] = {d: self.backend.encode_images(x.images) for d, x in self.dataset(split, n).items()}
         return self._features[key]
 
+    def training_pairs(self) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+        """The train split's encoder features and captions per domain: what a projector
+        (expert or joint) is trained on."""
+        train = self.dataset("train")
+        return self.features("train"), {d: list(train[d].captions) for d in self.domains}
+
     def caption_sets(self, split: str = "val", n: int | None = None) -> dict[str, CaptionSet]:
         """Ready-to-evaluate sets (features already encoded) for ``core.evaluation.evaluate``."""
         data, feats = self.dataset(split, n), self.features(split, n)
@@ -284,9 +290,8 @@ def expert_set(seed: int = 0, root: Path | str | None = None, cache_dir: Path | 
 
         with _build_threads(man):
             world = load_world(r)
-            train = world.dataset("train")
-            es = train_experts(world.config, TrainConfig(**man["train_config"]), world.lm, world.features("train"),
-                               {d: train[d].captions for d in world.domains}, world.tokenizer, seed, log)
+            es = train_experts(world.config, TrainConfig(**man["train_config"]), world.lm,
+                               *world.training_pairs(), world.tokenizer, seed, log)
         tables = save_expert_set(es, out)
         files = {p.relative_to(out).as_posix(): sha256_file(p) for p in sorted(out.rglob("*.bin"))}
         index.write_text(json.dumps({**tables, "seed": seed, "files": files, "world": key}, indent=1))
@@ -315,18 +320,14 @@ def split_expert_set(per_domain: int = 2, root: Path | str | None = None,
     out = Path(cache_dir) if cache_dir is not None else _cache_root() / key / f"split{per_domain}"
     index = out / "split_set.json"
     if not index.is_file():
-        from .models import PROJECTOR_PREFIX, make_projector
-        from .train import TrainConfig, save_projector_bin, train_split_experts
+        from .train import TrainConfig, load_projector_bin, save_projector_bin, train_split_experts
 
         with _build_threads(man):
             world = load_world(r)
-            train = world.dataset("train")
-            base = make_projector(world.config, 0)
-            state = torch.load(base_path("shared", r), map_location="cpu", weights_only=True)
-            base.load_state_dict({k.removeprefix(PROJECTOR_PREFIX): v for k, v in state.items()})
+            base = load_projector_bin(world.config, base_path("shared", r))
             shared, different = train_split_experts(
-                world.config, TrainConfig(**man["train_config"]), world.lm, base, world.features("train"),
-                {d: train[d].captions for d in world.domains}, world.tokenizer, int(man["seed"]), per_domain, log)
+                world.config, TrainConfig(**man["train_config"]), world.lm, base, *world.training_pairs(),
+                world.tokenizer, int(man["seed"]), per_domain, log)
         tables: dict[str, Any] = {"shared": {}, "different": {}, "domain_of": {}}
         for scenario, table in (("shared", shared), ("different", different)):
             for name, module in table.items():

@@ -144,10 +144,7 @@ class TinyLM(nn.Module):
         return self.tok(ids)
 
     def forward(self, embeds: torch.Tensor) -> torch.Tensor:
-        x = embeds + self.pos[: embeds.shape[1]]
-        for blk in self.blocks:
-            x = blk(x)
-        return self.head(self.ln(x))
+        return self.step(embeds)[0]
 
     def step(self, embeds: torch.Tensor, past: list[KV] | None = None) -> tuple[torch.Tensor, list[KV]]:
         """Logits of ``embeds``' positions following the cached ``past`` (from an earlier

@@ -32,6 +32,7 @@ from torch import nn
 
 from .data import NUM_PATCHES, DomainData, Tokenizer, patchify
 from .models import (
+    PROJECTOR_PREFIX,
     SlotHead,
     TinyLM,
     VisionEncoder,
@@ -290,6 +291,14 @@ def save_projector_bin(module: torch.nn.Module, path: Path) -> None:
     """A LLaVA ``mm_projector.bin`` of a trained projector module."""
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(projector_state_to_llava(module), path)
+
+
+def load_projector_bin(cfg: WorldConfig, path: Path) -> nn.Module:
+    """The projector module saved by :func:`save_projector_bin` (``weights_only`` load)."""
+    module = make_projector(cfg, 0)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    module.load_state_dict({k.removeprefix(PROJECTOR_PREFIX): v for k, v in state.items()})
+    return module
 
 
 def save_expert_set(es: ExpertSet, out: Path) -> dict[str, Any]:
