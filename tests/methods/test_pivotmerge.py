@@ -299,3 +299,32 @@ def test_data_alm_is_bounded_and_handles_merge_tokens_and_vectors():
     assert all(0.0 <= v <= 4.0 for v in lam.values())
     assert out.report["alm"]["tokens_per_domain"] == [64, 64, 64]
     assert out.report["alm"]["objective"] <= out.report["alm"]["objective_at_1"]
+
+
+def test_align_precision_reaches_the_matching(monkeypatch):
+    """``align_precision`` picks the similarities of big layers' matching (forced big here):
+    'auto' solves the bf16 ones, 'float32' the fp32 ones; both merges are made of exactly
+    permuted experts, so a copy set of one projector still merges back to it."""
+    from pivotmerge_gui.core import alignment as al
+
+    monkeypatch.setattr(al, "_BF16_MIN_MACS", 1)
+    monkeypatch.setattr(al, "_BF16_ASSIGN_MIN_MACS", 1)
+    monkeypatch.setattr(al, "bf16_is_fast", lambda device_type: True)
+    experts = [make_mlp_projector(16, 48, 24, seed=s) for s in (1, 2, 3)]
+
+    def solvers(out):
+        return {p["solver"] for a in out.report["alignment"] for p in a["pairs"]}
+
+    auto, _ = run(experts, {"pivot": 0, "sdf": False})
+    exact, _ = run(experts, {"pivot": 0, "sdf": False, "align_precision": "float32"})
+    assert "assignment-bf16" in solvers(auto) and "assignment-bf16" not in solvers(exact)
+    assert "assignment" in solvers(exact)
+    p = experts[0]
+    g = torch.Generator().manual_seed(0)
+    copies = [p] + [permute_hidden(p, ("0", "2"), torch.randperm(48, generator=g)) for _ in range(2)]
+    x = torch.randn(5, 16, generator=g)
+    for prec in ("auto", "float32"):
+        out, _ = run(copies, {"pivot": 0, "align_precision": prec})
+        torch.testing.assert_close(p.with_state(out.state).forward(x), p.forward(x), atol=1e-5, rtol=0)
+    with pytest.raises(Exception, match="align_precision"):
+        PM.validate_params({"align_precision": "fp8"})

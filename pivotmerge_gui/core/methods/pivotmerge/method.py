@@ -57,7 +57,7 @@ class PivotMerge(MergeMethod):
 
         t0 = time.perf_counter()
         stage1 = yield from choose_pivot_and_align(job, int(s.pivot), bool(s.align_hidden_units),
-                                                   cal_x, cal_y)
+                                                   cal_x, cal_y, precision=s.align_precision)
         report.pivot, report.alignment = stage1.choice, stage1.report(names)
         report.timings["pivot_and_alignment_s"] = time.perf_counter() - t0
 

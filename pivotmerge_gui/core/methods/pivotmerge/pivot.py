@@ -90,10 +90,10 @@ def medoid_scores(aligned: list[Projector]) -> list[float]:
 
 
 def align_experts(
-    job: MergeJob, experts: list[Projector], pivot: int, names: list[str]
+    job: MergeJob, experts: list[Projector], pivot: int, names: list[str], precision: str = "auto"
 ) -> Generator[ProgressEvent, None, tuple[list[Projector], list[AlignmentInfo]]]:
     """Every expert aligned to ``experts[pivot]`` (the pivot itself as is), with progress
-    events over [0, 1)."""
+    events over [0, 1); ``precision``: the ``align_precision`` setting."""
     cache: dict = {}
     aligned, infos = [], []
     for i, e in enumerate(experts):
@@ -103,7 +103,7 @@ def align_experts(
         if i == pivot:
             a, info = e, identity_info(e)
         else:
-            a, info = align_to_pivot(e, experts[pivot], cache=cache)
+            a, info = align_to_pivot(e, experts[pivot], cache=cache, precision=precision)
         aligned.append(a)
         infos.append(info)
     return aligned, infos
@@ -111,7 +111,7 @@ def align_experts(
 
 def choose_pivot_and_align(
     job: MergeJob, pivot: int, align: bool, cal_x: list[torch.Tensor] | None,
-    cal_y: list[torch.Tensor] | None,
+    cal_y: list[torch.Tensor] | None, precision: str = "auto",
 ) -> Generator[ProgressEvent, None, PivotStage]:
     """Stage 1 (progress 0 to 0.3): ``pivot`` -1 = automatic; ``align`` = hidden-unit
     alignment requested (it runs only where the family has hidden-unit pairs)."""
@@ -144,7 +144,7 @@ def choose_pivot_and_align(
         chosen_by = "medoid: largest mean cosine similarity" + (" after alignment" if do_align else "")
         if do_align:
             # provisional frame: expert 0; re-aligned to the medoid only if that changes it
-            aligned, infos = yield from rescaled(align_experts(job, experts, 0, names), 0.02, 0.15)
+            aligned, infos = yield from rescaled(align_experts(job, experts, 0, names, precision), 0.02, 0.15)
         scores = medoid_scores(aligned)
         pivot = int(torch.tensor(scores).argmax())
         if do_align and (pivot == 0 or all(inf.is_identity for inf in infos)):
@@ -156,7 +156,7 @@ def choose_pivot_and_align(
     choice = PivotChoice(pivot, names[pivot], chosen_by, scores)
     yield ProgressEvent("pivot", 0.16, f"PivotMerge: pivot = {names[pivot]} ({chosen_by})")
     if do_align and not aligned_done:
-        aligned, infos = yield from rescaled(align_experts(job, experts, pivot, names), 0.16, 0.3)
+        aligned, infos = yield from rescaled(align_experts(job, experts, pivot, names, precision), 0.16, 0.3)
     if requested and not do_align:
         infos = [identity_info(e, "shared-base-frame") for e in experts]
     return PivotStage(choice, aligned, infos, requested)
