@@ -28,7 +28,7 @@ import torch
 #: at or below this many rows the dense solver is fast (~50 ms at 1024) and is used as is
 DENSE_LIMIT = 1024
 #: candidates per row to start with (doubled if they hold no perfect matching)
-START_CANDIDATES = 32
+START_CANDIDATES = 64
 #: rounds of "add the violating entries, solve again" before the dense solver takes over
 MAX_ROUNDS = 6
 #: relative slack of the dual check (fp32 rounding of scores and potentials)
@@ -86,11 +86,12 @@ def _violations(s: torch.Tensor, perm: torch.Tensor, d: torch.Tensor, tol: float
         r1 = min(n, r0 + _CHECK_ROWS)
         ar = torch.arange(r0, r1, device=s.device)
         p = perm[r0:r1]
-        excess = (s[r0:r1] + d.unsqueeze(0)).sub_((s[ar, p] + d[p] + tol).unsqueeze(1))
-        rows = (excess > 0).any(dim=1).nonzero().squeeze(1)
+        shifted = s[r0:r1] + d.unsqueeze(0)
+        rhs = s[ar, p] + d[p] + tol
+        rows = (shifted.amax(dim=1) > rhs).nonzero().squeeze(1)  # two passes over the block
         if rows.numel() == 0:
             continue
-        ex = excess[rows]
+        ex = shifted[rows].sub_(rhs[rows].unsqueeze(1))
         total += int((ex > 0).sum())
         top = torch.topk(ex, min(per_row, n), dim=1)
         keep = top.values > 0
