@@ -164,10 +164,25 @@ def _similarity(
     p_in: torch.Tensor, p_out: torch.Tensor | None, e_in: torch.Tensor, e_out: torch.Tensor | None,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    s = p_in.to(dtype) @ e_in.to(dtype).t()
-    if p_out is not None and e_out is not None:
-        s = s + p_out.to(dtype) @ e_out.to(dtype).t()
-    return s.float()
+    """S = P_in E_in^T (+ P_out E_out^T), returned in fp32. In a half dtype the two sides
+    are joined into one feature matrix per projector first: one product accumulated in
+    fp32 and rounded once (half the error of two rounded products and their rounded sum;
+    the same speed)."""
+    if dtype == torch.float32 or p_out is None or e_out is None:
+        s = p_in.to(dtype) @ e_in.to(dtype).t()
+        if p_out is not None and e_out is not None:
+            s = s + p_out.to(dtype) @ e_out.to(dtype).t()
+        return s.float()
+
+    def joined_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """[a | b]^T: features x units (b, the out-weights' columns, is a transposed view
+        of a row-major weight, so this layout copies it without a strided transpose)."""
+        out = torch.empty((a.shape[1] + b.shape[1], a.shape[0]), dtype=dtype, device=a.device)
+        out[: a.shape[1]] = a.t()
+        out[a.shape[1]:] = b.t()
+        return out
+
+    return (joined_t(p_in, p_out).t() @ joined_t(e_in, e_out)).float()
 
 
 def _certified_argmax(s: torch.Tensor, tol: torch.Tensor | None) -> torch.Tensor | None:
