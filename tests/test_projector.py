@@ -57,3 +57,17 @@ def test_mean_projector():
     ps = [make_mlp_projector(seed=s) for s in range(3)]
     m = mean_projector(ps)
     torch.testing.assert_close(m.layer("2").bias, torch.stack([p.layer("2").bias for p in ps]).mean(0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite_finds_nan_and_inf_anywhere(dtype):
+    from pivotmerge_gui.core.projector import all_finite
+
+    assert all_finite(torch.randn(1000).to(dtype)) and all_finite(torch.zeros(0, dtype=dtype))
+    assert all_finite(torch.tensor([65000.0, 65000.0] * 100).to(dtype))  # a sum would overflow fp16
+    for n in (1, 7, 33, 4097):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            for pos in {0, n // 2, n - 1}:
+                t = torch.randn(n).to(dtype)
+                t[pos] = bad
+                assert not all_finite(t) and not all_finite(t.reshape(1, n).t()), (n, bad, pos)

@@ -315,7 +315,10 @@ def _execute(
         input_hashes["base"] = plan.base.sha256
     protected = input_files(plan)
     extras, extras_report = merge_extras(plan.experts, plan.names)
-    experts = [e.to(plan.device, plan.dtype) for e in plan.experts]
+    # a method that takes the experts in their stored dtype gets them so (it needs the base,
+    # which still comes in the compute dtype, as does everything the pipeline computes here)
+    stored = plan.method.takes_stored_dtype and plan.base is not None
+    experts = [e.to(plan.device, None if stored else plan.dtype) for e in plan.experts]
     base = plan.base.to(plan.device, plan.dtype) if plan.base is not None else None
     if release_inputs:
         # one-shot callers (CLI, benchmarks) need not keep the stored-dtype copies beside the

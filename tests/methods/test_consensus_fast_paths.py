@@ -28,7 +28,9 @@ def ref_elect(stack, method="sum"):
     score = votes if method == "count" else stack
     mass, scale, count = score.sum(0), score.abs().sum(0), votes.sum(0)
     sign = torch.where(mass.abs() <= TIE_RTOL * scale, torch.sign(count), torch.sign(mass))
-    return torch.where((stack != 0).any(0), sign, torch.ones_like(sign))
+    # an entry with no non-zero score gets +1; torch.sign(NaN) is 0, so in the count
+    # election a NaN update casts no vote (the only case where score and stack differ)
+    return torch.where((score != 0).any(0), sign, torch.ones_like(sign))
 
 
 def ref_ties(taus, density, sign_method, merge, divide_by="count", weights=None):
@@ -177,3 +179,133 @@ def test_election_of_scalar_stacks_and_many_experts():
     facts: dict = {}
     merged = ties_merge(torch.tensor([3.0, -1.0, 2.0]), 1.0, "sum", "mean", facts)
     assert merged.shape == () and merged == 2.5 and facts["kept_fraction"] == 1.0
+
+
+def hostile_stack(k: int, n: int, seed: int, dtype=torch.float32) -> torch.Tensor:
+    """:func:`awkward_stack` plus NaN and +-Inf in a few chunks only (those chunks take the
+    reference path of the fused loop, the others the fused one), exact ties in the sign
+    election, whole columns of zeros and of -0.0."""
+    x = awkward_stack(max(k, 2), n, seed)[:k].clone()
+    g = torch.Generator().manual_seed(seed + 1000)
+    if n > 3000:
+        x[0, 2000] = float("nan")
+        x[k - 1, 2100] = float("inf")
+        x[k // 2, 2200] = -float("inf")
+    x[:, 7] = 0.0
+    x[:, 11] = -0.0
+    if k >= 2:
+        x[:2, 13] = torch.tensor([2.0, -2.0])  # mass 0: a tie, the count of signs decides
+        x[2:, 13] = 0.0
+    cols = torch.randint(n, (n // 50,), generator=g)
+    x[:, cols] = x[:, cols].round()  # many small integers: ties at the trim threshold
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("with_facts", [True, False])
+def test_fused_ties_is_bitwise_the_plain_formula(k, dtype, with_facts, monkeypatch):
+    """The fused loop (float ops only, facts counted per chunk) against the plain formula
+    (trim -> elect sign -> disjoint mean, :func:`ref_ties`) on stacks with NaN, Inf, zeros,
+    -0.0, ties at the threshold and in the election: every merge mode, both divisors."""
+    monkeypatch.setattr(ties, "TIES_CHUNK", 1 << 10)  # many chunks; NaN/Inf in a few
+    n = 6 * 1024 + 77
+    taus = hostile_stack(k, n, seed=10 * k, dtype=dtype)
+    weights = [0.5 + 0.25 * i for i in range(k)]
+    for density in (0.0, 0.3, 1.0):
+        for sign_method, merge, divide_by in [("sum", "mean", "count"), ("count", "mean", "count"),
+                                              ("sum", "sum", "count"), ("count", "sum", "count"),
+                                              ("sum", "mean", "weight"), ("count", "mean", "weight")]:
+            facts: dict | None = {} if with_facts else None
+            got = ties_merge(taus, density, sign_method, merge, facts, divide_by=divide_by, weights=weights)
+            ref, ref_facts = ref_ties(taus, density, sign_method, merge, divide_by, weights)
+            case = (density, sign_method, merge, divide_by)
+            assert got.dtype == dtype and torch.equal(bits(got), bits(ref)), case
+            if with_facts:
+                assert facts == ref_facts, case
+
+
+def test_fused_ties_on_finite_stacks_runs_fused_and_counts_facts_as_mean_does(monkeypatch):
+    """Finite stacks never take the reference chunk; the facts counted per chunk equal the
+    float32 means of the stored masks (the path kept for more than 2^24 entries)."""
+    monkeypatch.setattr(ties, "TIES_CHUNK", 1 << 12)
+    taus = awkward_stack(4, 5 * 4096 + 5, seed=21)
+    calls = []
+    real_elect = ties.elect_sign
+    monkeypatch.setattr(ties, "elect_sign", lambda *a, **kw: calls.append(1) or real_elect(*a, **kw))
+    fused: dict = {}
+    got = ties_merge(taus, 0.2, "sum", "mean", fused)
+    assert not calls  # the reference chunk (the only caller of elect_sign) never ran
+    monkeypatch.setattr(ties, "FACTS_COUNT_LIMIT", 1000)  # store the masks, as above 2^24
+    stored: dict = {}
+    again = ties_merge(taus, 0.2, "sum", "mean", stored)
+    ref, ref_facts = ref_ties(taus, 0.2, "sum", "mean")
+    assert torch.equal(bits(got), bits(ref)) and torch.equal(bits(again), bits(ref))
+    assert fused == stored == ref_facts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_bracketed_threshold_in_pieces_every_dtype(dtype, monkeypatch):
+    """The CPU bracketing pass (pieces through numpy, in a float32/float64 buffer) gives
+    kthvalue's answer for every float dtype, with a ragged last piece, NaN and Inf."""
+    monkeypatch.setattr(consensus, "SELECT_PIECE", 10_007)
+    flat = awkward_stack(3, 300_000, seed=31).to(dtype)
+    flat[1, 1234] = float("inf")
+    for k in (1, 1000, 60_000, 250_000, 299_999):
+        ref = flat.abs().kthvalue(flat.shape[1] - k + 1, dim=1, keepdim=True).values
+        got = kth_largest_abs(flat, k)
+        assert got.dtype == dtype
+        assert torch.equal(got.view(torch.int16) if dtype == torch.float16 else bits(got),
+                           ref.view(torch.int16) if dtype == torch.float16 else bits(ref)), k
+    flat[2, 99] = float("nan")  # that row's counts no longer add up: kthvalue on all of it
+    got = kth_largest_abs(flat, 1000)
+    ref = flat.abs().kthvalue(flat.shape[1] - 1000 + 1, dim=1, keepdim=True).values
+    assert torch.equal(got[:2], ref[:2]) and torch.isnan(got[2]) == torch.isnan(ref[2])
+
+
+def test_task_vectors_widen_narrower_experts_exactly():
+    """bf16 experts beside an fp32 ref are converted into their slot first: the values of
+    torch's promoting subtraction (and of converting the experts up front)."""
+    g = torch.Generator().manual_seed(3)
+    ref = torch.randn(40, 33, generator=g)
+    experts = [torch.randn(40, 33, generator=g).to(torch.bfloat16) for _ in range(3)] + [torch.randn(40, 33)]
+    got = task_vectors(experts, ref)
+    assert got.dtype == torch.float32
+    assert torch.equal(bits(got), bits(torch.stack([t - ref for t in experts])))
+    assert torch.equal(bits(got), bits(torch.stack([t.float() - ref for t in experts])))
+
+
+@pytest.mark.parametrize("n", [5_000, 300_011])  # the direct threshold and the bracketed one
+@pytest.mark.parametrize("stored,compute", [(torch.bfloat16, torch.float32), (torch.float32, torch.float32),
+                                            (torch.bfloat16, torch.float64), (torch.float16, torch.float32)])
+def test_ties_on_task_vector_rows_is_the_materialized_stack(n, stored, compute, monkeypatch):
+    """Ties.merge_one reads the task vectors piece by piece (TaskVectorRows, the experts in
+    their stored dtype): the result and facts of task_vectors + weighted + ties_merge on
+    compute-dtype experts, with unit and other weights, NaN and Inf included."""
+    from pivotmerge_gui.core.methods import get_method
+    from pivotmerge_gui.core.methods.base import MergeJob
+    from pivotmerge_gui.core.methods.common import weighted
+
+    monkeypatch.setattr(ties, "TIES_CHUNK", 1 << 14)
+    g = torch.Generator().manual_seed(n)
+    base = torch.randn(n // 11, 11, generator=g).to(stored)
+    experts = [(base.float() + 0.1 * torch.randn(n // 11, 11, generator=g)).to(stored) for _ in range(4)]
+    experts[1][3, 4] = float("nan")
+    experts[2][100, 1] = float("inf")
+    experts[3][:, 2] = base[:, 2]  # zeros in the task vector
+    method = get_method("ties")()
+    for weights in ([1.0] * 4, [0.5, 1.0, 2.0, 0.3]):
+        for params in ({}, {"sign_method": "count", "merge": "sum", "scaling": 0.7}, {"divide_by": "weight"}):
+            job = MergeJob(experts=[], weights=weights, params=params, dtype=compute)
+            facts: dict = {}
+            got = method.merge_one("w", "linear", "weight", experts, base.to(compute), job, None, facts)
+            ref = base.to(compute)
+            taus = task_vectors([e.to(compute) for e in experts], ref)
+            if any(w != 1.0 for w in weights):
+                taus = weighted(taus, weights)
+            want_facts: dict = {}
+            full = {**{p.name: p.default for p in method.params}, **params}
+            want = ref + full["scaling"] * ties_merge(taus, full["density"], full["sign_method"], full["merge"],
+                                                      want_facts, divide_by=full["divide_by"], weights=weights)
+            assert got.dtype == compute and torch.equal(bits(got), bits(want)), (weights, params)
+            assert facts == want_facts

@@ -90,8 +90,9 @@ class Param:
 
 @dataclass
 class MergeJob:
-    """Everything a method needs. Experts are already aligned in device and compute dtype,
-    checked compatible, in the recipe's order."""
+    """Everything a method needs. Experts are already aligned in device and compute dtype
+    (in their stored dtype for a method with ``takes_stored_dtype``), checked compatible,
+    in the recipe's order."""
 
     experts: list[Projector]
     base: Projector | None = None
@@ -141,6 +142,11 @@ class MergeMethod:
     workspace_stacks: ClassVar[float] = 3.0
     #: model-sized copies per expert beyond the compute-dtype experts (e.g. aligned copies)
     extra_model_copies: ClassVar[float] = 0.0
+    #: the method takes the experts in their stored dtype (the base still comes in the
+    #: compute dtype) and gives the result it would give on compute-dtype experts; the
+    #: pipeline then makes no model-sized compute-dtype copy of each expert (bf16 inputs
+    #: with fp32 compute: 4 bytes per parameter and expert, and the time to write them)
+    takes_stored_dtype: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ params
     @classmethod

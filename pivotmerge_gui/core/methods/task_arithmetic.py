@@ -66,6 +66,12 @@ class TaskVectorMethod(TensorMergeMethod):
         facts: dict[str, Any],
     ) -> torch.Tensor:
         ref = self.reference(tensors, base, job)
+        if self.takes_stored_dtype:  # experts in their stored dtype: see MergeMethod
+            # one that widens exactly to the compute dtype (bf16 -> fp32) is subtracted as it
+            # is (torch computes in the promoted dtype: the same task vector); others are
+            # converted as the pipeline would have
+            tensors = [t if torch.promote_types(t.dtype, job.dtype) == job.dtype else t.to(job.dtype)
+                       for t in tensors]
         taus = task_vectors(tensors, ref)
         if any(w != 1.0 for w in job.expert_weights):
             taus = weighted(taus, job.expert_weights)
