@@ -340,6 +340,7 @@ def _execute(
         calibration=calibration,
         cancel=cancel,
         expert_names=list(plan.names),
+        owns_experts=True,  # the list above is built here, and only its keys are read after
     )
     method = plan.method()
     output = yield from rescaled(method.merge(job), 0.05, 0.90, cancel)

@@ -328,3 +328,25 @@ def test_align_precision_reaches_the_matching(monkeypatch):
         torch.testing.assert_close(p.with_state(out.state).forward(x), p.forward(x), atol=1e-5, rtol=0)
     with pytest.raises(Exception, match="align_precision"):
         PM.validate_params({"align_precision": "fp8"})
+
+
+def test_owned_experts_are_swapped_for_their_aligned_versions():
+    """A job that owns its working copies (the pipeline's) gets each permuted expert
+    replaced by its aligned, function-identical version (its unaligned copy is freed);
+    a caller's own list is left alone."""
+    p = make_mlp_projector(16, 64, 24, seed=3)
+    g = torch.Generator().manual_seed(0)
+    copies = [p] + [permute_hidden(p, ("0", "2"), torch.randperm(64, generator=g)) for _ in range(2)]
+    x = torch.randn(5, 16, generator=g)
+    mine = list(copies)
+    run(mine, {"pivot": 0})
+    assert all(a is b for a, b in zip(mine, copies))
+    owned = list(copies)
+    out, _ = run(owned, {"pivot": 0}, owns_experts=True)
+    assert owned[0] is copies[0] and all(owned[i] is not copies[i] for i in (1, 2))
+    for e, orig in zip(owned, copies):
+        torch.testing.assert_close(e.forward(x), orig.forward(x), atol=1e-5, rtol=0)
+        assert torch.equal(e.layer("0").weight, p.layer("0").weight)  # in the pivot's frame
+    ref, _ = run(list(copies), {"pivot": 0})
+    for k, v in ref.state.items():
+        assert torch.equal(out.state[k], v), k

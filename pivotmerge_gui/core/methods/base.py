@@ -105,6 +105,10 @@ class MergeJob:
     calibration: Calibration | None = None
     cancel: CancelToken = field(default_factory=CancelToken)
     expert_names: list[str] | None = None
+    #: the job's expert list and tensors are working copies made for this merge (the
+    #: pipeline's): a method may replace entries with function-identical versions (e.g.
+    #: hidden units permuted to a pivot) to free the originals' memory
+    owns_experts: bool = False
 
     @property
     def expert_weights(self) -> list[float]:

@@ -60,6 +60,10 @@ class PivotMerge(MergeMethod):
                                                    cal_x, cal_y, precision=s.align_precision)
         report.pivot, report.alignment = stage1.choice, stage1.report(names)
         report.timings["pivot_and_alignment_s"] = time.perf_counter() - t0
+        if job.owns_experts:
+            # the unaligned working copies are not read again: drop them for their aligned,
+            # function-identical versions (one model copy less per permuted expert)
+            job.experts[:] = stage1.aligned
 
         job.cancel.raise_if_cancelled()
         ref = self._reference(job, stage1.aligned, report, names, stage1.infos)
