@@ -265,6 +265,9 @@ def main() -> int:
             torch.set_num_threads(args.threads)
         method, inputs_json, out = args.child
         print(json.dumps(run_one(method, json.loads(Path(inputs_json).read_text()), Path(out), args.device, args.repeat)))
+        import gc
+
+        gc.freeze()  # the child exits as the `pivotmerge` command does (cli.main.entry)
         return 0
 
     from pivotmerge_gui.core.methods import list_methods

@@ -20,7 +20,7 @@ def main() -> int:
     """Run the CLI when started as ``pivotmerge``, the desktop app otherwise."""
     multiprocessing.freeze_support()  # no-op unless a worker process is being spawned
     if Path(sys.argv[0]).name in CLI_NAMES:
-        from pivotmerge_gui.cli.main import main as run
+        from pivotmerge_gui.cli.main import entry as run
     else:
         from pivotmerge_gui.gui.app import main as run
     return run(sys.argv[1:])

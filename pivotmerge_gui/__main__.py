@@ -1,3 +1,3 @@
-from pivotmerge_gui.cli.main import main
+from pivotmerge_gui.cli.main import entry
 
-raise SystemExit(main())
+raise SystemExit(entry())

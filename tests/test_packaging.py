@@ -354,3 +354,16 @@ def test_install_desktop_entry_script_installs_and_removes(tmp_path: Path) -> No
         check=False,
     )
     assert bad.returncode == 1 and "not an executable" in bad.stderr
+
+
+def test_cli_entry_runs_main_and_skips_the_final_collection() -> None:
+    """The console script is ``entry``: ``main``'s exit code, then gc.freeze() so the
+    interpreter's last collection skips torch's objects (run in a child: freezing this
+    test process would keep its garbage)."""
+    code = ("import gc, sys; from pivotmerge_gui.cli.main import entry; c = entry(['methods']); "
+            "print('frozen', gc.get_freeze_count() > 0, 'code', c, file=sys.stderr)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "frozen True code 0" in r.stderr
+    assert "pivotmerge" in r.stdout  # the method table was printed
+    assert PYPROJECT["project"]["scripts"]["pivotmerge"] == "pivotmerge_gui.cli.main:entry"

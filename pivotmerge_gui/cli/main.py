@@ -7,6 +7,7 @@ stderr, results to stdout (``--json`` for machines).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -308,5 +309,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CANCELLED
 
 
+def entry(argv: Sequence[str] | None = None) -> int:
+    """The ``pivotmerge`` console script: :func:`main`, then every object alive is moved
+    out of the garbage collector's view before the interpreter exits. Why: with torch
+    imported, the final collection at shutdown walks its ~180k objects and takes 0.35-0.5 s
+    of every command (measured on 2 cores: ``import torch`` alone exits in 1.55 s, 1.2 s
+    with this). Everything the command wrote is closed and flushed by then (atomic writes);
+    atexit handlers (logging) still run. Not in :func:`main`, which tests call in-process."""
+    code = main(argv)
+    gc.freeze()
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
