@@ -336,10 +336,19 @@ def _identity_hopeless(pivot: Projector, expert: Projector, a: str, b: str) -> b
         le_out.weight[:, idx].float(), None if lp_in.bias is None else lp_in.bias[idx],
         None if le_in.bias is None else le_in.bias[idx])
     dn = (en2 + pn2 - 2.0 * diag).clamp(min=0.0).sqrt()  # a lower bound suffices here
+    return _gate_fails(diag, pn2.sqrt(), dn)
+
+
+def _gate_fails(diag: torch.Tensor, pn: torch.Tensor, dn: torch.Tensor) -> bool:
+    """Whether some unit's own similarity ``diag[i]`` does not beat
+    ``pn[i] * max_{j != i} dn[j]`` (the identity certificate's gate, see
+    :func:`_identity_certified`)."""
+    if dn.numel() < 2:
+        return False
     top2 = torch.topk(dn, 2)
     dn_other = torch.where(torch.arange(dn.numel(), device=dn.device) == top2.indices[0],
                            top2.values[1], top2.values[0])
-    return bool((diag <= pn2.sqrt() * dn_other).any())
+    return bool((diag <= pn * dn_other).any())
 
 
 def _identity_certified(
@@ -362,6 +371,8 @@ def _identity_certified(
     wp, we = lp_in.weight.float(), le_in.weight.float()
     wpo, weo = lp_out.weight.float(), le_out.weight.float()  # [out, hidden]: unit = column
     diag, pn2, en2 = _unit_products(wp, we, wpo, weo, lp_in.bias, le_in.bias)
+    # ||e - p||^2 from the norms (no difference matrices); the added term covers the fp32
+    # cancellation error, so dn is an upper bound and the certificate stays sound
     dn2 = (en2 + pn2 - 2.0 * diag).clamp(min=0.0) + 1e-6 * (en2 + pn2)
     pn, dn = pn2.sqrt(), dn2.sqrt()
     cos = float((diag / (pn * en2.sqrt()).clamp_min(1e-12)).mean())
@@ -371,12 +382,8 @@ def _identity_certified(
     # pass through unusually negative Gram entries, so skip it (always sound: the caller
     # then solves the matching). Experts far from the pivot take this exit; shared-init
     # experts close to it do not.
-    if dn.numel() > 1:
-        top2 = torch.topk(dn, 2)
-        dn_other = torch.where(torch.arange(dn.numel(), device=dn.device) == top2.indices[0],
-                               top2.values[1], top2.values[0])
-        if bool((diag <= pn * dn_other).any()):
-            return False, cos
+    if _gate_fails(diag, pn, dn):
+        return False, cos
     key = (id(lp_in.weight), id(lp_out.weight), a, b)
     gram = cache.get(key) if cache is not None else None
     if gram is None:

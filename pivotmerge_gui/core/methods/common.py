@@ -21,13 +21,17 @@ def task_vectors(tensors: Sequence[torch.Tensor], ref: torch.Tensor) -> torch.Te
         dtype = torch.promote_types(dtype, t.dtype)
     out = torch.empty((len(tensors), *ref.shape), dtype=dtype, device=ref.device)
     for i, t in enumerate(tensors):
-        # a narrower input beside a ``ref`` in the stack's dtype (bf16 experts, fp32 base) is
-        # first converted into its slot: torch's subtraction computes in that dtype either
-        # way, and its per-entry casting path is 4x slower than a conversion and a plain
-        # subtraction together
-        widen = t.dtype != dtype and ref.dtype == dtype
-        torch.sub(out[i].copy_(t) if widen else t, ref, out=out[i])
+        subtract_into(t, ref, out[i])
     return out
+
+
+def subtract_into(t: torch.Tensor, ref: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = t - ref`` in ``out``'s dtype. A narrower ``t`` beside a ``ref`` in that dtype
+    (bf16 experts, fp32 base) is first converted into ``out``: torch's subtraction computes
+    in that dtype either way, and its per-entry casting path is 4x slower than a conversion
+    and a plain subtraction together."""
+    widen = t.dtype != out.dtype and ref.dtype == out.dtype
+    return torch.sub(out.copy_(t) if widen else t, ref, out=out)
 
 
 def weighted(stack: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 
 from ..linalg import map_single_threaded
 from .base import MergeJob, Param, register
+from .common import subtract_into
 from .consensus import EXACT_COUNT_LIMIT, disjoint_merge, elect_sign, sign_from_sums, trim_threshold
 from .task_arithmetic import TaskVectorMethod
 
@@ -80,7 +81,7 @@ class TaskVectorRows:
             and torch.promote_types(t.dtype, ref.dtype) == ref.dtype for t in tensors)
 
     def _finish(self, r: int, t: torch.Tensor, ref: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        torch.sub(out.copy_(t) if t.dtype != self.dtype else t, ref, out=out)
+        subtract_into(t, ref, out)  # as task_vectors does, entry for entry
         return out if self.weights is None else out.mul_(self.weights[r])
 
     def piece(self, r: int, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
