@@ -83,3 +83,27 @@ def test_doomed_bf16_attempt_is_skipped_without_changing_the_matching(monkeypatc
     _, tried = align_to_pivot(other, pivot)
     assert skipped.pairs[0].permutation == tried.pairs[0].permutation
     assert skipped.pairs[0].solver == tried.pairs[0].solver == "assignment"
+
+
+def test_pivot_side_memo_changes_no_matching(monkeypatch):
+    """Aligning several experts to one pivot keeps the pivot's norms and joined bf16
+    features in the shared cache (computed once, not per expert): every permutation and
+    solver is the one a fresh call finds."""
+    from pivotmerge_gui.core import alignment
+
+    monkeypatch.setattr(alignment, "bf16_is_fast", lambda device_type: True)
+    pivot = make_mlp_projector(64, 1024, 256, seed=1)
+    g = torch.Generator().manual_seed(4)
+    near = [permute_hidden(pivot.with_state({k: v + 1e-3 * torch.randn(v.shape, generator=g)
+                                             for k, v in pivot.state().items()}),
+                           ("0", "2"), torch.randperm(1024, generator=g)) for _ in range(2)]
+    experts = [pivot, *near, make_mlp_projector(64, 1024, 256, seed=9)]
+    cache: dict = {}
+    shared = [align_to_pivot(e, pivot, cache=cache)[1] for e in experts[1:]]
+    memos = [v for k, v in cache.items() if k[0] == "pivot"]
+    assert memos and any(("joined", torch.bfloat16) in m for m in memos) and all("norms" in m for m in memos)
+    for e, got in zip(experts[1:], shared):
+        fresh = align_to_pivot(e, pivot)[1]
+        assert got.pairs[0].permutation == fresh.pairs[0].permutation
+        assert got.pairs[0].solver == fresh.pairs[0].solver
+    assert [s.pairs[0].solver for s in shared[:2]] == ["certificate-bf16"] * 2

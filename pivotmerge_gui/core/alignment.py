@@ -160,14 +160,27 @@ def _features(projector: Projector, in_name: str, out_name: str) -> tuple[torch.
     return f_in, f_out
 
 
+def _sq_norms(f_in: torch.Tensor, f_out: torch.Tensor | None) -> torch.Tensor:
+    """Squared norm of every unit's features ``[f_in row | f_out row]`` (fp32). Row norms of
+    a row-major matrix with ``vector_norm`` (20x faster than ``pow(2).sum(1)``); ``f_out``
+    is usually a transposed view of a row-major weight, whose row norms are cheapest as
+    ``(w * w).sum(0)`` of that weight."""
+    vn = torch.linalg.vector_norm
+    out = vn(f_in, dim=1) ** 2 if f_in.stride(1) == 1 else (f_in * f_in).sum(1)
+    if f_out is not None:
+        out = out + (vn(f_out, dim=1) ** 2 if f_out.stride(1) == 1 else (f_out.t() * f_out.t()).sum(0))
+    return out
+
+
 def _similarity(
     p_in: torch.Tensor, p_out: torch.Tensor | None, e_in: torch.Tensor, e_out: torch.Tensor | None,
-    dtype: torch.dtype,
+    dtype: torch.dtype, memo: dict | None = None,
 ) -> torch.Tensor:
     """S = P_in E_in^T (+ P_out E_out^T), returned in fp32. In a half dtype the two sides
     are joined into one feature matrix per projector first: one product accumulated in
     fp32 and rounded once (half the error of two rounded products and their rounded sum;
-    the same speed)."""
+    the same speed). ``memo``: a dict kept per pivot pair, holding the pivot's joined
+    matrix for the next expert."""
     if dtype == torch.float32 or p_out is None or e_out is None:
         s = p_in.to(dtype) @ e_in.to(dtype).t()
         if p_out is not None and e_out is not None:
@@ -182,7 +195,13 @@ def _similarity(
         out[a.shape[1]:] = b.t()
         return out
 
-    return (joined_t(p_in, p_out).t() @ joined_t(e_in, e_out)).float()
+    key = ("joined", dtype)
+    p_joined = memo.get(key) if memo is not None else None
+    if p_joined is None:
+        p_joined = joined_t(p_in, p_out)
+        if memo is not None:
+            memo[key] = p_joined
+    return (p_joined.t() @ joined_t(e_in, e_out)).float()
 
 
 def _certified_argmax(s: torch.Tensor, tol: torch.Tensor | None) -> torch.Tensor | None:
@@ -228,7 +247,7 @@ def _bf16_may_certify(
 
 def _solve_pair(
     p_in: torch.Tensor, p_out: torch.Tensor | None, e_in: torch.Tensor, e_out: torch.Tensor | None,
-    precision: str = "auto",
+    precision: str = "auto", memo: dict | None = None,
 ) -> tuple[torch.Tensor, str, float, float]:
     """Permutation maximising sum_i S[i, perm[i]] (rows: pivot units, columns: expert units).
 
@@ -243,7 +262,8 @@ def _solve_pair(
     multiply-adds (4096 units: 86 G, ~1.3 s on 2 cores), on the bf16 S: the optimum of the
     bf16 similarities, whose fp32 score is within 2 * sum_i tol_i of the fp32 optimum
     (``tol``: the bf16 error bound), the same matching except between near-tied units.
-    ``precision="float32"`` always solves the fp32 problem.
+    ``precision="float32"`` always solves the fp32 problem. ``memo``: a dict kept per pivot
+    pair across experts (the pivot side's norms and joined bf16 features).
 
     Also returns the mean cosine similarity of matched units before (identity) and after,
     read off the similarity matrix that was computed anyway (bf16-accurate on the fast path,
@@ -252,9 +272,11 @@ def _solve_pair(
         raise ValueError(f"unknown alignment precision {precision!r}")
     n = p_in.shape[0]
     d = p_in.shape[1] + (p_out.shape[1] if p_out is not None else 0)
-    pn = p_in.pow(2).sum(1) + (p_out.pow(2).sum(1) if p_out is not None else 0)
-    en = e_in.pow(2).sum(1) + (e_out.pow(2).sum(1) if e_out is not None else 0)
-    pn, en = pn.sqrt(), en.sqrt()
+    memo = {} if memo is None else memo
+    pn = memo.get("norms")
+    if pn is None:
+        pn = memo["norms"] = _sq_norms(p_in, p_out).sqrt()
+    en = _sq_norms(e_in, e_out).sqrt()
 
     def stats(s: torch.Tensor, perm: torch.Tensor) -> tuple[float, float]:
         ar = torch.arange(n, device=s.device)
@@ -268,15 +290,17 @@ def _solve_pair(
     approx = (precision == "auto" and fast16 and p_in.device.type == "cpu"
               and n * n * d >= _BF16_ASSIGN_MIN_MACS)
     s16 = None
-    if fast16 and _bf16_may_certify(p_in, p_out, e_in, e_out, tol):
-        s16 = _similarity(p_in, p_out, e_in, e_out, torch.bfloat16)
+    # the sampled gate only saves a bf16 matrix that would be computed for nothing; with
+    # ``approx`` it is computed anyway (0.02 s for the certificate, 0.05 s for the gate)
+    if fast16 and (approx or _bf16_may_certify(p_in, p_out, e_in, e_out, tol)):
+        s16 = _similarity(p_in, p_out, e_in, e_out, torch.bfloat16, memo)
         perm = _certified_argmax(s16, tol)
         if perm is not None:
             return (perm, "certificate-bf16", *stats(s16, perm))
         if not approx:
             s16 = None
     if approx:
-        s = s16 if s16 is not None else _similarity(p_in, p_out, e_in, e_out, torch.bfloat16)
+        s = s16 if s16 is not None else _similarity(p_in, p_out, e_in, e_out, torch.bfloat16, memo)
     else:
         s = _similarity(p_in, p_out, e_in, e_out, torch.float32)
         perm = _certified_argmax(s, None)
@@ -295,7 +319,8 @@ def permute_hidden(projector: Projector, pair: tuple[str, str], perm: torch.Tens
     state[f"{in_name}.weight"] = state[f"{in_name}.weight"][idx]
     if f"{in_name}.bias" in state:
         state[f"{in_name}.bias"] = state[f"{in_name}.bias"][idx]
-    state[f"{out_name}.weight"] = state[f"{out_name}.weight"][:, idx]
+    w_out = state[f"{out_name}.weight"]  # columns: a gather is ~1.5x faster than [:, idx]
+    state[f"{out_name}.weight"] = torch.gather(w_out, 1, idx.unsqueeze(0).expand(w_out.shape[0], -1))
     return projector.with_state(state)
 
 
@@ -464,7 +489,9 @@ def align_to_pivot(
         changed = False
         for i in range(len(pairs)):
             p_in, p_out, e_in, e_out = current(i)
-            perm, solver, before, after = _solve_pair(p_in, p_out, e_in, e_out, precision)
+            memo = cache.setdefault(("pivot", id(pivot.layer(pairs[i][0]).weight), pairs[i], p_out is None),
+                                    {}) if cache is not None else None
+            perm, solver, before, after = _solve_pair(p_in, p_out, e_in, e_out, precision, memo)
             if not torch.equal(perm, perms[i]):
                 changed = True
             perms[i] = perm

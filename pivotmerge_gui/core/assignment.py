@@ -125,7 +125,8 @@ def max_weight_matching(s: torch.Tensor) -> tuple[torch.Tensor, str]:
     from scipy.sparse import csr_matrix  # lazy: only big layers get here
     from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
-    scale = float(s.abs().max())
+    lo, hi = torch.aminmax(s)  # max |s| without an |s| copy (10x faster on CPU)
+    scale = max(-float(lo), float(hi))
     if scale == 0.0 or not np.isfinite(scale):
         return _dense(s), "dense"
     k = min(START_CANDIDATES, n)
@@ -157,7 +158,11 @@ def max_weight_matching(s: torch.Tensor) -> tuple[torch.Tensor, str]:
             by_columns = True
             bad = _top_keys(s, k, 0)
         # candidates satisfy the check by construction (up to eps << tol): only new entries
-        new = np.setdiff1d(bad.numpy(), keys)
+        # (binary search in the sorted keys: setdiff1d's hashing of all keys cost 0.07 s)
+        new = np.unique(bad.numpy())
+        ordered = np.sort(keys)
+        at = np.minimum(np.searchsorted(ordered, new), ordered.size - 1)
+        new = new[ordered[at] != new]
         keys = np.concatenate([keys, new])
         vals = np.concatenate([vals, flat[torch.from_numpy(new).to(s.device)].double().cpu().numpy()])
     return _dense(s), "dense"

@@ -332,21 +332,34 @@ def test_align_precision_reaches_the_matching(monkeypatch):
 
 def test_owned_experts_are_swapped_for_their_aligned_versions():
     """A job that owns its working copies (the pipeline's) gets each permuted expert
-    replaced by its aligned, function-identical version (its unaligned copy is freed);
-    a caller's own list is left alone."""
+    replaced by its aligned, function-identical version (its unaligned copy is freed), and
+    where nothing after SDF reads their values (every ALM mode but "data") by structure-only
+    (meta) versions, each tensor let go once merged; a caller's own list is left alone, and
+    the merge is the same either way."""
     p = make_mlp_projector(16, 64, 24, seed=3)
     g = torch.Generator().manual_seed(0)
     copies = [p] + [permute_hidden(p, ("0", "2"), torch.randperm(64, generator=g)) for _ in range(2)]
     x = torch.randn(5, 16, generator=g)
+    snapshot = [{k: v.clone() for k, v in c.state().items()} for c in copies]
     mine = list(copies)
-    run(mine, {"pivot": 0})
+    ref, _ = run(mine, {"pivot": 0})
     assert all(a is b for a, b in zip(mine, copies))
     owned = list(copies)
-    out, _ = run(owned, {"pivot": 0}, owns_experts=True)
+    out, _ = run(owned, {"pivot": 0}, owns_experts=True)  # data-free ALM: released
+    for e, orig in zip(owned, copies):
+        assert e.device.type == "meta" and list(e.state()) == list(orig.state())
+        assert [t.shape for t in e.state().values()] == [t.shape for t in orig.state().values()]
+    for c, snap in zip(copies, snapshot):  # the caller's projectors are untouched
+        assert all(torch.equal(c.state()[k], v) for k, v in snap.items())
+    for k, v in ref.state.items():
+        assert torch.equal(out.state[k], v), k
+    cal = _calibration(copies)
+    owned = list(copies)
+    data, _ = run(owned, {"pivot": 0, "alm": "data"}, owns_experts=True, calibration=cal)
     assert owned[0] is copies[0] and all(owned[i] is not copies[i] for i in (1, 2))
     for e, orig in zip(owned, copies):
         torch.testing.assert_close(e.forward(x), orig.forward(x), atol=1e-5, rtol=0)
         assert torch.equal(e.layer("0").weight, p.layer("0").weight)  # in the pivot's frame
-    ref, _ = run(list(copies), {"pivot": 0})
-    for k, v in ref.state.items():
-        assert torch.equal(out.state[k], v), k
+    again, _ = run(list(copies), {"pivot": 0, "alm": "data"}, calibration=cal)
+    for k, v in again.state.items():
+        assert torch.equal(data.state[k], v), k

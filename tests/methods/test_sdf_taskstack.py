@@ -27,6 +27,20 @@ def test_exact_stack_products_equal_the_two_matrix_form():
         torch.testing.assert_close(exact.mul(i, x), (thetas[i] - ref) @ x, rtol=0, atol=0)
 
 
+def test_bf16_stack_is_filled_in_row_blocks_with_the_exact_norms():
+    """The bf16 stack is written in row blocks of 2^20 entries (no full fp32 difference
+    beside it): every block lands in place and the energies match the whole differences."""
+    g = torch.Generator().manual_seed(2)
+    m, n = 300, 5000  # 209 rows per block: two blocks
+    ref = torch.randn(m, n, generator=g)
+    thetas = [ref + torch.randn(m, n, generator=g) * (i + 1) for i in range(2)]
+    ts = TaskStack(thetas, ref, torch.bfloat16)
+    for i, th in enumerate(thetas):
+        d = th - ref
+        assert torch.equal(ts.low[i], d.to(torch.bfloat16))
+        assert float(ts.norm2[i]) == pytest.approx(float(d.double().pow(2).sum()), rel=1e-5)
+
+
 @pytest.mark.parametrize("low_dtype", [torch.float32, torch.bfloat16])
 def test_batched_residuals_recover_low_rank_residuals(low_dtype):
     """Every expert's residual R_i = tau_i - U C_i V^T of rank <= 12 comes back whole from the

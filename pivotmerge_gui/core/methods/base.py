@@ -107,7 +107,9 @@ class MergeJob:
     expert_names: list[str] | None = None
     #: the job's expert list and tensors are working copies made for this merge (the
     #: pipeline's): a method may replace entries with function-identical versions (e.g.
-    #: hidden units permuted to a pivot) to free the originals' memory
+    #: hidden units permuted to a pivot) to free the originals' memory, or, once it has read
+    #: their values for the last time, with structure-only (meta) versions: callers read
+    #: only the keys afterwards
     owns_experts: bool = False
 
     @property

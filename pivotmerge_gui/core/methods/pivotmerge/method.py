@@ -70,7 +70,15 @@ class PivotMerge(MergeMethod):
         yield ProgressEvent("reference", 0.31, f"PivotMerge: reference = {report.reference}")
 
         t0 = time.perf_counter()
-        sdf = yield from merge_task_vectors(job, ref, stage1.aligned, weights, s)
+        states = [a.state() for a in stage1.aligned]
+        release = job.owns_experts and mode != "data"
+        if release:
+            # nothing after SDF reads the experts' values in this mode (only the "data" fit
+            # does): the lists keep their structure, and SDF lets each tensor go once merged
+            # (Qwen2-VL's merger: 4 x 105 MB freed before its second big layer)
+            job.experts[:] = stage1.aligned[:] = [a.to("meta") for a in stage1.aligned]
+        sdf = yield from merge_task_vectors(job, ref, states, weights, s, release=release)
+        del states
         report.tensors = sdf.tensors
         report.timings["sdf_s"] = time.perf_counter() - t0
 

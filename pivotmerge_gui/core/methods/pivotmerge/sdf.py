@@ -50,16 +50,23 @@ class TaskStack:
         self.shape = (k, m, n)
         self.exact = low_dtype == torch.float32
         self.low = torch.empty((k, m, n), dtype=low_dtype, device=self.ref.device)
-        norm2 = []
+        norm2 = torch.zeros(k, dtype=torch.float64)
+        # row blocks of 2^20 entries: no full fp32 difference beside a bf16 stack, and the
+        # energies summed in float64 over blocks (an fp32 norm of 16 M entries is off by
+        # ~4e-5 relative, a dot product of 1 M by ~1e-6)
+        step = max(1, 2**20 // max(n, 1))
         for i, th in enumerate(self.thetas):
-            if self.exact:
-                d = torch.sub(th, self.ref, out=self.low[i])
-            else:
-                d = th - self.ref
-                self.low[i].copy_(d)
-            norm2.append(float(torch.linalg.vector_norm(d)) ** 2)
-            del d
-        self.norm2 = torch.tensor(norm2, dtype=torch.float64)
+            for r0 in range(0, m, step):
+                rows = slice(r0, min(m, r0 + step))
+                if self.exact:
+                    d = torch.sub(th[rows], self.ref[rows], out=self.low[i, rows])
+                else:
+                    d = th[rows] - self.ref[rows]
+                    self.low[i, rows].copy_(d)
+                flat = d.reshape(-1)
+                norm2[i] += float(torch.dot(flat, flat))
+                del d
+        self.norm2 = norm2
         self.total = float(self.norm2.sum())
 
     def tau(self, i: int) -> torch.Tensor:
@@ -117,9 +124,12 @@ def residuals_lowrank(
     p = min(rank + 8, m, n)
     q = orth(r_mul(gaussian((k, n, p), salt, ts.ref.device, torch.float32)))
     q = orth(r_mul(rt_mul(q)))
+    # (Q_i^T ref)^T for every i in one product: the reference is read once, not K times
+    ref_t = None if ts.exact else (q.transpose(1, 2).reshape(k * p, m) @ ts.ref).reshape(k, p, n)
     out = []
     for i in range(k):
-        bt = ts.tmul(i, q[i]) - v @ (c[i].t() @ (u.t() @ q[i]))  # [n, p] = (Q_i^T R_i)^T, exact
+        tq = ts.tmul(i, q[i]) if ref_t is None else (q[i].t() @ ts.thetas[i] - ref_t[i]).t()
+        bt = tq - v @ (c[i].t() @ (u.t() @ q[i]))  # [n, p] = (Q_i^T R_i)^T, exact
         with lapack_threads(bt.device.type != "cpu"):
             ub, s, vh = torch.linalg.svd(bt.t(), full_matrices=False)
         out.append(((q[i] @ ub)[:, :rank], s[:rank], vh[:rank].t()))
@@ -136,6 +146,15 @@ def overlap_normalised_sum(
     mutually orthogonal pieces summed; nearly-equal pieces are averaged along their common
     directions and their small differences kept unscaled (no blow-up, unlike a polar
     factor of a near-singular stack)."""
+    left, right = overlap_normalised_factors(factors)
+    return left @ right.t()
+
+
+def overlap_normalised_factors(
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`overlap_normalised_sum` as two thin factors (L [m, sum r_k], R [n, sum r_k],
+    the sum is L R^T): callers add it into an update in place."""
     ucat = torch.cat([f[0] for f in factors], 1)
     scat = torch.cat([f[1] for f in factors], 0)
     vcat = torch.cat([f[2] for f in factors], 1)
@@ -146,7 +165,7 @@ def overlap_normalised_sum(
         g = s / s.pow(2).clamp(min=1.0).sqrt()
         return (a * g) @ bh
 
-    return (normalise(ucat) * scat) @ normalise(vcat).t()
+    return normalise(ucat) * scat, normalise(vcat)
 
 
 def elect_and_merge(
@@ -202,12 +221,12 @@ def sdf_tensor(
     shared_e = float(c.pow(2).sum()) / total if total > 0 else 1.0
     c_star, st = elect_and_merge(c, weights, filter_conflicts=s.filter_conflicts,
                                  trim_density=s.trim_density)
-    merged = u @ c_star @ v.t() if r > 0 else torch.zeros(m, n, device=ts.ref.device)
     entry.subspace, entry.rank = sub["method"], r
     entry.rank_u, entry.rank_v = sub["rank_u"], sub["rank_v"]
     entry.conflict_fraction = round(st["conflict_fraction"], 6)
     entry.trimmed_fraction = round(st["trimmed_fraction"], 6)
     entry.residual_rank = 0
+    extra = None  # the residuals' thin factors, added in place below (no m x n temporaries)
     if want_residuals:
         factors = []
         kept = 0.0
@@ -216,9 +235,12 @@ def sdf_tensor(
             factors.append((uu, ss * weights[i], vv))
         if not ts.exact:
             ts.low = ts.low.new_empty(0)
-        merged = merged + s.residual_weight * overlap_normalised_sum(factors)
+        extra = overlap_normalised_factors(factors)
         entry.residual_rank = int(factors[0][1].numel())
         entry.residual_energy_kept = round(kept / total, 6) if total > 0 else 0.0
+    merged = u @ (c_star @ v.t()) if r > 0 else torch.zeros(m, n, device=ts.ref.device)
+    if extra is not None:
+        merged.addmm_(extra[0], extra[1].t(), alpha=s.residual_weight)
     entry.shared_energy = min(shared_e, 1.0)
     return merged, entry.shared_energy
 
@@ -248,13 +270,15 @@ def layer_of(key: str) -> str:
 
 
 def merge_task_vectors(
-    job: MergeJob, ref: Projector, aligned: list[Projector], weights: torch.Tensor, s: Settings
+    job: MergeJob, ref: Projector, states: list[dict[str, torch.Tensor]], weights: torch.Tensor,
+    s: Settings, *, release: bool = False,
 ) -> Generator[ProgressEvent, None, SdfResult]:
-    """Stage 2 over every tensor (progress 0.32 to 0.82)."""
+    """Stage 2 over every tensor (progress 0.32 to 0.82) of the pivot-aligned experts'
+    ``states``. ``release``: drop each tensor from ``states`` once merged (the caller holds
+    no other reference, so its memory goes back before the next tensor)."""
     ref_state = ref.state()
-    states = [a.state() for a in aligned]
     keys = list(ref_state)
-    k_exp = len(aligned)
+    k_exp = len(states)
     res = SdfResult()
     for ti, key in enumerate(keys):
         job.cancel.raise_if_cancelled()
@@ -288,5 +312,8 @@ def merge_task_vectors(
         res.tau_star[key] = merged.to(job.dtype)
         res.tensors.append(entry)
         del merged
+        if release:
+            for st_ in states:
+                del st_[key]
     yield ProgressEvent("sdf", 0.82, "PivotMerge: shared-space merge done")
     return res
