@@ -56,6 +56,18 @@ def test_matches_the_dense_optimum(name):
         assert torch.equal(perm, ref_perm)  # unique optimum: the same matching
 
 
+@pytest.mark.parametrize("name", ["gaussian", "similarity", "integer-ties"])
+def test_half_precision_scores_are_solved_without_an_fp32_copy(name):
+    """A bf16 score matrix (the alignment's fast path) is matched as is: its values are
+    exact in fp32, so the certified optimum is the dense optimum of those values."""
+    s16 = _matrices()[name].to(torch.bfloat16)
+    perm, _ = asg.max_weight_matching(s16)
+    assert sorted(perm.tolist()) == list(range(N))
+    s32 = s16.float()
+    _, ref = _dense_optimum(s32)
+    assert _score(s32, perm) >= ref - N * 1e-5 * float(s32.abs().max()), name
+
+
 def test_few_candidates_take_certified_rounds(monkeypatch):
     """With 4 candidates per row the first sparse optimum is not the dense one: the dual
     check finds the violating entries, they join, and the answer is still exact."""

@@ -166,21 +166,31 @@ def _sq_norms(f_in: torch.Tensor, f_out: torch.Tensor | None) -> torch.Tensor:
     is usually a transposed view of a row-major weight, whose row norms are cheapest as
     ``(w * w).sum(0)`` of that weight."""
     vn = torch.linalg.vector_norm
-    out = vn(f_in, dim=1) ** 2 if f_in.stride(1) == 1 else (f_in * f_in).sum(1)
+
+    def col_sq(w: torch.Tensor) -> torch.Tensor:  # in row blocks: no full-size temporary
+        acc = torch.zeros(w.shape[1], dtype=w.dtype, device=w.device)
+        for r0 in range(0, w.shape[0], 256):
+            blk = w[r0:r0 + 256]
+            acc += (blk * blk).sum(0)
+        return acc
+
+    out = vn(f_in, dim=1) ** 2 if f_in.stride(1) == 1 else col_sq(f_in.t())
     if f_out is not None:
-        out = out + (vn(f_out, dim=1) ** 2 if f_out.stride(1) == 1 else (f_out.t() * f_out.t()).sum(0))
+        out = out + (vn(f_out, dim=1) ** 2 if f_out.stride(1) == 1 else col_sq(f_out.t()))
     return out
 
 
 def _similarity(
     p_in: torch.Tensor, p_out: torch.Tensor | None, e_in: torch.Tensor, e_out: torch.Tensor | None,
-    dtype: torch.dtype, memo: dict | None = None,
+    dtype: torch.dtype, memo: dict | None = None, fp32: bool = True,
 ) -> torch.Tensor:
-    """S = P_in E_in^T (+ P_out E_out^T), returned in fp32. In a half dtype the two sides
-    are joined into one feature matrix per projector first: one product accumulated in
-    fp32 and rounded once (half the error of two rounded products and their rounded sum;
-    the same speed). ``memo``: a dict kept per pivot pair, holding the pivot's joined
-    matrix for the next expert."""
+    """S = P_in E_in^T (+ P_out E_out^T), returned in fp32 (``fp32=False``: a half-dtype S
+    stays in it; its values are exact in fp32 and every consumer promotes them, without an
+    fp32 copy of the whole matrix). In a half dtype the two sides are joined into one
+    feature matrix per projector first: one product accumulated in fp32 and rounded once
+    (half the error of two rounded products and their rounded sum; the same speed).
+    ``memo``: a dict kept per pivot pair, holding the pivot's joined matrix for the next
+    expert."""
     if dtype == torch.float32 or p_out is None or e_out is None:
         s = p_in.to(dtype) @ e_in.to(dtype).t()
         if p_out is not None and e_out is not None:
@@ -201,7 +211,8 @@ def _similarity(
         p_joined = joined_t(p_in, p_out)
         if memo is not None:
             memo[key] = p_joined
-    return (p_joined.t() @ joined_t(e_in, e_out)).float()
+    s = p_joined.t() @ joined_t(e_in, e_out)
+    return s.float() if fp32 else s
 
 
 def _certified_argmax(s: torch.Tensor, tol: torch.Tensor | None) -> torch.Tensor | None:
@@ -218,7 +229,7 @@ def _certified_argmax(s: torch.Tensor, tol: torch.Tensor | None) -> torch.Tensor
     if torch.unique(best).numel() != n:
         return None
     if tol is not None:
-        margin = top.values[:, 0] - top.values[:, 1]
+        margin = top.values[:, 0].float() - top.values[:, 1].float()
         if not bool((margin > 2.0 * tol).all()):
             return None
     elif not bool((top.values[:, 0] > top.values[:, 1]).all()):
@@ -293,14 +304,14 @@ def _solve_pair(
     # the sampled gate only saves a bf16 matrix that would be computed for nothing; with
     # ``approx`` it is computed anyway (0.02 s for the certificate, 0.05 s for the gate)
     if fast16 and (approx or _bf16_may_certify(p_in, p_out, e_in, e_out, tol)):
-        s16 = _similarity(p_in, p_out, e_in, e_out, torch.bfloat16, memo)
+        s16 = _similarity(p_in, p_out, e_in, e_out, torch.bfloat16, memo, fp32=False)
         perm = _certified_argmax(s16, tol)
         if perm is not None:
             return (perm, "certificate-bf16", *stats(s16, perm))
         if not approx:
             s16 = None
     if approx:
-        s = s16 if s16 is not None else _similarity(p_in, p_out, e_in, e_out, torch.bfloat16, memo)
+        s = s16 if s16 is not None else _similarity(p_in, p_out, e_in, e_out, torch.bfloat16, memo, fp32=False)
     else:
         s = _similarity(p_in, p_out, e_in, e_out, torch.float32)
         perm = _certified_argmax(s, None)

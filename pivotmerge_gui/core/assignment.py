@@ -119,7 +119,8 @@ def max_weight_matching(s: torch.Tensor) -> tuple[torch.Tensor, str]:
     n = s.shape[0]
     if s.dim() != 2 or s.shape[1] != n:
         raise ValueError(f"max_weight_matching needs a square matrix, got {tuple(s.shape)}")
-    s = s.float()
+    if s.dtype not in (torch.bfloat16, torch.float16):  # half values are exact in fp32: every
+        s = s.float()  # op below promotes them (no fp32 copy of the whole matrix)
     if n <= DENSE_LIMIT:
         return _dense(s), "dense"
     from scipy.sparse import csr_matrix  # lazy: only big layers get here
