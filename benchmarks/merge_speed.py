@@ -19,7 +19,9 @@ real readers, plan, merge, save projector + recipe + card). When mergekit is imp
 (here, or in ``--mergekit-python``, default: ``$MERGEKIT_PYTHON`` or ``/tmp/parity/bin/python``)
 its TIES runs on the same files through ``mergekit-pytorch`` (its raw PyTorch merge, fp32
 compute like ours, same density), and the table gives our time and RSS as a ratio of it.
-Figures are medians over ``--runs`` runs.
+Figures are medians over ``--runs`` runs; the rows run interleaved, in an order that
+rotates from round to round (with 3 runs of mergekit, PivotMerge and TIES each row follows
+each other row once: a process right after mergekit's runs measurably slower).
 
     python benchmarks/merge_speed.py [--family all] [--methods pivotmerge,ties] [--runs 3] [--json OUT]
 
@@ -287,15 +289,18 @@ def main() -> int:
                                  vision_width=args.vision_width)
             print(f"[{family}] built {args.experts} bf16 experts in {time.perf_counter() - t:.1f} s", file=sys.stderr)
             (root / "inputs.json").write_text(json.dumps(inputs))
-            # rounds interleave the rows (mergekit, then each method) so that a load change
-            # on the machine hits every row alike
+            # rounds interleave the rows so that a load change on the machine hits every row
+            # alike, and rotate their order (round r starts at row r): a process that follows
+            # a long heavy one (mergekit: 13 s on both cores, 1.8 GB) runs measurably slower
+            # (PivotMerge on different inits: 6.3-6.6 s alone, 6.8-7.8 s right after
+            # mergekit), so every row follows each other row in turn
             if mk_py is not None:
                 mergekit_config(inputs, root / "mergekit.yml")
             todo = (["mergekit-ties"] if mk_py is not None else []) + names
             runs: dict[str, list] = {n: [] for n in todo}
             failed: dict[str, str] = {}
             for r in range(args.runs):
-                for name in todo:
+                for name in todo[r % len(todo):] + todo[:r % len(todo)]:
                     if name in failed:
                         continue
                     if name == "mergekit-ties":
