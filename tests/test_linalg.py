@@ -219,7 +219,7 @@ def test_sketch_eigh_both_matches_the_exact_eigenpairs_of_a_low_rank_stack():
     g = torch.Generator().manual_seed(4)
     a, b = torch.randn(70, 6, generator=g), torch.randn(6, 50, generator=g)
     taus = torch.stack([a @ torch.randn(6, 6, generator=g) @ b for _ in range(3)])  # rank 6 on both sides
-    va, ua, vb, ub = linalg.sketch_eigh_both(taus, 12, salt=1, power_iters=1)
+    va, ua, vb, ub, _ = linalg.sketch_eigh_both(taus, 12, salt=1, power_iters=1)
     for vals, vecs, gram in ((va, ua, (taus @ taus.transpose(1, 2)).sum(0)),
                              (vb, ub, (taus.transpose(1, 2) @ taus).sum(0))):
         exact = torch.linalg.eigvalsh(gram.double()).flip(0)[:6].float()

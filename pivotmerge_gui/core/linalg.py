@@ -158,13 +158,22 @@ def _subspace_iterate(t: torch.Tensor, q: torch.Tensor, power_iters: int) -> tor
     return q
 
 
-def _rayleigh_ritz(t: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+#: ``rows(q)`` -> Q^T t_k for every k, [K, p, n] fp32: the exact rows of a stack whose
+#: sketch copy is bf16 (the caller holds the fp32 tensors)
+RowsFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _rayleigh_ritz(
+    t: torch.Tensor, q: torch.Tensor, rows: RowsFn | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eigenpairs of A = sum_k t_k t_k^T restricted to the basis ``q`` [m, p] (one pass):
-    (eigenvalues desc, eigenvectors [m, p], B = Q^T t [K, p, n] in fp32)."""
-    b = torch.matmul(q.t().to(t.dtype), t).float()  # [K, p, n]
+    (eigenvalues desc, eigenvectors U = Q W [m, p], B = Q^T t [K, p, n] in fp32 (from
+    ``rows`` when given), W [p, p])."""
+    b = rows(q) if rows is not None else torch.matmul(q.t().to(t.dtype), t).float()  # [K, p, n]
     h = torch.matmul(b, b.transpose(1, 2)).sum(0)
     vals, w = eigh_desc(h.double())
-    return vals.float(), q @ w.float(), b
+    w = w.float()
+    return vals.float(), q @ w, b, w
 
 
 def sketch_eigh(
@@ -178,13 +187,13 @@ def sketch_eigh(
     omega = gaussian((k, n, p), salt, t.device, t.dtype)
     # explicit (batched) matmuls: einsum would copy the transposed 4096x4096 stacks
     q = _subspace_iterate(t, orth(torch.matmul(t, omega).float().sum(0)), power_iters)
-    vals, vecs, _ = _rayleigh_ritz(t, q)
+    vals, vecs, _, _ = _rayleigh_ritz(t, q)
     return vals, vecs
 
 
 def sketch_eigh_both(
-    t: torch.Tensor, p: int, salt: int, power_iters: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    t: torch.Tensor, p: int, salt: int, power_iters: int, rows: RowsFn | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Top-p eigenpairs of both ``sum_k t_k t_k^T`` (left, as :func:`sketch_eigh`) and
     ``sum_k t_k^T t_k`` (right) of a stack [K, m, n], in 3 + 2 * power_iters passes over it
     instead of 2 * (2 + 2 * power_iters).
@@ -200,19 +209,24 @@ def sketch_eigh_both(
     (top 256): 0.99886 on a decaying spectrum, 0.496 on experts from different inits
     (task vectors against their mean), 0.492 with updates as large as the init, 0.034 on
     full-rank noise; iterating on the stack instead (2 more passes, 0.2 s more per layer
-    on 2 cores) gave 0.99881, 0.492, 0.489, 0.028."""
+    on 2 cores) gave 0.99881, 0.492, 0.489, 0.028.
+
+    The fifth element is (B, W) with U^T t_k = W^T B_k exactly when the stack is fp32 or
+    ``rows`` computes B (else None): the caller's coordinates U^T t_k V then cost no pass of
+    their own."""
     k, _m, n = t.shape
     omega = gaussian((k, n, p), salt * 2, t.device, t.dtype)
     q = _subspace_iterate(t, orth(torch.matmul(t, omega).float().sum(0)), power_iters)
-    va, ua, b = _rayleigh_ritz(t, q)
+    va, ua, b, w = _rayleigh_ritz(t, q, rows)
     mix = gaussian((k, p, p), salt * 2 + 1, t.device, torch.float32)
     qv = orth(torch.matmul(b.transpose(1, 2), mix).sum(0))
     bs = b.reshape(k * p, n)
     for _ in range(power_iters):
         qv = orth(bs.t() @ (bs @ qv))
-    del b, bs
-    vb, ub, _ = _rayleigh_ritz(t.transpose(1, 2), qv)
-    return va, ua, vb, ub
+    del bs
+    vb, ub, _, _ = _rayleigh_ritz(t.transpose(1, 2), qv)
+    exact = rows is not None or t.dtype in (torch.float32, torch.float64)
+    return va, ua, vb, ub, ((b, w) if exact else None)
 
 
 def range_finder(a: torch.Tensor, p: int, power_iters: int, dtype: torch.dtype) -> torch.Tensor:
@@ -230,6 +244,15 @@ def range_finder(a: torch.Tensor, p: int, power_iters: int, dtype: torch.dtype) 
 def shared_subspace(
     taus: torch.Tensor, energy: float, max_rank: int, *, salt: int = 0, total: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """See :func:`shared_subspace_coords` (the same bases, without the coordinates)."""
+    u, v, info, _ = shared_subspace_coords(taus, energy, max_rank, salt=salt, total=total)
+    return u, v, info
+
+
+def shared_subspace_coords(
+    taus: torch.Tensor, energy: float, max_rank: int, *, salt: int = 0, total: float | None = None,
+    rows: RowsFn | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], torch.Tensor | None]:
     """Shared bases (U_s [m, r], V_s [n, r], fp32) of a stack of updates ``taus`` [K, m, n].
 
     U_s: top-r eigenvectors of ``sum tau tau^T``; V_s: of ``sum tau^T tau``; r = the
@@ -239,8 +262,12 @@ def shared_subspace(
     columns, both sides in 5 passes over the stack (:func:`sketch_eigh_both`; bf16
     products where they are fast; the subspace is approximate, everything
     computed from it afterwards is exact). ``taus`` may be a bf16 copy; ``total`` is then
-    the exact fp32 energy sum_k ||tau_k||^2. Never a full SVD of the concatenation.
-    The info dict says how (``method``), the ranks and the captured energies."""
+    the exact fp32 energy sum_k ||tau_k||^2, and ``rows`` (see :data:`RowsFn`) may give the
+    exact rows Q^T tau_k for the sketch's Rayleigh-Ritz step. Never a full SVD of the
+    concatenation. The info dict says how (``method``), the ranks and the captured energies.
+
+    The fourth element: the coordinates C_k = U_s^T tau_k V_s [K, r, r] (fp32) where the
+    sketch computed the exact rows U^T tau_k anyway (fp32 stack or ``rows``), else None."""
     k, m, n = taus.shape
     if total is None:
         total = float(torch.linalg.vector_norm(taus.float())) ** 2
@@ -249,7 +276,8 @@ def shared_subspace(
     if total == 0.0:
         z = taus.new_zeros
         return z(m, 0), z(n, 0), {"method": "zero", "rank": 0, "rank_u": 0, "rank_v": 0,
-                                  "energy_u": 1.0, "energy_v": 1.0, "spectrum": []}
+                                  "energy_u": 1.0, "energy_v": 1.0, "spectrum": []}, None
+    left = None
     if max(m, n) <= EXACT_GRAM_LIMIT:
         t = taus.float()
         a = torch.matmul(t, t.transpose(1, 2)).sum(0)
@@ -261,7 +289,9 @@ def shared_subspace(
         p = min(cap + OVERSAMPLE, min(m, n)) if max_rank > 0 else min(256, min(m, n))
         t = taus.to(mm_dtype)
         while True:
-            va, ua, vb, ub = sketch_eigh_both(t, p, salt, POWER_ITERS)
+            va, ua, vb, ub, left = sketch_eigh_both(t, p, salt, POWER_ITERS, rows)
+            if rows is None and taus.dtype not in (torch.float32, torch.float64):
+                left = None  # the rows came from a rounded copy: not the exact coordinates
             reached = energy_rank(va, total, energy) < p - OVERSAMPLE // 2 or p >= min(m, n)
             if max_rank > 0 or reached:
                 break
@@ -276,7 +306,12 @@ def shared_subspace(
         energy_u=float(va[:r].sum() / total), energy_v=float(vb[:r].sum() / total),
         spectrum=[float(v / total) for v in va[: min(64, va.numel())]],
     )
-    return ua[:, :r].contiguous(), ub[:, :r].contiguous(), info
+    u, v = ua[:, :r].contiguous(), ub[:, :r].contiguous()
+    coords = None
+    if left is not None:  # C_k = (W_r^T B_k) V: small products only
+        b, w = left
+        coords = torch.matmul(torch.matmul(w[:, :r].t(), b), v)
+    return u, v, info, coords
 
 
 # =============================================================================== low rank

@@ -61,3 +61,25 @@ def test_batched_residuals_recover_low_rank_residuals(low_dtype):
         assert float(torch.linalg.norm(approx - res) / torch.linalg.norm(res)) < tol
         torch.testing.assert_close(uu.t() @ uu, torch.eye(uu.shape[1]), atol=1e-4, rtol=0)
         assert bool((ss[:-1] >= ss[1:]).all())
+
+
+def test_sketch_coordinates_come_from_the_exact_rows():
+    """Where the sketch's Rayleigh-Ritz step reads exact rows (an fp32 stack, or a bf16
+    copy with the TaskStack's fp32 rows), the shared coordinates come with the bases and
+    equal U^T tau_k V computed directly; from a bf16 copy alone there are none."""
+    from pivotmerge_gui.core.linalg import shared_subspace_coords
+
+    g = torch.Generator().manual_seed(3)
+    m, n, k = 1100, 200, 3  # larger side over EXACT_GRAM_LIMIT: the sketch path
+    ref = torch.randn(m, n, generator=g)
+    thetas = [ref + torch.randn(m, 8, generator=g) @ torch.randn(8, n, generator=g)
+              + 0.01 * torch.randn(m, n, generator=g) for _ in range(k)]
+    for low_dtype in (torch.float32, torch.bfloat16):
+        ts = TaskStack(thetas, ref, low_dtype)
+        u, v, info, c = shared_subspace_coords(ts.low, 0.9, 16, salt=1, total=ts.total,
+                                               rows=None if ts.exact else ts.rows)
+        assert info["method"].startswith("randomized") and c is not None
+        direct = torch.stack([u.t() @ (th - ref) @ v for th in thetas])
+        torch.testing.assert_close(c, direct, rtol=1e-4, atol=1e-4 * float(direct.abs().max()))
+    *_, none = shared_subspace_coords(TaskStack(thetas, ref, torch.bfloat16).low, 0.9, 16, salt=1)
+    assert none is None

@@ -22,7 +22,7 @@ from ...linalg import (
     lapack_threads,
     orth,
     product_dtype,
-    shared_subspace,
+    shared_subspace_coords,
 )
 from ...progress import ProgressEvent
 from ...projector import Projector
@@ -82,6 +82,14 @@ class TaskStack:
         if self.exact:
             return (yt @ self.low[i]).t()
         return (yt @ self.thetas[i] - yt @ self.ref).t()
+
+    def rows(self, q: torch.Tensor) -> torch.Tensor:
+        """Q^T tau_k for every k, [K, p, n] fp32, exact (the sketch's Rayleigh-Ritz rows)."""
+        if self.exact:
+            return torch.matmul(q.t(), self.low)
+        qt = q.t()
+        rq = qt @ self.ref
+        return torch.stack([qt @ th - rq for th in self.thetas])
 
     def coords(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """C_k = U^T tau_k V for every k, [K, r, r] (fp32)."""
@@ -212,12 +220,15 @@ def sdf_tensor(
     Fills ``entry``; returns (merged update, shared-energy fraction)."""
     k, m, n = ts.shape
     total = ts.total
-    u, v, sub = shared_subspace(ts.low, s.shared_energy, s.max_rank, salt=salt, total=total)
+    # the sketch's Rayleigh-Ritz step reads the exact rows, which give the coordinates too
+    u, v, sub, c = shared_subspace_coords(ts.low, s.shared_energy, s.max_rank, salt=salt, total=total,
+                                          rows=None if ts.exact else ts.rows)
     r = u.shape[1]
     want_residuals = s.residuals and s.residual_weight > 0 and r < min(m, n)
     if not ts.exact and not want_residuals:
         ts.low = ts.low.new_empty(0)  # the bf16 sketch copy is no longer needed: free it now
-    c = ts.coords(u, v) if r > 0 else torch.zeros(k, 0, 0, device=ts.ref.device)
+    if c is None:
+        c = ts.coords(u, v) if r > 0 else torch.zeros(k, 0, 0, device=ts.ref.device)
     shared_e = float(c.pow(2).sum()) / total if total > 0 else 1.0
     c_star, st = elect_and_merge(c, weights, filter_conflicts=s.filter_conflicts,
                                  trim_density=s.trim_density)
