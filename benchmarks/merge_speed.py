@@ -23,7 +23,7 @@ Figures are medians over ``--runs`` runs; the rows run interleaved, in an order 
 rotates from round to round (with 3 runs of mergekit, PivotMerge and TIES each row follows
 each other row once: a process right after mergekit's runs measurably slower).
 
-    python benchmarks/merge_speed.py [--family all] [--methods pivotmerge,ties] [--runs 3] [--json OUT]
+    python benchmarks/merge_speed.py [--family all] [--methods pivotmerge,ties] [--runs 3] [--seed 0] [--json OUT]
 
 Goal on a 2-core CPU: PivotMerge <= 0.5x mergekit TIES wall time and <= 0.6x its peak RSS;
 our TIES <= 0.25x its wall time.
@@ -254,6 +254,7 @@ def main() -> int:
     ap.add_argument("--no-mergekit", action="store_true", help="skip the mergekit TIES rows")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--experts", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the generated experts (inits and updates)")
     ap.add_argument("--width", type=int, default=D_HID, help="LLaVA hidden and output width (LLaVA-1.5-7B: 4096)")
     ap.add_argument("--vision-width", type=int, default=D_IN, help="LLaVA input width (CLIP-L: 1024, SigLIP: 1152)")
     ap.add_argument("--repeat", type=int, default=1, help="merges per process (memory must not grow)")
@@ -285,7 +286,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             t = time.perf_counter()
-            inputs = make_inputs(root / "inputs", args.experts, width=args.width, family=family,
+            inputs = make_inputs(root / "inputs", args.experts, seed=args.seed, width=args.width, family=family,
                                  vision_width=args.vision_width)
             print(f"[{family}] built {args.experts} bf16 experts in {time.perf_counter() - t:.1f} s", file=sys.stderr)
             (root / "inputs.json").write_text(json.dumps(inputs))
@@ -343,7 +344,7 @@ def main() -> int:
 
     import torch
 
-    meta = {"threads": args.threads or "default", "experts": args.experts, "families": families, "runs": args.runs,
+    meta = {"threads": args.threads or "default", "experts": args.experts, "seed": args.seed, "families": families, "runs": args.runs,
             "width": args.width, "vision_width": args.vision_width, "repeat": args.repeat, "torch": torch.__version__,
             "cpus": os.cpu_count(), "machine": platform.machine(), "device": args.device, "mergekit": bool(mk_py)}
     print(f"{args.experts} bf16 experts, device {args.device}, threads {args.threads or 'default'}, torch {torch.__version__}, "
