@@ -160,24 +160,26 @@ def _features(projector: Projector, in_name: str, out_name: str) -> tuple[torch.
     return f_in, f_out
 
 
+def _col_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a * b).sum(0)`` of two row-major matrices, in blocks of 256 rows: no full-size
+    temporary (6x faster at 4096 x 4096; ``vector_norm(dim=0)`` is ~30x slower on CPU)."""
+    acc = torch.zeros(a.shape[1], dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
+    for r0 in range(0, a.shape[0], 256):
+        acc += (a[r0:r0 + 256] * b[r0:r0 + 256]).sum(0)
+    return acc
+
+
 def _sq_norms(f_in: torch.Tensor, f_out: torch.Tensor | None) -> torch.Tensor:
     """Squared norm of every unit's features ``[f_in row | f_out row]`` (fp32). Row norms of
     a row-major matrix with ``vector_norm`` (20x faster than ``pow(2).sum(1)``); ``f_out``
-    is usually a transposed view of a row-major weight, whose row norms are cheapest as
-    ``(w * w).sum(0)`` of that weight."""
+    is usually a transposed view of a row-major weight, whose row norms are column sums of
+    that weight (:func:`_col_dots`)."""
     vn = torch.linalg.vector_norm
 
-    def col_sq(w: torch.Tensor) -> torch.Tensor:  # in row blocks: no full-size temporary
-        acc = torch.zeros(w.shape[1], dtype=w.dtype, device=w.device)
-        for r0 in range(0, w.shape[0], 256):
-            blk = w[r0:r0 + 256]
-            acc += (blk * blk).sum(0)
-        return acc
+    def sq(f: torch.Tensor) -> torch.Tensor:
+        return vn(f, dim=1) ** 2 if f.stride(1) == 1 else _col_dots(f.t(), f.t())
 
-    out = vn(f_in, dim=1) ** 2 if f_in.stride(1) == 1 else col_sq(f_in.t())
-    if f_out is not None:
-        out = out + (vn(f_out, dim=1) ** 2 if f_out.stride(1) == 1 else col_sq(f_out.t()))
-    return out
+    return sq(f_in) if f_out is None else sq(f_in) + sq(f_out)
 
 
 def _similarity(
@@ -341,11 +343,10 @@ def _unit_products(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per hidden unit (rows of the in-weights, columns of the out-weights): the feature
     product <f_p, f_e> and both squared norms (fp32)."""
-    # (x * x).sum(0) for column norms: vector_norm(dim=0) is ~30x slower on CPU
     vn = torch.linalg.vector_norm
-    diag = (wp * we).sum(1) + (wpo * weo).sum(0)
-    pn2 = vn(wp, dim=1) ** 2 + (wpo * wpo).sum(0)
-    en2 = vn(we, dim=1) ** 2 + (weo * weo).sum(0)
+    diag = (wp * we).sum(1) + _col_dots(wpo, weo)
+    pn2 = vn(wp, dim=1) ** 2 + _col_dots(wpo, wpo)
+    en2 = vn(we, dim=1) ** 2 + _col_dots(weo, weo)
     if bp is not None and be is not None:
         bp, be = bp.float(), be.float()
         diag = diag + bp * be

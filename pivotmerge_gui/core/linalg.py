@@ -211,9 +211,9 @@ def sketch_eigh_both(
     full-rank noise; iterating on the stack instead (2 more passes, 0.2 s more per layer
     on 2 cores) gave 0.99881, 0.492, 0.489, 0.028.
 
-    The fifth element is (B, W) with U^T t_k = W^T B_k exactly when the stack is fp32 or
-    ``rows`` computes B (else None): the caller's coordinates U^T t_k V then cost no pass of
-    their own."""
+    The fifth element is (B, W) with U^T t_k = W^T B_k (B from ``rows`` when given, else
+    from ``t`` in its dtype): where B is exact, the caller's coordinates U^T t_k V cost no
+    pass of their own."""
     k, _m, n = t.shape
     omega = gaussian((k, n, p), salt * 2, t.device, t.dtype)
     q = _subspace_iterate(t, orth(torch.matmul(t, omega).float().sum(0)), power_iters)
@@ -225,8 +225,7 @@ def sketch_eigh_both(
         qv = orth(bs.t() @ (bs @ qv))
     del bs
     vb, ub, _, _ = _rayleigh_ritz(t.transpose(1, 2), qv)
-    exact = rows is not None or t.dtype in (torch.float32, torch.float64)
-    return va, ua, vb, ub, ((b, w) if exact else None)
+    return va, ua, vb, ub, (b, w)
 
 
 def range_finder(a: torch.Tensor, p: int, power_iters: int, dtype: torch.dtype) -> torch.Tensor:
@@ -277,7 +276,7 @@ def shared_subspace_coords(
         z = taus.new_zeros
         return z(m, 0), z(n, 0), {"method": "zero", "rank": 0, "rank_u": 0, "rank_v": 0,
                                   "energy_u": 1.0, "energy_v": 1.0, "spectrum": []}, None
-    left = None
+    left, exact_rows = None, False
     if max(m, n) <= EXACT_GRAM_LIMIT:
         t = taus.float()
         a = torch.matmul(t, t.transpose(1, 2)).sum(0)
@@ -288,10 +287,12 @@ def shared_subspace_coords(
         mm_dtype = product_dtype(taus.device, m * n * k >= 2**22)
         p = min(cap + OVERSAMPLE, min(m, n)) if max_rank > 0 else min(256, min(m, n))
         t = taus.to(mm_dtype)
+        # the Rayleigh-Ritz rows are exact from ``rows``, or from a stack that is neither a
+        # rounded copy (bf16 taus) nor rounded here (bf16 products)
+        full = (torch.float32, torch.float64)
+        exact_rows = rows is not None or (taus.dtype in full and t.dtype in full)
         while True:
             va, ua, vb, ub, left = sketch_eigh_both(t, p, salt, POWER_ITERS, rows)
-            if rows is None and taus.dtype not in (torch.float32, torch.float64):
-                left = None  # the rows came from a rounded copy: not the exact coordinates
             reached = energy_rank(va, total, energy) < p - OVERSAMPLE // 2 or p >= min(m, n)
             if max_rank > 0 or reached:
                 break
@@ -308,7 +309,7 @@ def shared_subspace_coords(
     )
     u, v = ua[:, :r].contiguous(), ub[:, :r].contiguous()
     coords = None
-    if left is not None:  # C_k = (W_r^T B_k) V: small products only
+    if left is not None and exact_rows:  # C_k = (W_r^T B_k) V: small products only
         b, w = left
         coords = torch.matmul(torch.matmul(w[:, :r].t(), b), v)
     return u, v, info, coords

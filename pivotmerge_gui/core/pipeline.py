@@ -320,20 +320,17 @@ def _execute(
     # a method that takes the experts in their stored dtype gets them so (it needs the base,
     # which still comes in the compute dtype, as does everything the pipeline computes here)
     stored = plan.method.takes_stored_dtype and plan.base is not None
+    sources, base_src = list(plan.experts), plan.base
     if release_inputs:
         # one-shot callers (CLI, benchmarks) need not keep the stored-dtype copies beside the
         # compute-dtype ones (for bf16 inputs a third of the inputs' memory): each is let go
         # as soon as its copy exists, so no more than one is ever held beside the copies
-        sources, plan.experts = plan.experts, []
-        base_src, plan.base = plan.base, None
-        experts = []
-        while sources:
-            experts.append(sources.pop(0).to(plan.device, None if stored else plan.dtype))
-        base = base_src.to(plan.device, plan.dtype) if base_src is not None else None
-        del base_src
-    else:
-        experts = [e.to(plan.device, None if stored else plan.dtype) for e in plan.experts]
-        base = plan.base.to(plan.device, plan.dtype) if plan.base is not None else None
+        plan.experts, plan.base = [], None
+    experts = []
+    while sources:
+        experts.append(sources.pop(0).to(plan.device, None if stored else plan.dtype))
+    base = base_src.to(plan.device, plan.dtype) if base_src is not None else None
+    del base_src
     calibration = None
     if plan.calibration is not None:
         calibration = calibration_device(plan.calibration, plan.device, plan.dtype)
